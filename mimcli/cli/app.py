@@ -1,0 +1,52 @@
+"""The ``mimcli`` command: one sub-command per module in this package."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+import mimcli
+from mimcli.cli.probe import EPILOG as PROBE_EPILOG
+from mimcli.cli.probe import probe
+
+app = typer.Typer(
+    name="mimcli",
+    help=(
+        "Refine masked-image-modeling ViTs (MAE, data2vec 2.0) into encoders with strong "
+        "off-the-shelf features (MIM-Refiner).\n\n"
+        "Start with `mimcli probe MODEL --train DIR --val DIR` to see feature quality per block."
+    ),
+    epilog="Example: mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mimcli {mimcli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = None,
+) -> None:
+    """mimcli: probe, refine, evaluate and publish MIM encoders."""
+
+
+app.command("probe", epilog=PROBE_EPILOG.replace("\n\n", "\n\n\b\n"))(probe)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

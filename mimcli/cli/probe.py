@@ -1,0 +1,107 @@
+"""``mimcli probe``: k-NN quality after every block, and where the ID heads should go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mimcli.cli._common import (
+    BackendOpt,
+    BadImageOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageProgress,
+    JsonOpt,
+    WorkersOpt,
+    handle_errors,
+    parse_blocks,
+    print_json,
+    stderr,
+    stdout,
+)
+
+EPILOG = """\
+Examples:
+
+  mimcli probe vit_large_patch16_224.mae --train imagenet/train --val imagenet/val \\
+      --limit-train 50000 --out runs/probe-mae-l
+
+  mimcli probe examples/models/fmnist-mae-tiny --train data/fmnist/train \\
+      --val data/fmnist/test --json
+
+MODEL may be a timm name with a pretrained tag, hf-hub:owner/repo, a folder (timm or
+transformers data2vec-vision layout), a checkpoint file (MAE .pth, data2vec 2.0 .pt,
+MIM-Refiner/MAE-CT .th, timm .safetensors) or an http(s) URL of such a file.
+"""
+
+
+@handle_errors
+def probe(
+    model: Annotated[str, typer.Argument(help="Model to probe (see below for the forms).")],
+    train: Annotated[Path, typer.Option("--train", help="Labelled ImageFolder: k-NN memory.")],
+    val: Annotated[Path, typer.Option("--val", help="Labelled ImageFolder: k-NN queries.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for probe.json and probe.png.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Neighbours that vote.")] = 10,
+    tau: Annotated[float, typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).")] = 0.07,
+    blocks: Annotated[
+        str | None, typer.Option("--blocks", help="Blocks to keep, from 1: e.g. 9-12 (default all).")
+    ] = None,
+    limit_train: Annotated[
+        int | None, typer.Option("--limit-train", min=1, help="Probe on a class-balanced subset.")
+    ] = None,
+    limit_val: Annotated[int | None, typer.Option("--limit-val", min=1)] = None,
+    batch_size: BatchSizeOpt = 64,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    knn_backend: BackendOpt = "auto",
+    on_bad_image: BadImageOpt = "skip",
+    feature_dtype: Annotated[
+        str, typer.Option("--feature-dtype", help="Stored features: float16 or float32.")
+    ] = "float16",
+    margin: Annotated[
+        float, typer.Option("--margin", help="Heads start at the first block this close to the peak.")
+    ] = 1.0,
+    max_heads: Annotated[int, typer.Option("--max-heads", help="At most this many heads.")] = 8,
+    min_heads: Annotated[int, typer.Option("--min-heads", help="At least this many heads.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit-* subsets.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure k-NN accuracy after every transformer block and recommend ID-head blocks.
+
+    All blocks are tapped in one forward pass. Features are standardised with the train set's
+    mean/std and L2-normalised; each of the k nearest train images votes exp(sim/tau) for its
+    class. CLS and mean-patch features are scored separately; blocks are counted from 1.
+    """
+    from mimcli.errors import MimcliError
+    from mimcli.features import FEATURE_DTYPES
+    from mimcli.probe import ProbeConfig, run_probe
+    from mimcli.report import probe_table
+
+    if feature_dtype not in FEATURE_DTYPES:
+        raise MimcliError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
+    cfg = ProbeConfig(
+        model=model, train=train, val=val, out=out, k=k, tau=tau, blocks=parse_blocks(blocks),
+        limit_train=limit_train, limit_val=limit_val, batch_size=batch_size,
+        num_workers=num_workers, device=device, knn_backend=knn_backend,
+        on_bad_image=on_bad_image, feature_dtype=feature_dtype, margin=margin,
+        max_heads=max_heads, min_heads=min_heads, seed=seed,
+    )
+    bar = ImageProgress()
+    with bar.running():
+        result = run_probe(cfg, progress=bar)
+    if result.skipped_images:
+        shown = ", ".join(result.skipped_images[:3])
+        stderr.print(f"warning: skipped {len(result.skipped_images)} unreadable image(s): {shown}")
+    if as_json:
+        print_json(result.to_dict())
+        return
+    stdout.print(probe_table(result))
+    rec = result.recommendation
+    stdout.print(f"Recommended ID-head blocks: [bold]{','.join(map(str, rec.blocks))}[/]")
+    stdout.print(f"  rule: {rec.rule}", highlight=False)
+    if out is not None:
+        stdout.print(f"Wrote {out / 'probe.json'} and {out / 'probe.png'}")

@@ -1,0 +1,131 @@
+"""Remote sources: files from the Hugging Face Hub (through huggingface_hub) and plain URLs.
+
+Plain URLs are fetched once into ``$MIMCLI_CACHE`` (default ``~/.cache/mimcli``) under a name
+derived from the URL, through a temporary file that is renamed only when complete. Failures
+become one-line errors: offline or not found -> MimcliError (exit 2), a server failing after
+retries -> RemoteError (exit 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from mimcli.errors import MimcliError, RemoteError
+from mimcli.fileio import atomic_path
+
+RETRIES = 3
+BACKOFF_SECONDS = 0.5
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MIMCLI_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mimcli"
+
+
+def url_cache_path(url: str) -> Path:
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return cache_dir() / "downloads" / f"{digest}-{name}"
+
+
+def download_url(url: str, progress: bool = True) -> Path:
+    """Fetch ``url`` into the cache once and return the local path."""
+    target = url_cache_path(url)
+    if target.is_file():
+        return target
+    last_error: Exception | None = None
+    for attempt in range(RETRIES):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, atomic_path(target) as tmp:
+                with open(tmp, "wb") as fh:
+                    shutil.copyfileobj(response, fh, length=1 << 20)
+            return target
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403, 404, 410):
+                raise MimcliError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
+            last_error = exc
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, ConnectionRefusedError | OSError) and not isinstance(
+                reason, TimeoutError
+            ):
+                raise MimcliError(
+                    f"cannot download {url}: {reason} (offline?); it is not in the cache "
+                    f"{target.parent} — download it elsewhere and pass the local file instead"
+                ) from exc
+            last_error = exc
+        except (TimeoutError, ConnectionError) as exc:
+            last_error = exc
+        time.sleep(BACKOFF_SECONDS * 2**attempt)
+    raise RemoteError(f"cannot download {url} after {RETRIES} attempts: {last_error}")
+
+
+def hub_errors_to_mimcli(spec: str, exc: BaseException) -> MimcliError:
+    """Translate huggingface_hub / network exceptions into one clear line."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return MimcliError(f"{spec}: the repo is gated; accept its terms and log in (hf auth login)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return MimcliError(f"{spec}: no such repo on the Hub (or it is private: log in first)")
+    if isinstance(exc, RevisionNotFoundError):
+        return MimcliError(f"{spec}: no such revision on the Hub")
+    if isinstance(exc, EntryNotFoundError):
+        return MimcliError(f"{spec}: a file the model needs is missing from the repo ({exc})")
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        return MimcliError(
+            f"{spec}: cannot reach the Hub (offline?) and the weights are not in the local cache; "
+            "connect once to download them, or pass a local checkpoint file or folder"
+        )
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None and status >= 500:
+            return RemoteError(f"{spec}: the Hub failed (HTTP {status}); try again later")
+        return MimcliError(f"{spec}: the Hub refused the request: {str(exc).splitlines()[0]}")
+    if isinstance(exc, OSError | ConnectionError | TimeoutError):
+        return MimcliError(
+            f"{spec}: cannot reach the Hub ({type(exc).__name__}) and nothing is cached; "
+            "connect once, or pass a local checkpoint file or folder"
+        )
+    return MimcliError(f"{spec}: {type(exc).__name__}: {exc}")
+
+
+def hub_file(repo_id: str, filename: str, spec: str, revision: str | None = None) -> Path:
+    """Download (or take from the cache) one file of a Hub repo."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as exc:
+        raise hub_errors_to_mimcli(spec, exc) from exc
+
+
+def hub_file_exists(repo_id: str, filename: str, spec: str, revision: str | None = None) -> bool:
+    """Whether ``filename`` can be had (downloaded now, or already cached)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hub_file(repo_id, filename, spec, revision)
+    except MimcliError as err:
+        if isinstance(err.__cause__, EntryNotFoundError):
+            return False
+        raise
+    return True

@@ -1,0 +1,1 @@
+"""Loading MIM encoders from any source, converting checkpoints, and tapping their blocks."""

@@ -1,0 +1,122 @@
+"""Checkpoint converters onto timm's VisionTransformer: official MAE ``.pth`` (encoder-only or
+``_full`` with decoder), MIM-Refiner / MAE-CT ``.th``, and plain timm state dicts.
+
+The architecture is read off tensor shapes (``build.infer_vit_args``); data2vec formats live in
+``data2vec.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from mimcli.errors import MimcliError
+from mimcli.models.build import ConvertedCheckpoint, default_pretrained_cfg, infer_vit_args
+
+# Keys of an MAE ``_full`` checkpoint that belong to the decoder, kept aside for MR-MAE.
+DECODER_PREFIXES = ("decoder_", "mask_token")
+# Standard timm names for recognisable shapes, so config.json files read naturally.
+STANDARD_VITS = {
+    (192, 12, 16): "vit_tiny_patch16_224",
+    (384, 12, 16): "vit_small_patch16_224",
+    (768, 12, 16): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 14): "vit_huge_patch14_224",
+}
+WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
+
+
+def strip_prefixes(state_dict: dict[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
+                   ) -> dict[str, Any]:
+    """Remove a wrapper prefix (``module.``, ``model.``...) shared by every key."""
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in prefixes:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                changed = True
+    return state_dict
+
+
+def vit_arch_name(model_args: dict[str, Any]) -> str:
+    patch = model_args["patch_size"]
+    key = (model_args["embed_dim"], model_args["depth"], patch if isinstance(patch, int) else -1)
+    return STANDARD_VITS.get(key, "vit_base_patch16_224")
+
+
+def split_decoder(state_dict: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    encoder = {k: v for k, v in state_dict.items() if not k.startswith(DECODER_PREFIXES)}
+    decoder = {k: v for k, v in state_dict.items() if k.startswith(DECODER_PREFIXES)}
+    return encoder, (decoder or None)
+
+
+def convert_timm_vit(
+    state_dict: dict[str, torch.Tensor],
+    fmt: str = "timm",
+    model_args: dict[str, Any] | None = None,
+    pretrained_cfg: dict[str, Any] | None = None,
+) -> ConvertedCheckpoint:
+    """A state dict already in timm ViT naming (MAE releases are): split off any decoder, drop
+    classifier heads, infer the architecture unless ``model_args`` are given."""
+    state_dict = {k: v for k, v in strip_prefixes(state_dict).items()
+                  if isinstance(v, torch.Tensor)}
+    encoder, decoder = split_decoder(state_dict)
+    # Fine-tuned checkpoints carry a classifier; the encoder is what we want.
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}
+    inferred = infer_vit_args(encoder)
+    if model_args:
+        inferred.update(model_args)
+    if any(k.startswith("fc_norm.") for k in encoder):
+        inferred["global_pool"] = "avg"
+        inferred["fc_norm"] = True
+    cfg = default_pretrained_cfg(inferred.get("img_size", 224))
+    cfg.update(pretrained_cfg or {})
+    return ConvertedCheckpoint(
+        arch=vit_arch_name(inferred), model_args=inferred, state_dict=encoder,
+        pretrained_cfg=cfg, decoder=decoder, format=fmt,
+    )
+
+
+def looks_like_refiner(state_dict: dict[str, Any]) -> bool:
+    return any(k.endswith(("cls_tokens.tokens", "pos_embed.embed")) for k in state_dict)
+
+
+def convert_refiner(state_dict: dict[str, torch.Tensor]) -> ConvertedCheckpoint:
+    """MIM-Refiner / MAE-CT ``.th`` weights (the ``state_dict`` entry).
+
+    ``cls_tokens.tokens`` -> ``cls_token``; ``pos_embed.embed`` (1, H, W, D), which has no CLS slot
+    and is added to patches only, becomes timm's (1, 1+HW, D) with a zero CLS slot — the same
+    computation, since timm adds the positions after the CLS concat.
+    """
+    sd = strip_prefixes(dict(state_dict))
+    if "cls_tokens.tokens" not in sd or "pos_embed.embed" not in sd:
+        raise MimcliError(
+            "not a MIM-Refiner/MAE-CT checkpoint: expected keys cls_tokens.tokens and "
+            "pos_embed.embed beside patch_embed.proj.* and blocks.<i>.*"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key == "cls_tokens.tokens":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "pos_embed.embed":
+            pos = value.reshape(1, -1, value.shape[-1])
+            out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        elif key.startswith(("patch_embed.", "blocks.", "norm.")):
+            out[key] = value
+    return convert_timm_vit(out, fmt="refiner")
+
+
+def model_args_from_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
+    """Our own safetensors files record ``model_args`` (JSON) in their metadata."""
+    if metadata and "model_args" in metadata:
+        try:
+            return json.loads(metadata["model_args"])
+        except json.JSONDecodeError:
+            return None
+    return None

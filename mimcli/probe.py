@@ -1,0 +1,222 @@
+"""Per-block representation quality of a frozen encoder, and where to put the ID heads.
+
+One forward pass taps every block (CLS and mean-patch features); weighted k-NN (METHOD §1.5)
+scores each block; the recommendation follows MIM-Refiner: heads from around the quality peak
+through the last block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mimcli
+from mimcli.data import eval_transform, scan_folder, subsample
+from mimcli.errors import MimcliError
+from mimcli.features import FeatureSet, extract_features
+from mimcli.fileio import write_json
+from mimcli.index import resolve_backend
+from mimcli.knn import knn_accuracy
+from mimcli.models.sources import load_model
+from mimcli.runtime import configure_threads, select_device
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ProbeConfig:
+    """Every option of ``mimcli probe``; blocks are counted from 1."""
+
+    model: str
+    train: Path
+    val: Path
+    out: Path | None = None
+    k: int = 10
+    tau: float = 0.07
+    blocks: list[int] | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    knn_backend: str = "auto"
+    on_bad_image: str = "skip"
+    feature_dtype: str = "float16"
+    margin: float = 1.0
+    max_heads: int = 8
+    min_heads: int = 4
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class BlockScore:
+    block: int  # 1-based
+    cls: float  # k-NN accuracy (%) on the CLS token
+    patch: float  # k-NN accuracy (%) on the mean patch token
+
+
+@dataclass
+class Recommendation:
+    blocks: list[int]  # 1-based
+    peak_block: int
+    peak_accuracy: float
+    rule: str
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    arch: str
+    format: str
+    num_blocks: int
+    k: int
+    tau: float
+    train_images: int
+    val_images: int
+    num_classes: int
+    blocks: list[BlockScore]
+    final_norm: BlockScore | None
+    recommendation: Recommendation
+    seconds: dict[str, float]
+    skipped_images: list[str] = field(default_factory=list)
+    knn_backend: str = "faiss"
+    device: str = "cpu"
+    mimcli_version: str = mimcli.__version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recommend_blocks(
+    scores: list[BlockScore], num_blocks: int, margin: float = 1.0, max_heads: int = 8,
+    min_heads: int = 4,
+) -> Recommendation:
+    """Blocks to give ID heads, judged on CLS k-NN (the heads read the CLS token).
+
+    Rule: find the peak block; start at the first block within ``margin`` points of the peak and
+    take every block from there to the last one. More than ``max_heads`` blocks: keep an evenly
+    spaced subset that includes the start and the last block. Fewer than ``min_heads``: start
+    earlier, so that ``min_heads`` blocks end at the last one (when the model is that deep).
+    """
+    if max_heads < 1 or min_heads < 1:
+        raise MimcliError("--max-heads and --min-heads must be at least 1")
+    min_heads = min(min_heads, max_heads)
+    by_block = {s.block: s.cls for s in scores}
+    peak_block = max(by_block, key=lambda b: (by_block[b], b))
+    peak = by_block[peak_block]
+    start = min(b for b, acc in by_block.items() if acc >= peak - margin)
+    chosen = list(range(start, num_blocks + 1))
+    if len(chosen) > max_heads:
+        span = len(chosen) - 1
+        picks = {chosen[round(i * span / (max_heads - 1))] for i in range(max_heads)} if (
+            max_heads > 1) else {num_blocks}
+        chosen = sorted(picks)
+    if len(chosen) < min_heads:
+        chosen = list(range(max(1, num_blocks - min_heads + 1), num_blocks + 1))
+    rule = (
+        f"peak CLS k-NN at block {peak_block} ({peak:.1f}%); heads from the first block within "
+        f"{margin:g} point(s) of the peak (block {start}) to the last block {num_blocks}, "
+        f"at most {max_heads} (evenly spaced) and at least {min_heads}"
+    )
+    return Recommendation(blocks=chosen, peak_block=peak_block, peak_accuracy=peak, rule=rule)
+
+
+def score_blocks(
+    train: FeatureSet, val: FeatureSet, k: int, tau: float, backend: str, num_classes: int
+) -> tuple[list[BlockScore], BlockScore | None]:
+    """Weighted k-NN accuracy of every tapped block, CLS and mean-patch."""
+    def acc(kind: str, block: int) -> float:
+        return knn_accuracy(train.block(block, kind), train.labels, val.block(block, kind),
+                            val.labels, ks=(k,), tau=tau, num_classes=num_classes,
+                            backend=backend)[k]
+
+    scores = [BlockScore(b, acc("cls", b), acc("patch", b)) for b in train.blocks]
+    final = None
+    if train.cls_norm is not None and val.cls_norm is not None:
+        final = BlockScore(train.blocks[-1], acc("cls_norm", 0), acc("patch_norm", 0))
+    return scores, final
+
+
+def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
+    """Load the model, extract features of both folders in one pass each, score every block."""
+    if cfg.k < 1:
+        raise MimcliError(f"--k must be at least 1, got {cfg.k}")
+    if cfg.tau <= 0:
+        raise MimcliError(f"--tau must be positive, got {cfg.tau}")
+    configure_threads(cfg.threads)
+    device = select_device(cfg.device)
+    backend = resolve_backend(cfg.knn_backend, device)
+    train_images = subsample(scan_folder(cfg.train, what="--train"), cfg.limit_train, cfg.seed)
+    val_images = subsample(scan_folder(cfg.val, what="--val"), cfg.limit_val, cfg.seed)
+    if train_images.classes != val_images.classes:
+        raise MimcliError(
+            f"--train has classes {train_images.classes[:5]}... but --val has "
+            f"{val_images.classes[:5]}...; both folders need the same class sub-folders"
+        )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(cfg.model)
+    timings["load"] = time.perf_counter() - start
+    depth = loaded.num_blocks
+    blocks = cfg.blocks or list(range(1, depth + 1))
+    bad = [b for b in blocks if b < 1 or b > depth]
+    if bad:
+        raise MimcliError(f"--blocks {bad} out of range: the model has blocks 1..{depth}")
+    model = loaded.model.to(device)
+    transform = eval_transform(loaded.pretrained_cfg)
+    feats: dict[str, FeatureSet] = {}
+    try:
+        for name, images in (("train", train_images), ("val", val_images)):
+            feats[name] = extract_features(
+                model, images, transform, blocks, device, batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers, on_bad_image=cfg.on_bad_image,
+                dtype=cfg.feature_dtype, progress=progress, stage=name,
+            )
+            timings[f"features_{name}"] = feats[name].seconds
+        if len(feats["train"]) == 0 or len(feats["val"]) == 0:
+            raise MimcliError("no readable images left in --train or --val")
+        start = time.perf_counter()
+        scores, final = score_blocks(feats["train"], feats["val"], cfg.k, cfg.tau, backend,
+                                     len(train_images.classes))
+        timings["knn"] = time.perf_counter() - start
+    finally:
+        for fs in feats.values():
+            fs.close()
+    recommendation = recommend_blocks(scores, depth, cfg.margin, cfg.max_heads,
+                                      cfg.min_heads)
+    result = ProbeResult(
+        model=cfg.model, arch=loaded.arch, format=loaded.format, num_blocks=depth, k=cfg.k,
+        tau=cfg.tau, train_images=len(feats["train"]), val_images=len(feats["val"]),
+        num_classes=len(train_images.classes), blocks=scores, final_norm=final,
+        recommendation=recommendation, seconds=timings,
+        skipped_images=feats["train"].skipped + feats["val"].skipped, knn_backend=backend,
+        device=str(device),
+    )
+    if cfg.out is not None:
+        save_probe(result, Path(cfg.out))
+    return result
+
+
+def save_probe(result: ProbeResult, out: Path) -> None:
+    """``probe.json`` and ``probe.png`` in ``out``."""
+    from mimcli.report import plot_probe
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe.json", result.to_dict())
+    plot_probe(result, out / "probe.png")
+
+
+def load_probe(path: Path) -> dict[str, Any]:
+    """Read a ``probe.json`` (for ``refine --blocks auto``)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+        data["recommendation"]["blocks"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MimcliError(f"{path}: not a probe.json written by mimcli probe ({exc})") from exc
+    return data

@@ -1,0 +1,66 @@
+"""Device, thread and seed decisions, made in one place (cuda -> mps -> cpu)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from mimcli.errors import MimcliError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``) to an available torch device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MimcliError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MimcliError("--device mps: MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise MimcliError(f"unknown --device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set torch's and FAISS's OpenMP thread counts explicitly (both ship their own OpenMP).
+
+    Defaults to ``MIMCLI_THREADS`` or the number of usable cores.
+    """
+    if num_threads is None:
+        env = os.environ.get("MIMCLI_THREADS")
+        if env:
+            num_threads = int(env)
+        else:
+            try:
+                num_threads = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                num_threads = os.cpu_count() or 1
+    num_threads = max(1, num_threads)
+    torch.set_num_threads(num_threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(num_threads)
+    except ImportError:
+        pass
+    return num_threads
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
