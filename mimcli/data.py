@@ -49,7 +49,9 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def scan_folder(root: str | os.PathLike[str], labelled: bool = True, what: str = "folder") -> ImageList:
+def scan_folder(
+    root: str | os.PathLike[str], labelled: bool = True, what: str = "folder"
+) -> ImageList:
     """List the images of ``root``.
 
     Args:
@@ -63,7 +65,9 @@ def scan_folder(root: str | os.PathLike[str], labelled: bool = True, what: str =
         raise MimcliError(f"{what} {root}: no such folder")
     if not root.is_dir():
         raise MimcliError(f"{what} {root}: not a folder (expected one sub-folder per class)")
-    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    class_dirs = sorted(
+        e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+    )
     paths: list[str] = []
     labels: list[int] = []
     classes: list[str] = []
@@ -77,7 +81,9 @@ def scan_folder(root: str | os.PathLike[str], labelled: bool = True, what: str =
             paths.extend(files)
             labels.extend([len(classes) - 1] * len(files))
     if not paths:
-        flat = sorted(str(root / e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        flat = sorted(
+            str(root / e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name)
+        )
         if flat and labelled:
             raise MimcliError(
                 f"{what} {root}: images but no class sub-folders; labels are needed here, so "
@@ -153,7 +159,7 @@ def collate(items: list[tuple[Any, int, int]]) -> Batch:
 
 
 def eval_transform(pretrained_cfg: dict[str, Any], **overrides: Any) -> Callable[..., torch.Tensor]:
-    """timm's evaluation transform (resize, centre crop, normalise) from a model's pretrained_cfg."""
+    """timm's evaluation transform (resize, centre crop, normalise) from a pretrained_cfg."""
     from timm.data import create_transform, resolve_data_config
 
     cfg = resolve_data_config(dict(pretrained_cfg, **overrides))
@@ -193,9 +199,7 @@ class BadImageTracker:
         for pos in positions:
             path = self.images.paths[pos]
             if self.policy == "fail":
-                raise MimcliError(
-                    f"cannot read image {path}; remove it or use --on-bad-image skip"
-                )
+                raise MimcliError(f"cannot read image {path}; remove it or use --on-bad-image skip")
             self.bad.append(path)
 
     def summary(self, limit: int = 3) -> str | None:

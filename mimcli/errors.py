@@ -1,4 +1,4 @@
-"""Error types the CLI turns into one clear line (exit 2 for user mistakes, 1 for remote failures)."""
+"""Errors the CLI turns into one clear line: exit 2 for user mistakes, 1 for remote failures."""
 
 
 class MimcliError(Exception):

@@ -103,8 +103,9 @@ def extract_features(
     has_norm = final_norm_of(model) is not None and indices0[-1] == len(model.blocks) - 1
 
     def memmap(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np_dtype,
-                                         shape=shape)
+        return np.lib.format.open_memmap(
+            folder / f"{name}.npy", mode="w+", dtype=np_dtype, shape=shape
+        )
 
     cls = memmap("cls", (n_blocks, n_total, dim))
     patch = memmap("patch", (n_blocks, n_total, dim))
@@ -113,8 +114,9 @@ def extract_features(
     labels = np.full(n_total, -1, dtype=np.int64)
     kept: list[int] = []
 
-    loader = make_loader(ImageDataset(images, transform), batch_size, num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        ImageDataset(images, transform), batch_size, num_workers, pin_memory=device.type == "cuda"
+    )
     model.eval()
     start = time.perf_counter()
     row = 0
@@ -125,7 +127,9 @@ def extract_features(
             seen += len(batch.bad) + len(batch.labels)
             if len(batch.labels):
                 x = batch.images.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+                ):
                     taps = tap_blocks(model, x, indices0)
                 n = x.shape[0]
                 # (B, K, D) -> (K, B, D) rows of the memory map

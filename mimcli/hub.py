@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mimcli.errors import MimcliError, RemoteError
@@ -82,30 +85,66 @@ def hub_errors_to_mimcli(spec: str, exc: BaseException) -> MimcliError:
         RevisionNotFoundError,
     )
 
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled) or _is_network_error(exc):
+        return MimcliError(
+            f"{spec}: cannot reach the Hub (offline?) and the weights are not in the local cache; "
+            "connect once to download them, or pass a local checkpoint file or folder"
+        )
     if isinstance(exc, GatedRepoError):
-        return MimcliError(f"{spec}: the repo is gated; accept its terms and log in (hf auth login)")
+        return MimcliError(
+            f"{spec}: the repo is gated; accept its terms and log in (hf auth login)"
+        )
     if isinstance(exc, RepositoryNotFoundError):
         return MimcliError(f"{spec}: no such repo on the Hub (or it is private: log in first)")
     if isinstance(exc, RevisionNotFoundError):
         return MimcliError(f"{spec}: no such revision on the Hub")
     if isinstance(exc, EntryNotFoundError):
         return MimcliError(f"{spec}: a file the model needs is missing from the repo ({exc})")
-    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
-        return MimcliError(
-            f"{spec}: cannot reach the Hub (offline?) and the weights are not in the local cache; "
-            "connect once to download them, or pass a local checkpoint file or folder"
-        )
     if isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status is not None and status >= 500:
             return RemoteError(f"{spec}: the Hub failed (HTTP {status}); try again later")
         return MimcliError(f"{spec}: the Hub refused the request: {str(exc).splitlines()[0]}")
-    if isinstance(exc, OSError | ConnectionError | TimeoutError):
-        return MimcliError(
-            f"{spec}: cannot reach the Hub ({type(exc).__name__}) and nothing is cached; "
-            "connect once, or pass a local checkpoint file or folder"
-        )
     return MimcliError(f"{spec}: {type(exc).__name__}: {exc}")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Connection failures, whichever HTTP library huggingface_hub runs on (httpx, httpx2...)."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return type(exc).__module__.split(".")[0].startswith("httpx") and "Error" in type(exc).__name__
+
+
+def endpoint_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint (``HF_ENDPOINT``) accepts a TCP connection within ``timeout``."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    parsed = urllib.parse.urlparse(constants.ENDPOINT)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def hub_access() -> Iterator[None]:
+    """Use the network when the Hub answers; otherwise switch huggingface_hub to its offline
+    mode (``HF_HUB_OFFLINE``) for the call, so cached files load at once and missing ones fail
+    at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or endpoint_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def hub_file(repo_id: str, filename: str, spec: str, revision: str | None = None) -> Path:
@@ -113,7 +152,8 @@ def hub_file(repo_id: str, filename: str, spec: str, revision: str | None = None
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        with hub_access():
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as exc:
         raise hub_errors_to_mimcli(spec, exc) from exc
 

@@ -72,8 +72,9 @@ def knn_predict(
     """
     train_t = torch.as_tensor(np.asarray(train) if not torch.is_tensor(train) else train)
     query_t = torch.as_tensor(np.asarray(query) if not torch.is_tensor(query) else query)
-    labels = torch.as_tensor(np.asarray(train_labels) if not torch.is_tensor(train_labels)
-                             else train_labels).long()
+    labels = torch.as_tensor(
+        np.asarray(train_labels) if not torch.is_tensor(train_labels) else train_labels
+    ).long()
     if num_classes is None:
         num_classes = int(labels.max().item()) + 1
     train_n, query_n = standardize(train_t.float(), query_t.float())

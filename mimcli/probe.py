@@ -92,7 +92,10 @@ class ProbeResult:
 
 
 def recommend_blocks(
-    scores: list[BlockScore], num_blocks: int, margin: float = 1.0, max_heads: int = 8,
+    scores: list[BlockScore],
+    num_blocks: int,
+    margin: float = 1.0,
+    max_heads: int = 8,
     min_heads: int = 4,
 ) -> Recommendation:
     """Blocks to give ID heads, judged on CLS k-NN (the heads read the CLS token).
@@ -112,8 +115,11 @@ def recommend_blocks(
     chosen = list(range(start, num_blocks + 1))
     if len(chosen) > max_heads:
         span = len(chosen) - 1
-        picks = {chosen[round(i * span / (max_heads - 1))] for i in range(max_heads)} if (
-            max_heads > 1) else {num_blocks}
+        picks = (
+            {chosen[round(i * span / (max_heads - 1))] for i in range(max_heads)}
+            if (max_heads > 1)
+            else {num_blocks}
+        )
         chosen = sorted(picks)
     if len(chosen) < min_heads:
         chosen = list(range(max(1, num_blocks - min_heads + 1), num_blocks + 1))
@@ -129,10 +135,18 @@ def score_blocks(
     train: FeatureSet, val: FeatureSet, k: int, tau: float, backend: str, num_classes: int
 ) -> tuple[list[BlockScore], BlockScore | None]:
     """Weighted k-NN accuracy of every tapped block, CLS and mean-patch."""
+
     def acc(kind: str, block: int) -> float:
-        return knn_accuracy(train.block(block, kind), train.labels, val.block(block, kind),
-                            val.labels, ks=(k,), tau=tau, num_classes=num_classes,
-                            backend=backend)[k]
+        return knn_accuracy(
+            train.block(block, kind),
+            train.labels,
+            val.block(block, kind),
+            val.labels,
+            ks=(k,),
+            tau=tau,
+            num_classes=num_classes,
+            backend=backend,
+        )[k]
 
     scores = [BlockScore(b, acc("cls", b), acc("patch", b)) for b in train.blocks]
     final = None
@@ -172,28 +186,46 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     try:
         for name, images in (("train", train_images), ("val", val_images)):
             feats[name] = extract_features(
-                model, images, transform, blocks, device, batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers, on_bad_image=cfg.on_bad_image,
-                dtype=cfg.feature_dtype, progress=progress, stage=name,
+                model,
+                images,
+                transform,
+                blocks,
+                device,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                on_bad_image=cfg.on_bad_image,
+                dtype=cfg.feature_dtype,
+                progress=progress,
+                stage=name,
             )
             timings[f"features_{name}"] = feats[name].seconds
         if len(feats["train"]) == 0 or len(feats["val"]) == 0:
             raise MimcliError("no readable images left in --train or --val")
         start = time.perf_counter()
-        scores, final = score_blocks(feats["train"], feats["val"], cfg.k, cfg.tau, backend,
-                                     len(train_images.classes))
+        scores, final = score_blocks(
+            feats["train"], feats["val"], cfg.k, cfg.tau, backend, len(train_images.classes)
+        )
         timings["knn"] = time.perf_counter() - start
     finally:
         for fs in feats.values():
             fs.close()
-    recommendation = recommend_blocks(scores, depth, cfg.margin, cfg.max_heads,
-                                      cfg.min_heads)
+    recommendation = recommend_blocks(scores, depth, cfg.margin, cfg.max_heads, cfg.min_heads)
     result = ProbeResult(
-        model=cfg.model, arch=loaded.arch, format=loaded.format, num_blocks=depth, k=cfg.k,
-        tau=cfg.tau, train_images=len(feats["train"]), val_images=len(feats["val"]),
-        num_classes=len(train_images.classes), blocks=scores, final_norm=final,
-        recommendation=recommendation, seconds=timings,
-        skipped_images=feats["train"].skipped + feats["val"].skipped, knn_backend=backend,
+        model=cfg.model,
+        arch=loaded.arch,
+        format=loaded.format,
+        num_blocks=depth,
+        k=cfg.k,
+        tau=cfg.tau,
+        train_images=len(feats["train"]),
+        val_images=len(feats["val"]),
+        num_classes=len(train_images.classes),
+        blocks=scores,
+        final_norm=final,
+        recommendation=recommendation,
+        seconds=timings,
+        skipped_images=feats["train"].skipped + feats["val"].skipped,
+        knn_backend=backend,
         device=str(device),
     )
     if cfg.out is not None:

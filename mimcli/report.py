@@ -55,8 +55,9 @@ def plot_probe(result: ProbeResult, path: Path) -> Path:
         ax.axvspan(b - 0.5, b + 0.5, color="tab:green", alpha=0.12, lw=0)
     ax.set_xlabel("block")
     ax.set_ylabel(f"{result.k}-NN accuracy (%)")
-    ax.set_title(f"{Path(result.model).name or result.model}: representation quality per block",
-                 fontsize=9)
+    ax.set_title(
+        f"{Path(result.model).name or result.model}: representation quality per block", fontsize=9
+    )
     ax.set_xticks(blocks)
     ax.grid(alpha=0.3)
     ax.legend(title="shaded: ID heads", fontsize=8, title_fontsize=8)

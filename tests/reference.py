@@ -28,8 +28,12 @@ def mlp(x: torch.Tensor, sd: dict, prefix: str) -> torch.Tensor:
 
 
 def prenorm_vit_blocks(
-    images: torch.Tensor, sd: dict, heads: int, pos_has_cls_slot: bool = True,
-    cls_key: str = "cls_token", pos_key: str = "pos_embed",
+    images: torch.Tensor,
+    sd: dict,
+    heads: int,
+    pos_has_cls_slot: bool = True,
+    cls_key: str = "cls_token",
+    pos_key: str = "pos_embed",
 ) -> list[torch.Tensor]:
     """Token sequences (B, 1+N, D) after every block of a pre-norm ViT (MAE / timm layout)."""
     w = sd["patch_embed.proj.weight"]
@@ -46,8 +50,14 @@ def prenorm_vit_blocks(
     while f"blocks.{i}.norm1.weight" in sd:
         p = f"blocks.{i}"
         h = layer_norm(x, sd, p + ".norm1")
-        x = x + attention(h, sd[p + ".attn.qkv.weight"], sd.get(p + ".attn.qkv.bias"),
-                          sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"], heads)
+        x = x + attention(
+            h,
+            sd[p + ".attn.qkv.weight"],
+            sd.get(p + ".attn.qkv.bias"),
+            sd[p + ".attn.proj.weight"],
+            sd[p + ".attn.proj.bias"],
+            heads,
+        )
         x = x + mlp(layer_norm(x, sd, p + ".norm2"), sd, p + ".mlp")
         outs.append(x)
         i += 1

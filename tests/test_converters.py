@@ -78,8 +78,9 @@ def test_refiner_th(tmp_path):
     assert loaded.format == "refiner"
     ref_sd = dict(th)
     ref_sd["pos"] = pos
-    assert_matches_reference(loaded, ref_sd, heads=1, pos_has_cls_slot=False,
-                             cls_key="cls_tokens.tokens", pos_key="pos")
+    assert_matches_reference(
+        loaded, ref_sd, heads=1, pos_has_cls_slot=False, cls_key="cls_tokens.tokens", pos_key="pos"
+    )
 
 
 def test_timm_state_dict_safetensors(tmp_path):

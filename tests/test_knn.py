@@ -37,16 +37,19 @@ def test_standardize_uses_train_statistics():
     t, q = standardize(train, query)
     # train mean (2, 20), std (1, 10): query -> (0, 2) -> normalised (0, 1)
     torch.testing.assert_close(q, torch.tensor([[0.0, 1.0]]))
-    torch.testing.assert_close(t, torch.nn.functional.normalize(torch.tensor([[-1.0, -1], [1, 1]]),
-                                                                dim=1))
+    torch.testing.assert_close(
+        t, torch.nn.functional.normalize(torch.tensor([[-1.0, -1], [1, 1]]), dim=1)
+    )
 
 
 def naive_knn_accuracy(train, train_labels, query, query_labels, k, tau):
     """Plain numpy loop version of the protocol, for oracle comparison."""
     mean, std = train.mean(0), train.std(0)
+
     def prep(x):
         z = (x - mean) / np.maximum(std, 1e-6)
         return z / np.linalg.norm(z, axis=1, keepdims=True)
+
     tr, qu = prep(train.astype(np.float64)), prep(query.astype(np.float64))
     correct = 0
     for i in range(len(qu)):

@@ -16,14 +16,18 @@ def manual_block_outputs(model, x):
     return outs
 
 
-@pytest.mark.parametrize("arch,extra", [
-    ("vit_base_patch16_224", {}),
-    ("mimcli_vit_postnorm", {}),
-])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("vit_base_patch16_224", {}),
+        ("mimcli_vit_postnorm", {}),
+    ],
+)
 def test_taps_equal_manual_forward(arch, extra):
     torch.manual_seed(0)
-    model = build_model(arch, dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                                   **extra)).eval()
+    model = build_model(
+        arch, dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, **extra)
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         taps = tap_blocks(model, x, [0, 1, 2, 3])
@@ -56,9 +60,21 @@ def test_taps_subset_and_no_norm_variant_without_last_block(tiny_vit):
 
 def test_taps_on_beit_with_mean_pooling():
     torch.manual_seed(0)
-    model = build_model("beit_base_patch16_224", dict(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_abs_pos_emb=False,
-        use_shared_rel_pos_bias=True, init_values=0.1, use_fc_norm=True, global_pool="avg")).eval()
+    model = build_model(
+        "beit_base_patch16_224",
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            use_abs_pos_emb=False,
+            use_shared_rel_pos_bias=True,
+            init_values=0.1,
+            use_fc_norm=True,
+            global_pool="avg",
+        ),
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         taps = tap_blocks(model, x, [0, 1])

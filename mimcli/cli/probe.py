@@ -46,9 +46,12 @@ def probe(
         Path | None, typer.Option("--out", help="Folder for probe.json and probe.png.")
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Neighbours that vote.")] = 10,
-    tau: Annotated[float, typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).")] = 0.07,
+    tau: Annotated[
+        float, typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).")
+    ] = 0.07,
     blocks: Annotated[
-        str | None, typer.Option("--blocks", help="Blocks to keep, from 1: e.g. 9-12 (default all).")
+        str | None,
+        typer.Option("--blocks", help="Blocks to keep, from 1: e.g. 9-12 (default all)."),
     ] = None,
     limit_train: Annotated[
         int | None, typer.Option("--limit-train", min=1, help="Probe on a class-balanced subset.")
@@ -63,7 +66,8 @@ def probe(
         str, typer.Option("--feature-dtype", help="Stored features: float16 or float32.")
     ] = "float16",
     margin: Annotated[
-        float, typer.Option("--margin", help="Heads start at the first block this close to the peak.")
+        float,
+        typer.Option("--margin", help="Heads start at the first block this close to the peak."),
     ] = 1.0,
     max_heads: Annotated[int, typer.Option("--max-heads", help="At most this many heads.")] = 8,
     min_heads: Annotated[int, typer.Option("--min-heads", help="At least this many heads.")] = 4,
@@ -84,11 +88,25 @@ def probe(
     if feature_dtype not in FEATURE_DTYPES:
         raise MimcliError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
     cfg = ProbeConfig(
-        model=model, train=train, val=val, out=out, k=k, tau=tau, blocks=parse_blocks(blocks),
-        limit_train=limit_train, limit_val=limit_val, batch_size=batch_size,
-        num_workers=num_workers, device=device, knn_backend=knn_backend,
-        on_bad_image=on_bad_image, feature_dtype=feature_dtype, margin=margin,
-        max_heads=max_heads, min_heads=min_heads, seed=seed,
+        model=model,
+        train=train,
+        val=val,
+        out=out,
+        k=k,
+        tau=tau,
+        blocks=parse_blocks(blocks),
+        limit_train=limit_train,
+        limit_val=limit_val,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        knn_backend=knn_backend,
+        on_bad_image=on_bad_image,
+        feature_dtype=feature_dtype,
+        margin=margin,
+        max_heads=max_heads,
+        min_heads=min_heads,
+        seed=seed,
     )
     bar = ImageProgress()
     with bar.running():

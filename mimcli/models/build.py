@@ -20,8 +20,18 @@ from mimcli.models import postnorm  # noqa: F401  (registers mimcli_vit_postnorm
 
 # Heads cannot be read off weights (qkv is (3D, D) for any head count); these are the widths of
 # the released ViTs, and for other widths we assume 64-dim heads (32 for narrow models).
-KNOWN_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 16, 1664: 16,
-                   2048: 16, 2560: 32}
+KNOWN_NUM_HEADS = {
+    192: 3,
+    384: 6,
+    768: 12,
+    1024: 16,
+    1280: 16,
+    1408: 16,
+    1536: 16,
+    1664: 16,
+    2048: 16,
+    2560: 32,
+}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,7 +135,7 @@ def infer_vit_args(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def build_model(arch: str, model_args: dict[str, Any]) -> nn.Module:
-    """Create an encoder (no classifier) with random weights: ``timm.create_model`` + num_classes 0."""
+    """An encoder (no classifier) with random weights: ``timm.create_model(num_classes=0)``."""
     try:
         return timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
@@ -136,6 +146,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     """Load ``state_dict`` strictly; on mismatch, one line naming missing and unexpected keys."""
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
@@ -151,7 +162,10 @@ def default_pretrained_cfg(img_size: int | tuple[int, int], **overrides: Any) ->
     """Evaluation config in timm's pretrained_cfg form (ImageNet mean/std unless overridden)."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     cfg: dict[str, Any] = dict(
-        input_size=(3, h, w), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
+        input_size=(3, h, w),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=0.875,
         interpolation="bicubic",
     )
     cfg.update(overrides)

@@ -28,15 +28,16 @@ STANDARD_VITS = {
 WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
 
 
-def strip_prefixes(state_dict: dict[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
-                   ) -> dict[str, Any]:
+def strip_prefixes(
+    state_dict: dict[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
+) -> dict[str, Any]:
     """Remove a wrapper prefix (``module.``, ``model.``...) shared by every key."""
     changed = True
     while changed and state_dict:
         changed = False
         for prefix in prefixes:
             if all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
                 changed = True
     return state_dict
 
@@ -47,8 +48,9 @@ def vit_arch_name(model_args: dict[str, Any]) -> str:
     return STANDARD_VITS.get(key, "vit_base_patch16_224")
 
 
-def split_decoder(state_dict: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def split_decoder(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     encoder = {k: v for k, v in state_dict.items() if not k.startswith(DECODER_PREFIXES)}
     decoder = {k: v for k, v in state_dict.items() if k.startswith(DECODER_PREFIXES)}
     return encoder, (decoder or None)
@@ -62,8 +64,9 @@ def convert_timm_vit(
 ) -> ConvertedCheckpoint:
     """A state dict already in timm ViT naming (MAE releases are): split off any decoder, drop
     classifier heads, infer the architecture unless ``model_args`` are given."""
-    state_dict = {k: v for k, v in strip_prefixes(state_dict).items()
-                  if isinstance(v, torch.Tensor)}
+    state_dict = {
+        k: v for k, v in strip_prefixes(state_dict).items() if isinstance(v, torch.Tensor)
+    }
     encoder, decoder = split_decoder(state_dict)
     # Fine-tuned checkpoints carry a classifier; the encoder is what we want.
     encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}
@@ -76,8 +79,12 @@ def convert_timm_vit(
     cfg = default_pretrained_cfg(inferred.get("img_size", 224))
     cfg.update(pretrained_cfg or {})
     return ConvertedCheckpoint(
-        arch=vit_arch_name(inferred), model_args=inferred, state_dict=encoder,
-        pretrained_cfg=cfg, decoder=decoder, format=fmt,
+        arch=vit_arch_name(inferred),
+        model_args=inferred,
+        state_dict=encoder,
+        pretrained_cfg=cfg,
+        decoder=decoder,
+        format=fmt,
     )
 
 

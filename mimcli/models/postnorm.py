@@ -21,13 +21,21 @@ from torch import nn
 POSTNORM_ARCH = "mimcli_vit_postnorm"
 
 # timm looks up a default pretrained config per registered name; ours has no weights to fetch.
-default_cfgs = generate_default_cfgs({
-    f"{POSTNORM_ARCH}.untrained": dict(
-        url="", num_classes=0, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj",
-        classifier="head",
-    ),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        f"{POSTNORM_ARCH}.untrained": dict(
+            url="",
+            num_classes=0,
+            input_size=(3, 224, 224),
+            crop_pct=0.875,
+            interpolation="bicubic",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            first_conv="patch_embed.proj",
+            classifier="head",
+        ),
+    }
+)
 
 
 class PostNormBlock(nn.Module):
@@ -70,7 +78,9 @@ class PostNormBlock(nn.Module):
         self.norm1 = norm_layer(dim)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.mlp = mlp_layer(
-            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
             drop=proj_drop,
         )
         self.norm2 = norm_layer(dim)

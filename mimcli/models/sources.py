@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from mimcli.errors import MimcliError
-from mimcli.hub import download_url, hub_errors_to_mimcli, hub_file, hub_file_exists
+from mimcli.hub import download_url, hub_access, hub_errors_to_mimcli, hub_file, hub_file_exists
 from mimcli.models.build import ConvertedCheckpoint, build_model, load_weights
 from mimcli.models.checkpoints import PICKLE_SUFFIXES, read_checkpoint, tensors_only
 from mimcli.models.converters import (
@@ -86,8 +86,14 @@ def _finish(converted: ConvertedCheckpoint, source: str, kind: str) -> LoadedMod
     model.pretrained_cfg = cfg
     model.eval()
     return LoadedModel(
-        model=model, arch=converted.arch, model_args=converted.model_args, pretrained_cfg=cfg,
-        source=source, source_kind=kind, format=converted.format, decoder=converted.decoder,
+        model=model,
+        arch=converted.arch,
+        model_args=converted.model_args,
+        pretrained_cfg=cfg,
+        source=source,
+        source_kind=kind,
+        format=converted.format,
+        decoder=converted.decoder,
     )
 
 
@@ -114,8 +120,9 @@ def convert_checkpoint(path: Path, source: str) -> ConvertedCheckpoint:
         cfg = None
         if metadata and "pretrained_cfg" in metadata:
             cfg = json.loads(metadata["pretrained_cfg"])
-        return convert_timm_vit(weights, fmt=fmt, model_args=model_args_from_metadata(metadata),
-                                pretrained_cfg=cfg)
+        return convert_timm_vit(
+            weights, fmt=fmt, model_args=model_args_from_metadata(metadata), pretrained_cfg=cfg
+        )
     sample = ", ".join(list(weights)[:4]) or "no tensors"
     raise MimcliError(
         f"{source}: unsupported checkpoint (found keys like {sample}); expected an MAE .pth "
@@ -128,7 +135,11 @@ def convert_checkpoint(path: Path, source: str) -> ConvertedCheckpoint:
 def _load_timm(spec: str, name: str, kind: str) -> LoadedModel:
     """Through timm's own loader (timm names, ``hf-hub:`` and ``local-dir:`` timm layouts)."""
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        if kind == "folder":
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        else:
+            with hub_access():
+                model = timm.create_model(name, pretrained=True, num_classes=0)
     except MimcliError:
         raise
     except RuntimeError as exc:
@@ -143,15 +154,22 @@ def _load_timm(spec: str, name: str, kind: str) -> LoadedModel:
     model_args: dict[str, Any] = {}
     if kind in ("hf-hub", "folder"):
         model_args = dict(_read_layout_config(spec, kind).get("model_args") or {})
-    return LoadedModel(model=model, arch=arch, model_args=model_args, pretrained_cfg=cfg,
-                       source=spec, source_kind=kind, format="timm")
+    return LoadedModel(
+        model=model,
+        arch=arch,
+        model_args=model_args,
+        pretrained_cfg=cfg,
+        source=spec,
+        source_kind=kind,
+        format="timm",
+    )
 
 
 def _read_layout_config(spec: str, kind: str) -> dict[str, Any]:
     if kind == "folder":
         path = _folder_of(spec) / "config.json"
     else:
-        path = hub_file(spec[len("hf-hub:"):], "config.json", spec)
+        path = hub_file(spec[len("hf-hub:") :], "config.json", spec)
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -159,15 +177,17 @@ def _read_layout_config(spec: str, kind: str) -> dict[str, Any]:
 
 
 def _folder_of(spec: str) -> Path:
-    return Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec).expanduser()
+    return Path(spec[len("local-dir:") :] if spec.startswith("local-dir:") else spec).expanduser()
 
 
-def _load_data2vec_vision(spec: str, config: dict[str, Any], files: dict[str, Path | None],
-                          kind: str) -> LoadedModel:
+def _load_data2vec_vision(
+    spec: str, config: dict[str, Any], files: dict[str, Path | None], kind: str
+) -> LoadedModel:
     weights_path = files.get("model.safetensors") or files.get("pytorch_model.bin")
     if weights_path is None:
-        raise MimcliError(f"{spec}: data2vec-vision layout without model.safetensors or "
-                          "pytorch_model.bin")
+        raise MimcliError(
+            f"{spec}: data2vec-vision layout without model.safetensors or pytorch_model.bin"
+        )
     state = tensors_only(read_checkpoint(weights_path))
     return _finish(convert_data2vec_vision(state, config), spec, kind)
 
@@ -182,9 +202,10 @@ def _load_layout(spec: str, kind: str) -> LoadedModel:
                 path = _folder_of(spec) / name
                 files[name] = path if path.is_file() else None
             else:
-                repo = spec[len("hf-hub:"):]
-                files[name] = (hub_file(repo, name, spec) if hub_file_exists(repo, name, spec)
-                               else None)
+                repo = spec[len("hf-hub:") :]
+                files[name] = (
+                    hub_file(repo, name, spec) if hub_file_exists(repo, name, spec) else None
+                )
             if files[name] is not None:
                 break
         return _load_data2vec_vision(spec, config, files, kind)
@@ -195,26 +216,30 @@ def _load_layout(spec: str, kind: str) -> LoadedModel:
         )
     if kind == "folder":
         folder = _folder_of(spec).resolve()
-        if not (folder / "model.safetensors").is_file() and not (
-            folder / "pytorch_model.bin"
-        ).is_file():
+        if (
+            not (folder / "model.safetensors").is_file()
+            and not (folder / "pytorch_model.bin").is_file()
+        ):
             raise MimcliError(f"{spec}: timm layout folder without model.safetensors")
         return _load_timm(spec, f"local-dir:{folder}", kind)
     return _load_timm(spec, spec, kind)
 
 
 def _looks_like_path(spec: str) -> bool:
-    return (
-        "/" in spec or spec.startswith((".", "~")) or Path(spec).suffix in CHECKPOINT_SUFFIXES
-    )
+    return "/" in spec or spec.startswith((".", "~")) or Path(spec).suffix in CHECKPOINT_SUFFIXES
 
 
 def _timm_name_error(spec: str) -> MimcliError:
     names = timm.list_pretrained()
     close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else (
-        "; see `timm.list_pretrained('*mae*')`, or pass a checkpoint file, folder, hf-hub:owner/"
-        "repo or URL")
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else (
+            "; see `timm.list_pretrained('*mae*')`, or pass a checkpoint file, folder, "
+            "hf-hub:owner/repo or URL"
+        )
+    )
     return MimcliError(f"unknown model {spec!r}: not a file, folder or timm pretrained name{hint}")
 
 

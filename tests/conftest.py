@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny ViTs, small generated image folders, the loopback Hub (tests.hubserver).
+
+The loopback Hub plugin sets HF_ENDPOINT/HF_HOME before anything imports huggingface_hub, so it
+must stay the first plugin loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest_plugins = ("tests.hubserver",)
+
+os.environ.setdefault("MIMCLI_THREADS", "2")
+os.environ["MIMCLI_CACHE"] = os.environ.get("MIMCLI_TEST_CACHE", "") or str(
+    Path(os.environ.get("TMPDIR", "/tmp")) / f"mimcli-test-cache-{os.getpid()}"
+)
+
+TINY_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+
+
+def make_tiny_vit(seed: int = 0, **overrides):
+    """A random tiny timm ViT: 32 px, patch 8 (16 patches), width 32, 4 blocks."""
+    import timm
+
+    torch.manual_seed(seed)
+    args = dict(TINY_ARGS, **overrides)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **args)
+    # Random init leaves LayerNorms at identity and tiny weights; perturb so bugs show up.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_tiny_vit()
+
+
+def write_image_folder(
+    root: Path, per_class: int, classes: int = 3, size: int = 32, seed: int = 0
+) -> Path:
+    """ImageFolder of noisy images around a class colour and stripe pattern (k-NN separable)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.zeros((size, size, 3), dtype=np.float32)
+        base[..., c % 3] = 170.0
+        base[:, :: (c + 2)] += 60.0
+        for i in range(per_class):
+            img = base + rng.normal(0, 25, size=base.shape)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folders(tmp_path):
+    """(train, val) ImageFolders with 3 classes: 10 and 4 images per class."""
+    train = write_image_folder(tmp_path / "train", per_class=10, seed=1)
+    val = write_image_folder(tmp_path / "val", per_class=4, seed=2)
+    return train, val
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_vit):
+    """A tiny ViT saved in timm's Hugging Face layout (config.json + model.safetensors)."""
+    from timm.models import save_for_hf
+
+    folder = tmp_path / "tiny-model"
+    tiny_vit.pretrained_cfg = dict(tiny_vit.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    save_for_hf(tiny_vit, str(folder), model_args=dict(TINY_ARGS), safe_serialization=True)
+    return folder

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mimcli.cli.app import app
+
+runner = CliRunner()
+
+
+def test_help_shows_examples():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "probe" in result.output
+    result = runner.invoke(app, ["probe", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "vit_large_patch16_224.mae" in result.output
+    assert runner.invoke(app, ["--version"]).output.startswith("mimcli ")
+
+
+def test_probe_end_to_end_json(tiny_model_dir, image_folders, tmp_path):
+    train, val = image_folders
+    out = tmp_path / "probe"
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--k",
+            "5",
+            "--num-workers",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [b["block"] for b in data["blocks"]] == [1, 2, 3, 4]
+    assert all(0 <= b["cls"] <= 100 for b in data["blocks"])
+    assert data["recommendation"]["blocks"][-1] == 4
+    assert json.loads((out / "probe.json").read_text())["blocks"] == data["blocks"]
+
+
+def test_probe_table_output(tiny_model_dir, image_folders):
+    train, val = image_folders
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--num-workers",
+            "0",
+            "--blocks",
+            "2-4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Recommended ID-head blocks" in result.stdout
+    assert "4+norm" in result.stdout
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize(
+    "model,expect",
+    [
+        ("vit_large_patch16_224.maee", "did you mean vit_large_patch16_224.mae"),
+        ("not_a_model_at_all", "unknown model"),
+        ("./missing/weights.pth", "no such file or folder"),
+    ],
+)
+def test_bad_model_arguments(model, expect, image_folders):
+    train, val = image_folders
+    result = runner.invoke(app, ["probe", model, "--train", str(train), "--val", str(val)])
+    assert expect in one_line_error(result)
+
+
+def test_bad_folders_and_options(tiny_model_dir, image_folders, tmp_path):
+    train, val = image_folders
+    result = runner.invoke(
+        app, ["probe", str(tiny_model_dir), "--train", str(tmp_path / "x"), "--val", str(val)]
+    )
+    assert "--train" in one_line_error(result)
+    result = runner.invoke(
+        app,
+        ["probe", str(tiny_model_dir), "--train", str(train), "--val", str(val), "--blocks", "3-9"],
+    )
+    assert "out of range" in one_line_error(result)
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--device",
+            "cuda" if not torch.cuda.is_available() else "tpu",
+        ],
+    )
+    one_line_error(result)
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    result = runner.invoke(app, ["probe", str(bad), "--train", str(train), "--val", str(val)])
+    assert "unsupported checkpoint" in one_line_error(result)
+    assert not (tmp_path / "probe.json").exists()
