@@ -107,42 +107,51 @@ def extract_features(
             folder / f"{name}.npy", mode="w+", dtype=np_dtype, shape=shape
         )
 
-    cls = memmap("cls", (n_blocks, n_total, dim))
-    patch = memmap("patch", (n_blocks, n_total, dim))
-    cls_norm = memmap("cls_norm", (n_total, dim)) if has_norm else None
-    patch_norm = memmap("patch_norm", (n_total, dim)) if has_norm else None
-    labels = np.full(n_total, -1, dtype=np.int64)
-    kept: list[int] = []
+    try:
+        cls = memmap("cls", (n_blocks, n_total, dim))
+        patch = memmap("patch", (n_blocks, n_total, dim))
+        cls_norm = memmap("cls_norm", (n_total, dim)) if has_norm else None
+        patch_norm = memmap("patch_norm", (n_total, dim)) if has_norm else None
+        labels = np.full(n_total, -1, dtype=np.int64)
+        kept: list[int] = []
 
-    loader = make_loader(
-        ImageDataset(images, transform), batch_size, num_workers, pin_memory=device.type == "cuda"
-    )
-    model.eval()
-    start = time.perf_counter()
-    row = 0
-    seen = 0
-    with torch.inference_mode():
-        for batch in loader:
-            tracker.add(batch.bad)
-            seen += len(batch.bad) + len(batch.labels)
-            if len(batch.labels):
-                x = batch.images.to(device, non_blocking=True)
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-                ):
-                    taps = tap_blocks(model, x, indices0)
-                n = x.shape[0]
-                # (B, K, D) -> (K, B, D) rows of the memory map
-                cls[:, row : row + n] = taps.cls.float().permute(1, 0, 2).cpu().numpy()
-                patch[:, row : row + n] = taps.patch.float().permute(1, 0, 2).cpu().numpy()
-                if has_norm:
-                    cls_norm[row : row + n] = taps.cls_norm.float().cpu().numpy()  # type: ignore[index,union-attr]
-                    patch_norm[row : row + n] = taps.patch_norm.float().cpu().numpy()  # type: ignore[index,union-attr]
-                labels[row : row + n] = batch.labels.numpy()
-                kept.extend(batch.indices.tolist())
-                row += n
-            if progress is not None:
-                progress(stage, seen, n_total)
+        loader = make_loader(
+            ImageDataset(images, transform),
+            batch_size,
+            num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        model.eval()
+        start = time.perf_counter()
+        row = 0
+        seen = 0
+        with torch.inference_mode():
+            for batch in loader:
+                tracker.add(batch.bad)
+                seen += len(batch.bad) + len(batch.labels)
+                if len(batch.labels):
+                    x = batch.images.to(device, non_blocking=True)
+                    with torch.autocast(
+                        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+                    ):
+                        taps = tap_blocks(model, x, indices0)
+                    n = x.shape[0]
+                    # (B, K, D) -> (K, B, D) rows of the memory map
+                    cls[:, row : row + n] = taps.cls.float().permute(1, 0, 2).cpu().numpy()
+                    patch[:, row : row + n] = taps.patch.float().permute(1, 0, 2).cpu().numpy()
+                    if has_norm:
+                        cls_norm[row : row + n] = taps.cls_norm.float().cpu().numpy()  # type: ignore[index,union-attr]
+                        patch_norm[row : row + n] = taps.patch_norm.float().cpu().numpy()  # type: ignore[index,union-attr]
+                    labels[row : row + n] = batch.labels.numpy()
+                    kept.extend(batch.indices.tolist())
+                    row += n
+                if progress is not None:
+                    progress(stage, seen, n_total)
+    except BaseException:
+        # Nothing half-written survives a failure: drop the partial arrays.
+        if owned:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
     for arr in (cls, patch, cls_norm, patch_norm):
         if arr is not None:

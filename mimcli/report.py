@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 def probe_table(result: ProbeResult) -> Table:
     """Block | CLS k-NN | mean-patch k-NN, the best of each column and the heads marked."""
     table = Table(
-        title=f"k-NN accuracy per block (k={result.k}, tau={result.tau:g}) — {result.model}",
-        caption=f"{result.train_images} train / {result.val_images} val images, "
-        f"{result.num_classes} classes; * best, H recommended head",
+        title=f"{result.k}-NN accuracy per block",
+        caption=f"{result.model}\n{result.train_images} train / {result.val_images} val images, "
+        f"{result.num_classes} classes, tau {result.tau:g}\n* best   H recommended ID head",
     )
     table.add_column("block", justify="right")
     table.add_column("CLS %", justify="right")

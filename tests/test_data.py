@@ -59,6 +59,10 @@ def test_corrupt_images_skip_or_fail(tmp_path, tiny_vit):
         assert str(root / "class_0" / "bad.png") not in feats.paths
     finally:
         feats.close()
+    import glob
+    import tempfile
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/mimcli-features-*"))
     with pytest.raises(MimcliError, match="bad.png"):
         extract_features(
             tiny_vit,
