@@ -20,6 +20,7 @@ from mimcli.features import FeatureSet, extract_features
 from mimcli.fileio import write_json
 from mimcli.index import resolve_backend
 from mimcli.knn import knn_accuracy
+from mimcli.models.build import fit_input_size
 from mimcli.models.sources import load_model
 from mimcli.runtime import configure_threads, select_device
 
@@ -50,6 +51,7 @@ class ProbeConfig:
     min_heads: int = 4
     seed: int = 0
     threads: int | None = None
+    transform_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,8 +182,10 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     bad = [b for b in blocks if b < 1 or b > depth]
     if bad:
         raise MimcliError(f"--blocks {bad} out of range: the model has blocks 1..{depth}")
+    if "input_size" in cfg.transform_overrides:
+        fit_input_size(loaded.model, cfg.transform_overrides["input_size"])
     model = loaded.model.to(device)
-    transform = eval_transform(loaded.pretrained_cfg)
+    transform = eval_transform(loaded.pretrained_cfg, **cfg.transform_overrides)
     feats: dict[str, FeatureSet] = {}
     try:
         for name, images in (("train", train_images), ("val", val_images)):

@@ -121,3 +121,50 @@ def test_bad_folders_and_options(tiny_model_dir, image_folders, tmp_path):
     result = runner.invoke(app, ["probe", str(bad), "--train", str(train), "--val", str(val)])
     assert "unsupported checkpoint" in one_line_error(result)
     assert not (tmp_path / "probe.json").exists()
+
+
+def test_transform_overrides(tiny_model_dir, image_folders):
+    train, val = image_folders
+    args = [
+        "probe",
+        str(tiny_model_dir),
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--num-workers",
+        "0",
+        "--json",
+    ]
+    result = runner.invoke(
+        app,
+        [
+            *args,
+            "--img-size",
+            "48",
+            "--crop-pct",
+            "0.9",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.25,0.25,0.25",
+            "--interpolation",
+            "bicubic",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["blocks"]) == 4
+    from PIL import Image
+
+    from mimcli.cli._common import transform_overrides
+    from mimcli.data import eval_transform
+
+    overrides = transform_overrides(48, 1.0, "0.5", "0.25", None)
+    transform = eval_transform({"input_size": (3, 32, 32), "mean": (0, 0, 0)}, **overrides)
+    x = transform(Image.new("RGB", (64, 64), (255, 0, 128)))
+    assert x.shape == (3, 48, 48)
+    assert x[0, 0, 0].item() == pytest.approx((1.0 - 0.5) / 0.25)
+    assert "multiple of the patch size" in one_line_error(
+        runner.invoke(app, [*args, "--img-size", "36"])
+    )
+    assert "--mean" in one_line_error(runner.invoke(app, [*args, "--mean", "a,b,c"]))

@@ -74,6 +74,7 @@ def test_corrupt_images_skip_or_fail(tmp_path, tiny_vit):
             num_workers=0,
             on_bad_image="fail",
         )
+    assert set(glob.glob(f"{tempfile.gettempdir()}/mimcli-features-*")) == before
 
 
 def test_features_match_direct_forward_and_memory_maps(tmp_path, tiny_vit):

@@ -41,6 +41,18 @@ BackendOpt = Annotated[
 BadImageOpt = Annotated[
     str, typer.Option("--on-bad-image", help="Unreadable image files: skip (and report) or fail.")
 ]
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", min=8, help="Override the model's eval input size (pixels)."),
+]
+CropPctOpt = Annotated[
+    float | None, typer.Option("--crop-pct", help="Override the centre-crop fraction, e.g. 0.875.")
+]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Override normalisation mean: r,g,b.")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Override normalisation std: r,g,b.")]
+InterpolationOpt = Annotated[
+    str | None, typer.Option("--interpolation", help="Override resize: bilinear|bicubic|nearest.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
@@ -62,6 +74,40 @@ def parse_blocks(text: str | None) -> list[int] | None:
             f"--blocks {text!r}: expected block numbers like 9,10,12 or 17-24 (counted from 1)"
         ) from exc
     return sorted(blocks)
+
+
+def transform_overrides(
+    img_size: int | None,
+    crop_pct: float | None,
+    mean: str | None,
+    std: str | None,
+    interpolation: str | None,
+) -> dict[str, Any]:
+    """Evaluation-transform overrides in timm's pretrained_cfg terms."""
+    out: dict[str, Any] = {}
+    if img_size is not None:
+        out["input_size"] = (3, img_size, img_size)
+    if crop_pct is not None:
+        if not 0 < crop_pct <= 1:
+            raise MimcliError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        out["crop_pct"] = crop_pct
+    for name, text in (("mean", mean), ("std", std)):
+        if text is None:
+            continue
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError as exc:
+            raise MimcliError(f"--{name} {text!r}: expected 3 numbers like 0.5,0.5,0.5") from exc
+        if len(values) == 1:
+            values = values * 3
+        if len(values) != 3:
+            raise MimcliError(f"--{name} {text!r}: expected 1 or 3 numbers")
+        out[name] = values
+    if interpolation is not None:
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise MimcliError("--interpolation must be bilinear, bicubic or nearest")
+        out["interpolation"] = interpolation
+    return out
 
 
 def handle_errors(func: F) -> F:

@@ -11,15 +11,21 @@ from mimcli.cli._common import (
     BackendOpt,
     BadImageOpt,
     BatchSizeOpt,
+    CropPctOpt,
     DeviceOpt,
     ImageProgress,
+    ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
+    StdOpt,
     WorkersOpt,
     handle_errors,
     parse_blocks,
     print_json,
     stderr,
     stdout,
+    transform_overrides,
 )
 
 EPILOG = """\
@@ -72,6 +78,11 @@ def probe(
     max_heads: Annotated[int, typer.Option("--max-heads", help="At most this many heads.")] = 8,
     min_heads: Annotated[int, typer.Option("--min-heads", help="At least this many heads.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit-* subsets.")] = 0,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpolationOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure k-NN accuracy after every transformer block and recommend ID-head blocks.
@@ -107,6 +118,7 @@ def probe(
         max_heads=max_heads,
         min_heads=min_heads,
         seed=seed,
+        transform_overrides=transform_overrides(img_size, crop_pct, mean, std, interpolation),
     )
     bar = ImageProgress()
     with bar.running():

@@ -170,3 +170,18 @@ def default_pretrained_cfg(img_size: int | tuple[int, int], **overrides: Any) ->
     )
     cfg.update(overrides)
     return cfg
+
+
+def fit_input_size(model: nn.Module, input_size: tuple[int, int, int] | list[int]) -> None:
+    """Resize ``model`` to take ``input_size`` (C, H, W) images: timm's ``set_input_size``
+    resamples the position embedding (and BEiT's relative-position tables)."""
+    _, h, w = (int(v) for v in input_size)
+    current = tuple(model.patch_embed.img_size)  # type: ignore[union-attr]
+    if current == (h, w):
+        return
+    patch = tuple(model.patch_embed.patch_size)  # type: ignore[union-attr]
+    if h % patch[0] or w % patch[1]:
+        raise MimcliError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+    if not hasattr(model, "set_input_size"):
+        raise MimcliError(f"{type(model).__name__} cannot change its input size to {h}x{w}")
+    model.set_input_size(img_size=(h, w))
