@@ -53,14 +53,14 @@ class FeatureSet:
         return len(self.labels)
 
     def block(self, block: int, kind: str = "cls") -> np.ndarray:
-        """(N, D) float32 features of ``block`` (1-based); ``kind`` is cls, patch, cls_norm or
-        patch_norm (the last two ignore ``block``)."""
+        """(N, D) features of ``block`` (1-based), a view of the stored array (no copy); ``kind``
+        is cls, patch, cls_norm or patch_norm (the last two ignore ``block``)."""
         if kind in ("cls_norm", "patch_norm"):
             arr = getattr(self, kind)
             if arr is None:
                 raise KeyError(f"no {kind} features (model has no final norm)")
-            return np.asarray(arr, dtype=np.float32)
-        return np.asarray(getattr(self, kind)[self.blocks.index(block)], dtype=np.float32)
+            return arr
+        return getattr(self, kind)[self.blocks.index(block)]
 
     def close(self) -> None:
         """Drop the memory maps; delete the folder if it was a temporary one."""
@@ -125,6 +125,8 @@ def extract_features(
         start = time.perf_counter()
         row = 0
         seen = 0
+        if progress is not None:
+            progress(stage, 0, n_total)
         with torch.inference_mode():
             for batch in loader:
                 tracker.add(batch.bad)

@@ -121,6 +121,8 @@ def endpoint_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if urllib.request.getproxies():
+        return True  # a direct TCP check says nothing behind a proxy; let the client try
     parsed = urllib.parse.urlparse(constants.ENDPOINT)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:

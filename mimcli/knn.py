@@ -2,6 +2,8 @@
 
 Features are standardised per dimension with the train set's mean/std, L2-normalised, matched by
 cosine similarity, and each of the k neighbours votes for its label with weight exp(sim / tau).
+Standardisation runs in chunks, so memory-mapped float16 features are never copied whole at a
+wider type: the only full copy is the float32 matrix the search needs.
 """
 
 from __future__ import annotations
@@ -13,27 +15,53 @@ import torch
 
 from mimcli.index import topk_inner_product
 
+Array = torch.Tensor | np.ndarray
+CHUNK_ROWS = 16_384
 
-def standardize(
-    train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6
-) -> list[torch.Tensor]:
+
+def _rows(x: Array, start: int, stop: int) -> torch.Tensor:
+    part = x[start:stop]
+    if isinstance(part, np.ndarray):
+        part = torch.from_numpy(np.asarray(part))
+    return part
+
+
+def feature_stats(train: Array, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and (population) std of (N, D) features, accumulated in float64."""
+    n = train.shape[0]
+    total = torch.zeros(train.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, n, CHUNK_ROWS):
+        part = _rows(train, start, start + CHUNK_ROWS).double().cpu()
+        total += part.sum(dim=0)
+        total_sq += (part * part).sum(dim=0)
+    mean = total / n
+    var = (total_sq / n - mean * mean).clamp_min(0.0)
+    return mean, var.sqrt().clamp_min(eps)
+
+
+def standardize_with(x: Array, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std, then L2-normalised rows; (N, D) float32, computed chunk by chunk."""
+    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        part = _rows(x, start, start + CHUNK_ROWS).double().cpu()
+        z = ((part - mean) / std).float()
+        out[start : start + part.shape[0]] = torch.nn.functional.normalize(z, dim=1)
+    return out
+
+
+def standardize(train: Array, *others: Array, eps: float = 1e-6) -> list[torch.Tensor]:
     """Standardise with train statistics, then L2-normalise each row.
 
     Args:
         train: (N, D) train features; its mean/std (float64) define the standardisation.
-        others: further (M, D) tensors standardised with the same statistics.
+        others: further (M, D) arrays standardised with the same statistics.
 
     Returns:
-        [train, *others] standardised and L2-normalised, float32.
+        [train, *others] standardised and L2-normalised, float32 on CPU.
     """
-    t64 = train.double()
-    mean = t64.mean(dim=0)
-    std = t64.std(dim=0, unbiased=False).clamp_min(eps)
-    out = []
-    for x in (train, *others):
-        z = ((x.double() - mean) / std).float()
-        out.append(torch.nn.functional.normalize(z, dim=1))
-    return out
+    mean, std = feature_stats(train, eps)
+    return [standardize_with(x, mean, std) for x in (train, *others)]
 
 
 def weighted_votes(
@@ -55,31 +83,30 @@ def weighted_votes(
 
 
 def knn_predict(
-    train: torch.Tensor | np.ndarray,
-    train_labels: torch.Tensor | np.ndarray,
-    query: torch.Tensor | np.ndarray,
+    train: Array,
+    train_labels: Array,
+    query: Array,
     ks: Sequence[int] = (10,),
     tau: float = 0.07,
     num_classes: int | None = None,
     backend: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> dict[int, torch.Tensor]:
     """Predict labels of ``query`` by weighted k-NN over ``train``, for several k in one search.
 
-    Ties between classes go to the lowest class index.
+    Args:
+        device: where the search runs (CUDA: GPU FAISS or torch on the GPU).
 
     Returns:
-        {k: (Q,) int64 predictions}.
+        {k: (Q,) int64 predictions on CPU}; ties between classes go to the lowest class index.
     """
-    train_t = torch.as_tensor(np.asarray(train) if not torch.is_tensor(train) else train)
-    query_t = torch.as_tensor(np.asarray(query) if not torch.is_tensor(query) else query)
-    labels = torch.as_tensor(
-        np.asarray(train_labels) if not torch.is_tensor(train_labels) else train_labels
-    ).long()
+    labels = torch.as_tensor(np.asarray(train_labels)).long()
     if num_classes is None:
         num_classes = int(labels.max().item()) + 1
-    train_n, query_n = standardize(train_t.float(), query_t.float())
-    kmax = max(ks)
-    scores, index = topk_inner_product(query_n, train_n, kmax, backend=backend)
+    train_n, query_n = standardize(train, query)
+    train_n, query_n = train_n.to(device), query_n.to(device)
+    scores, index = topk_inner_product(query_n, train_n, max(ks), backend=backend)
+    del train_n
     neighbour_labels = labels.to(index.device)[index]
     predictions = {}
     for k in ks:
@@ -90,16 +117,17 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train: torch.Tensor | np.ndarray,
-    train_labels: torch.Tensor | np.ndarray,
-    query: torch.Tensor | np.ndarray,
-    query_labels: torch.Tensor | np.ndarray,
+    train: Array,
+    train_labels: Array,
+    query: Array,
+    query_labels: Array,
     ks: Sequence[int] = (10,),
     tau: float = 0.07,
     num_classes: int | None = None,
     backend: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> dict[int, float]:
     """Top-1 accuracy in percent of weighted k-NN, {k: accuracy}."""
     truth = torch.as_tensor(np.asarray(query_labels)).long()
-    preds = knn_predict(train, train_labels, query, ks, tau, num_classes, backend)
+    preds = knn_predict(train, train_labels, query, ks, tau, num_classes, backend, device)
     return {k: float((p == truth).double().mean().item() * 100.0) for k, p in preds.items()}

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import mimcli
 from mimcli.data import eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
@@ -93,6 +95,13 @@ class ProbeResult:
         return asdict(self)
 
 
+def check_head_options(margin: float, max_heads: int, min_heads: int) -> None:
+    if max_heads < 1 or min_heads < 1:
+        raise MimcliError("--max-heads and --min-heads must be at least 1")
+    if margin < 0:
+        raise MimcliError(f"--margin must be 0 or more, got {margin}")
+
+
 def recommend_blocks(
     scores: list[BlockScore],
     num_blocks: int,
@@ -103,38 +112,44 @@ def recommend_blocks(
     """Blocks to give ID heads, judged on CLS k-NN (the heads read the CLS token).
 
     Rule: find the peak block; start at the first block within ``margin`` points of the peak and
-    take every block from there to the last one. More than ``max_heads`` blocks: keep an evenly
-    spaced subset that includes the start and the last block. Fewer than ``min_heads``: start
-    earlier, so that ``min_heads`` blocks end at the last one (when the model is that deep).
+    take every probed block from there on. More than ``max_heads`` blocks: keep an evenly spaced
+    subset that includes the start and the last block. Fewer than ``min_heads``: add the probed
+    blocks just before the start until there are ``min_heads`` (when that many were probed).
+    Only probed blocks are ever recommended.
     """
-    if max_heads < 1 or min_heads < 1:
-        raise MimcliError("--max-heads and --min-heads must be at least 1")
+    check_head_options(margin, max_heads, min_heads)
     min_heads = min(min_heads, max_heads)
+    probed = sorted(s.block for s in scores)
     by_block = {s.block: s.cls for s in scores}
-    peak_block = max(by_block, key=lambda b: (by_block[b], b))
+    peak_block = max(probed, key=lambda b: (by_block[b], b))
     peak = by_block[peak_block]
-    start = min(b for b, acc in by_block.items() if acc >= peak - margin)
-    chosen = list(range(start, num_blocks + 1))
+    start = min(b for b in probed if by_block[b] >= peak - margin)
+    chosen = [b for b in probed if b >= start]
     if len(chosen) > max_heads:
         span = len(chosen) - 1
-        picks = (
-            {chosen[round(i * span / (max_heads - 1))] for i in range(max_heads)}
-            if (max_heads > 1)
-            else {num_blocks}
-        )
-        chosen = sorted(picks)
+        if max_heads == 1:
+            chosen = [chosen[-1]]
+        else:
+            chosen = sorted({chosen[round(i * span / (max_heads - 1))] for i in range(max_heads)})
     if len(chosen) < min_heads:
-        chosen = list(range(max(1, num_blocks - min_heads + 1), num_blocks + 1))
+        chosen = probed[-min_heads:]
+    partial = "" if probed == list(range(1, num_blocks + 1)) else " (among the probed blocks)"
     rule = (
         f"peak CLS k-NN at block {peak_block} ({peak:.1f}%); heads from the first block within "
-        f"{margin:g} point(s) of the peak (block {start}) to the last block {num_blocks}, "
+        f"{margin:g} point(s) of the peak (block {start}) to the last block{partial}, "
         f"at most {max_heads} (evenly spaced) and at least {min_heads}"
     )
     return Recommendation(blocks=chosen, peak_block=peak_block, peak_accuracy=peak, rule=rule)
 
 
 def score_blocks(
-    train: FeatureSet, val: FeatureSet, k: int, tau: float, backend: str, num_classes: int
+    train: FeatureSet,
+    val: FeatureSet,
+    k: int,
+    tau: float,
+    backend: str,
+    num_classes: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[BlockScore], BlockScore | None]:
     """Weighted k-NN accuracy of every tapped block, CLS and mean-patch."""
 
@@ -148,6 +163,7 @@ def score_blocks(
             tau=tau,
             num_classes=num_classes,
             backend=backend,
+            device=device,
         )[k]
 
     scores = [BlockScore(b, acc("cls", b), acc("patch", b)) for b in train.blocks]
@@ -159,6 +175,7 @@ def score_blocks(
 
 def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     """Load the model, extract features of both folders in one pass each, score every block."""
+    check_head_options(cfg.margin, cfg.max_heads, cfg.min_heads)
     if cfg.k < 1:
         raise MimcliError(f"--k must be at least 1, got {cfg.k}")
     if cfg.tau <= 0:
@@ -178,6 +195,10 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     loaded = load_model(cfg.model)
     timings["load"] = time.perf_counter() - start
     depth = loaded.num_blocks
+    if getattr(loaded.model, "cls_token", None) is None:
+        raise MimcliError(
+            f"{cfg.model}: the model has no class token; probe and the ID heads read the CLS token"
+        )
     blocks = cfg.blocks or list(range(1, depth + 1))
     bad = [b for b in blocks if b < 1 or b > depth]
     if bad:
@@ -207,7 +228,13 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
             raise MimcliError("no readable images left in --train or --val")
         start = time.perf_counter()
         scores, final = score_blocks(
-            feats["train"], feats["val"], cfg.k, cfg.tau, backend, len(train_images.classes)
+            feats["train"],
+            feats["val"],
+            cfg.k,
+            cfg.tau,
+            backend,
+            len(train_images.classes),
+            device,
         )
         timings["knn"] = time.perf_counter() - start
     finally:

@@ -62,3 +62,36 @@ def prenorm_vit_blocks(
         outs.append(x)
         i += 1
     return outs
+
+
+def postnorm_vit_blocks(
+    images: torch.Tensor, sd: dict, heads: int, cls_key: str, pos_key: str, embed_norm: str
+) -> list[torch.Tensor]:
+    """Token sequences after every block of a post-norm ViT (data2vec 2.0): positions added to
+    patches only, CLS prepended, LayerNorm, then x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+    w = sd["patch_embed.proj.weight"]
+    x = F.conv2d(images, w, sd["patch_embed.proj.bias"], stride=w.shape[-1])
+    x = x.flatten(2).transpose(1, 2) + sd[pos_key].reshape(1, -1, x.shape[1])
+    cls = sd[cls_key].reshape(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = layer_norm(torch.cat([cls, x], dim=1), sd, embed_norm)
+    outs = []
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = f"blocks.{i}"
+        x = layer_norm(
+            x
+            + attention(
+                x,
+                sd[p + ".attn.qkv.weight"],
+                sd.get(p + ".attn.qkv.bias"),
+                sd[p + ".attn.proj.weight"],
+                sd[p + ".attn.proj.bias"],
+                heads,
+            ),
+            sd,
+            p + ".norm1",
+        )
+        x = layer_norm(x + mlp(x, sd, p + ".mlp"), sd, p + ".norm2")
+        outs.append(x)
+        i += 1
+    return outs

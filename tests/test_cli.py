@@ -71,10 +71,10 @@ def test_probe_table_output(tiny_model_dir, image_folders):
 
 def one_line_error(result, code=2):
     assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error:"), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "Traceback" not in result.output + result.stderr
-    return " ".join(lines)
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -118,9 +118,77 @@ def test_bad_folders_and_options(tiny_model_dir, image_folders, tmp_path):
     one_line_error(result)
     bad = tmp_path / "bad.pth"
     torch.save({"foo": torch.zeros(1)}, bad)
-    result = runner.invoke(app, ["probe", str(bad), "--train", str(train), "--val", str(val)])
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["probe", str(bad), "--train", str(train), "--val", str(val), "--out", str(out)]
+    )
     assert "unsupported checkpoint" in one_line_error(result)
-    assert not (tmp_path / "probe.json").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("blocks", ["4-2", ",", "1,x", "0"])
+def test_bad_block_lists(blocks, tiny_model_dir, image_folders):
+    train, val = image_folders
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--blocks",
+            blocks,
+        ],
+    )
+    assert "--blocks" in one_line_error(result)
+
+
+def test_error_text_is_not_read_as_markup(tiny_model_dir, image_folders, tmp_path):
+    train, _ = image_folders
+    odd = tmp_path / "x[/]y[bold]"
+    result = runner.invoke(
+        app, ["probe", str(tiny_model_dir), "--train", str(train), "--val", str(odd)]
+    )
+    assert "x[/]y[bold]" in one_line_error(result)
+
+
+def test_model_without_class_token(tmp_path, image_folders):
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+    )
+    save_for_hf(
+        model,
+        str(tmp_path / "nocls"),
+        safe_serialization=True,
+        model_args=dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            class_token=False,
+            global_pool="avg",
+        ),
+    )
+    train, val = image_folders
+    result = runner.invoke(
+        app, ["probe", str(tmp_path / "nocls"), "--train", str(train), "--val", str(val)]
+    )
+    assert "no class token" in one_line_error(result)
 
 
 def test_transform_overrides(tiny_model_dir, image_folders):

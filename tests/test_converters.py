@@ -12,7 +12,7 @@ from mimcli.errors import MimcliError
 from mimcli.models.sources import load_model
 from mimcli.models.taps import tap_blocks
 from tests.conftest import make_tiny_vit
-from tests.reference import layer_norm, prenorm_vit_blocks
+from tests.reference import layer_norm, postnorm_vit_blocks, prenorm_vit_blocks
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -134,3 +134,68 @@ def test_corrupt_file(tmp_path):
     st.write_bytes(b"\x00" * 20)
     with pytest.raises(MimcliError, match="safetensors"):
         load_model(str(st))
+
+
+def test_refined_data2vec2_th_is_post_norm(tmp_path):
+    """MIM-Refiner's refined data2vec 2.0 encoders: embed_norm + post-norm blocks, no CLS pos."""
+    sd = random_mae_encoder(seed=4)
+    th = {k: v for k, v in sd.items() if k.startswith(("patch_embed.", "blocks."))}
+    th["cls_tokens.tokens"] = torch.randn(1, 1, 64)
+    th["pos_embed.embed"] = torch.randn(1, 4, 4, 64)
+    th["embed_norm.weight"] = 1 + 0.1 * torch.randn(64)
+    th["embed_norm.bias"] = 0.1 * torch.randn(64)
+    path = tmp_path / "d2v2_refined_tiny.th"
+    torch.save({"state_dict": th}, path)
+    loaded = load_model(str(path))
+    assert loaded.arch == "mimcli_vit_postnorm" and loaded.model_args["depth"] == 3
+    with torch.no_grad():
+        taps = tap_blocks(loaded.model, X, [0, 1, 2])
+        ref = postnorm_vit_blocks(
+            X, {**th, "pos": th["pos_embed.embed"]}, 1, "cls_tokens.tokens", "pos", "embed_norm"
+        )
+    for i, tokens in enumerate(ref):
+        torch.testing.assert_close(taps.cls[:, i], tokens[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(taps.patch[:, i], tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    assert taps.cls_norm is None  # no final norm in this checkpoint
+
+
+def test_refiner_unknown_keys_are_refused(tmp_path):
+    th = {k: v for k, v in random_mae_encoder().items() if k not in ("cls_token", "pos_embed")}
+    th.update(
+        {
+            "cls_tokens.tokens": torch.randn(1, 1, 64),
+            "pos_embed.embed": torch.randn(1, 4, 4, 64),
+            "head.0.weight": torch.randn(8, 64),
+        }
+    )
+    torch.save({"state_dict": th}, tmp_path / "x.th")
+    with pytest.raises(MimcliError, match="head.0.weight"):
+        load_model(str(tmp_path / "x.th"))
+
+
+def test_mean_pooled_timm_state_dict_with_fc_norm(tmp_path):
+    model = make_tiny_vit(2, global_pool="avg", fc_norm=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd
+    save_file(sd, str(tmp_path / "gap.safetensors"), metadata={"model_args": '{"num_heads": 2}'})
+    loaded = load_model(str(tmp_path / "gap.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(X), model(X))
+
+
+class EvalExploit:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('/tmp/mimcli-pwned-eval').touch()",))
+
+
+def test_named_globals_in_zip_checkpoints_become_inert(tmp_path):
+    """builtins.eval is named in the pickle; mimcli maps it to an inert stub, so nothing runs."""
+    marker = "/tmp/mimcli-pwned-eval"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"model": random_mae_encoder(), "cfg": EvalExploit()}, path)
+    assert "builtins.eval" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    loaded = load_model(str(path))  # the weights are fine; the payload is neutralised
+    assert loaded.num_blocks == 3
+    assert not os.path.exists(marker)

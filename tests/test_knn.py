@@ -75,3 +75,21 @@ def test_knn_accuracy_matches_naive_loop():
         assert ours == pytest.approx(naive_knn_accuracy(train, tl, query, ql, k, 0.07))
     shuffled = knn_accuracy(train, rng.permutation(tl), query, ql, ks=(10,))[10]
     assert shuffled < 40  # chance is 20%
+
+
+def test_chunked_standardisation_equals_whole(monkeypatch):
+    from mimcli import knn
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(3.0, 2.0, size=(1000, 16)).astype(np.float16)
+    query = rng.normal(3.0, 2.0, size=(70, 16)).astype(np.float16)
+    whole_t, whole_q = standardize(torch.from_numpy(train), torch.from_numpy(query))
+    monkeypatch.setattr(knn, "CHUNK_ROWS", 64)
+    chunk_t, chunk_q = standardize(train, query)
+    torch.testing.assert_close(chunk_t, whole_t, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunk_q, whole_q, atol=1e-6, rtol=1e-6)
+    # the reference: numpy in float64
+    t64 = train.astype(np.float64)
+    z = (query.astype(np.float64) - t64.mean(0)) / t64.std(0)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    np.testing.assert_allclose(chunk_q.numpy(), z, atol=1e-5)

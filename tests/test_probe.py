@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from mimcli.data import eval_transform, scan_folder
+from mimcli.errors import MimcliError
 from mimcli.models.sources import load_model
 from mimcli.probe import BlockScore, ProbeConfig, recommend_blocks, run_probe
 from tests.test_knn import naive_knn_accuracy
@@ -86,3 +87,19 @@ def test_recommendation_rule():
     assert "peak CLS k-NN at block 12" in rec.rule
     # a model with fewer blocks than min_heads gets all its blocks
     assert recommend_blocks(scores([1.0, 2.0]), 2, min_heads=4).blocks == [1, 2]
+
+
+def test_recommendation_only_names_probed_blocks():
+    probed = [BlockScore(b, acc, 0.0) for b, acc in [(2, 70.0), (3, 71.0), (5, 60.0)]]
+    rec = recommend_blocks(probed, 12, margin=1.0, min_heads=2)
+    assert rec.blocks == [2, 3, 5] and "among the probed blocks" in rec.rule
+    rec = recommend_blocks(probed, 12, margin=1.0, min_heads=1, max_heads=1)
+    assert rec.blocks == [5]
+    with pytest.raises(MimcliError, match="max-heads"):
+        recommend_blocks(probed, 12, max_heads=0)
+
+
+def test_bad_head_options_fail_before_any_work(tmp_path):
+    cfg = ProbeConfig(model="no-such-model-anywhere", train=tmp_path, val=tmp_path, max_heads=0)
+    with pytest.raises(MimcliError, match="max-heads"):
+        run_probe(cfg)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -69,10 +70,14 @@ def parse_blocks(text: str | None) -> list[int] | None:
                 blocks.update(range(lo, hi + 1))
             else:
                 blocks.add(int(part))
+            if "-" in part and lo > hi:
+                raise ValueError(part)
     except ValueError as exc:
         raise MimcliError(
             f"--blocks {text!r}: expected block numbers like 9,10,12 or 17-24 (counted from 1)"
         ) from exc
+    if not blocks:
+        raise MimcliError(f"--blocks {text!r}: no blocks selected")
     return sorted(blocks)
 
 
@@ -118,7 +123,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except MimcliError as err:
-            stderr.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -128,7 +133,8 @@ def handle_errors(func: F) -> F:
 
 
 class ImageProgress:
-    """A rich progress bar per stage with images/s, on stderr; hidden when not a terminal."""
+    """A rich progress bar per stage with images/s, on stderr. It starts with the first update,
+    so a command that fails before any work prints nothing but its error line."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -143,18 +149,27 @@ class ImageProgress:
         )
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
+        self.live = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.live:
+            self.progress.start()
+            self.live = True
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="-")
             self.started[stage] = time.perf_counter()
-        elapsed = max(time.perf_counter() - self.started[stage], 1e-9)
-        self.progress.update(self.tasks[stage], completed=done, rate=f"{done / elapsed:,.0f}")
+        elapsed = time.perf_counter() - self.started[stage]
+        rate = f"{done / elapsed:,.0f}" if done and elapsed > 0 else "-"
+        self.progress.update(self.tasks[stage], completed=done, rate=rate)
 
     @contextmanager
     def running(self) -> Iterator[ImageProgress]:
-        with self.progress:
+        try:
             yield self
+        finally:
+            if self.live:
+                self.progress.stop()
+                self.live = False
 
 
 def print_json(obj: Any) -> None:

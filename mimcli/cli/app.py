@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 import mimcli
-from mimcli.cli.probe import EPILOG as PROBE_EPILOG
-from mimcli.cli.probe import probe
+from mimcli.cli import probe as probe_cli
 
 app = typer.Typer(
     name="mimcli",
@@ -41,7 +40,7 @@ def main_options(
     """mimcli: probe, refine, evaluate and publish MIM encoders."""
 
 
-app.command("probe", epilog=PROBE_EPILOG.replace("\n\n", "\n\n\b\n"))(probe)
+app.command("probe", help=probe_cli.HELP, epilog=probe_cli.EPILOG)(probe_cli.probe)
 
 
 def main() -> None:

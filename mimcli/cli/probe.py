@@ -28,18 +28,25 @@ from mimcli.cli._common import (
     transform_overrides,
 )
 
+HELP = (
+    "Measure k-NN accuracy after every transformer block and recommend ID-head blocks.\n\n"
+    "All blocks are tapped in one forward pass. Features are standardised with the train set's "
+    "mean/std and L2-normalised; each of the k nearest train images votes exp(sim/tau) for its "
+    "class. CLS and mean-patch features are scored separately; blocks are counted from 1."
+)
+
 EPILOG = """\
 Examples:
 
-  mimcli probe vit_large_patch16_224.mae --train imagenet/train --val imagenet/val \\
+  mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
       --limit-train 50000 --out runs/probe-mae-l
 
   mimcli probe examples/models/fmnist-mae-tiny --train data/fmnist/train \\
       --val data/fmnist/test --json
 
-MODEL may be a timm name with a pretrained tag, hf-hub:owner/repo, a folder (timm or
-transformers data2vec-vision layout), a checkpoint file (MAE .pth, data2vec 2.0 .pt,
-MIM-Refiner/MAE-CT .th, timm .safetensors) or an http(s) URL of such a file.
+MODEL: a timm name with a pretrained tag, hf-hub:owner/repo, a folder (timm or transformers \
+data2vec-vision layout), a checkpoint file (MAE .pth, data2vec 2.0 .pt, MIM-Refiner/MAE-CT .th, \
+timm .safetensors) or an http(s) URL of such a file.
 """
 
 
@@ -62,7 +69,9 @@ def probe(
     limit_train: Annotated[
         int | None, typer.Option("--limit-train", min=1, help="Probe on a class-balanced subset.")
     ] = None,
-    limit_val: Annotated[int | None, typer.Option("--limit-val", min=1)] = None,
+    limit_val: Annotated[
+        int | None, typer.Option("--limit-val", min=1, help="Class-balanced subset of --val.")
+    ] = None,
     batch_size: BatchSizeOpt = 64,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -85,12 +94,7 @@ def probe(
     interpolation: InterpolationOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure k-NN accuracy after every transformer block and recommend ID-head blocks.
-
-    All blocks are tapped in one forward pass. Features are standardised with the train set's
-    mean/std and L2-normalised; each of the k nearest train images votes exp(sim/tau) for its
-    class. CLS and mean-patch features are scored separately; blocks are counted from 1.
-    """
+    """Measure k-NN accuracy after every transformer block and recommend ID-head blocks."""
     from mimcli.errors import MimcliError
     from mimcli.features import FEATURE_DTYPES
     from mimcli.probe import ProbeConfig, run_probe
@@ -125,13 +129,16 @@ def probe(
         result = run_probe(cfg, progress=bar)
     if result.skipped_images:
         shown = ", ".join(result.skipped_images[:3])
-        stderr.print(f"warning: skipped {len(result.skipped_images)} unreadable image(s): {shown}")
+        stderr.print(
+            f"warning: skipped {len(result.skipped_images)} unreadable image(s): {shown}",
+            markup=False,
+        )
     if as_json:
         print_json(result.to_dict())
         return
     stdout.print(probe_table(result))
     rec = result.recommendation
     stdout.print(f"Recommended ID-head blocks: [bold]{','.join(map(str, rec.blocks))}[/]")
-    stdout.print(f"  rule: {rec.rule}", highlight=False)
+    stdout.print(f"  rule: {rec.rule}", highlight=False, markup=False)
     if out is not None:
-        stdout.print(f"Wrote {out / 'probe.json'} and {out / 'probe.png'}")
+        stdout.print(f"Wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)

@@ -127,7 +127,9 @@ def infer_vit_args(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         args["pos_embed"] = "none"
     if "blocks.0.ls1.gamma" in state_dict:
         args["init_values"] = 1.0  # overwritten by the loaded gamma
-    if "norm.weight" not in state_dict:
+    if "fc_norm.weight" in state_dict:
+        args.update(global_pool="avg", fc_norm=True)
+    elif "norm.weight" not in state_dict:
         args["final_norm"] = False
     if "norm_pre.weight" in state_dict:
         args["pre_norm"] = True

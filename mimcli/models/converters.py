@@ -14,6 +14,7 @@ import torch
 
 from mimcli.errors import MimcliError
 from mimcli.models.build import ConvertedCheckpoint, default_pretrained_cfg, infer_vit_args
+from mimcli.models.postnorm import POSTNORM_ARCH
 
 # Keys of an MAE ``_full`` checkpoint that belong to the decoder, kept aside for MR-MAE.
 DECODER_PREFIXES = ("decoder_", "mask_token")
@@ -73,9 +74,6 @@ def convert_timm_vit(
     inferred = infer_vit_args(encoder)
     if model_args:
         inferred.update(model_args)
-    if any(k.startswith("fc_norm.") for k in encoder):
-        inferred["global_pool"] = "avg"
-        inferred["fc_norm"] = True
     cfg = default_pretrained_cfg(inferred.get("img_size", 224))
     cfg.update(pretrained_cfg or {})
     return ConvertedCheckpoint(
@@ -92,31 +90,58 @@ def looks_like_refiner(state_dict: dict[str, Any]) -> bool:
     return any(k.endswith(("cls_tokens.tokens", "pos_embed.embed")) for k in state_dict)
 
 
+REFINER_ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.", "embed_norm.")
+
+
 def convert_refiner(state_dict: dict[str, torch.Tensor]) -> ConvertedCheckpoint:
     """MIM-Refiner / MAE-CT ``.th`` weights (the ``state_dict`` entry).
 
-    ``cls_tokens.tokens`` -> ``cls_token``; ``pos_embed.embed`` (1, H, W, D), which has no CLS slot
-    and is added to patches only, becomes timm's (1, 1+HW, D) with a zero CLS slot — the same
-    computation, since timm adds the positions after the CLS concat.
+    ``cls_tokens.tokens`` -> ``cls_token``; ``pos_embed.embed`` (1, H, W, D) has no CLS slot and is
+    added to patches only. Pre-norm encoders (refined MAE) become timm's ViT with a zero CLS slot
+    in ``pos_embed`` — the same computation, since timm adds positions after the CLS concat.
+    Refined data2vec 2.0 encoders carry ``embed_norm.*`` (the LayerNorm after the CLS concat) and
+    post-norm blocks: they become ``mimcli_vit_postnorm`` (positions without a CLS slot).
+    Keys outside the encoder are refused rather than silently dropped.
     """
-    sd = strip_prefixes(dict(state_dict))
+    sd = {k: v for k, v in strip_prefixes(dict(state_dict)).items() if isinstance(v, torch.Tensor)}
     if "cls_tokens.tokens" not in sd or "pos_embed.embed" not in sd:
         raise MimcliError(
             "not a MIM-Refiner/MAE-CT checkpoint: expected keys cls_tokens.tokens and "
             "pos_embed.embed beside patch_embed.proj.* and blocks.<i>.*"
         )
-    out: dict[str, torch.Tensor] = {}
+    unknown = [
+        k
+        for k in sd
+        if k not in ("cls_tokens.tokens", "pos_embed.embed")
+        and not k.startswith(REFINER_ENCODER_PREFIXES)
+    ]
+    if unknown:
+        raise MimcliError(
+            "MIM-Refiner/MAE-CT checkpoint with keys mimcli does not know: "
+            f"{', '.join(unknown[:5])} — expected only cls_tokens.tokens, pos_embed.embed, "
+            "patch_embed.*, embed_norm.*, blocks.<i>.* and norm.*"
+        )
+    dim = sd["cls_tokens.tokens"].shape[-1]
+    pos = sd["pos_embed.embed"].reshape(1, -1, dim)
+    out: dict[str, torch.Tensor] = {"cls_token": sd["cls_tokens.tokens"].reshape(1, 1, dim)}
+    postnorm = "embed_norm.weight" in sd
+    if postnorm:
+        out["pos_embed"] = pos
+    else:
+        out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     for key, value in sd.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if key == "cls_tokens.tokens":
-            out["cls_token"] = value.reshape(1, 1, -1)
-        elif key == "pos_embed.embed":
-            pos = value.reshape(1, -1, value.shape[-1])
-            out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        if key.startswith("embed_norm."):
+            out["norm_pre." + key[len("embed_norm.") :]] = value
         elif key.startswith(("patch_embed.", "blocks.", "norm.")):
             out[key] = value
-    return convert_timm_vit(out, fmt="refiner")
+    converted = convert_timm_vit(out, fmt="refiner")
+    if postnorm:
+        args = converted.model_args
+        args.pop("no_embed_class", None)
+        args.pop("pre_norm", None)
+        args.setdefault("final_norm", True)
+        converted.arch = POSTNORM_ARCH
+    return converted
 
 
 def model_args_from_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
