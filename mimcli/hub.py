@@ -121,9 +121,12 @@ def endpoint_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    if urllib.request.getproxies():
-        return True  # a direct TCP check says nothing behind a proxy; let the client try
     parsed = urllib.parse.urlparse(constants.ENDPOINT)
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(k) for k in ("http", "https", "all")) and not urllib.request.proxy_bypass(
+        parsed.hostname or ""
+    ):
+        return True  # a direct TCP check says nothing behind a proxy; let the client try
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
