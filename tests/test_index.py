@@ -45,3 +45,87 @@ def test_numpy_inputs_and_errors():
     with pytest.raises(MimcliError, match="empty"):
         topk_inner_product(np.ones((1, 4)), np.zeros((0, 4)), 1)
     assert resolve_backend("auto", "cpu") == "faiss"
+
+
+def _brute_force_excluded(q, db, q_ids, db_ids, k):
+    """Reference: full similarity matrix, excluded entries at -inf, argsort; -1 past the valid."""
+    full = q @ db.T
+    mask = (q_ids[:, None] == db_ids[None, :]) & (db_ids[None, :] != -1)
+    full = full.masked_fill(mask, float("-inf"))
+    scores, order = full.sort(dim=1, descending=True)
+    scores, order = scores[:, :k], order[:, :k]
+    return scores, order.masked_fill(scores == float("-inf"), -1)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("n_db,n_q,d,k,n_ids", [(400, 50, 16, 5, 60), (2000, 128, 32, 20, 300)])
+def test_exclusion_matches_brute_force(backend, n_db, n_q, d, k, n_ids):
+    gen = torch.Generator().manual_seed(n_db + k)
+    db = torch.nn.functional.normalize(torch.randn(n_db, d, generator=gen), dim=1)
+    db_ids = torch.randint(-1, n_ids, (n_db,), generator=gen)  # repeated ids and some -1 slots
+    q_ids = torch.randint(0, n_ids, (n_q,), generator=gen)
+    q_ids[::7] = -1  # queries whose copy sits in a random slot: never excluded
+    # Every query has an exact copy of itself in the database under its own id: the top hit
+    # without exclusion, and never returned with it (unless the id is -1).
+    q = db[:n_q].clone()
+    db_ids[:n_q] = q_ids
+    s, i = topk_inner_product(q, db, k, backend=backend, query_ids=q_ids, database_ids=db_ids)
+    ref_s, ref_i = _brute_force_excluded(q, db, q_ids, db_ids, k)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(s, ref_s, atol=1e-5, rtol=1e-5)
+    own = q_ids != -1
+    assert own.any() and (~own).any()
+    assert not (i[own] == torch.arange(n_q)[own, None]).any()
+    assert torch.equal(i[~own, 0], torch.arange(n_q)[~own])
+    returned_ids = db_ids[i]
+    assert not ((returned_ids == q_ids[:, None]) & (returned_ids != -1)).any()
+
+
+def test_exclusion_backends_agree_and_torch_chunks(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    db = torch.randn(1000, 8, generator=gen)
+    db_ids = torch.randint(0, 40, (1000,), generator=gen)  # ~25 entries per id to skip
+    q = torch.randn(33, 8, generator=gen)
+    q_ids = torch.randint(0, 40, (33,), generator=gen)
+    s_f, i_f = topk_inner_product(q, db, 7, "faiss", query_ids=q_ids, database_ids=db_ids)
+    monkeypatch.setattr(index, "DATABASE_CHUNK", 64)
+    monkeypatch.setattr(index, "MAX_BLOCK_ELEMENTS", 64 * 5)
+    s_t, i_t = topk_inner_product(q, db, 7, "torch", query_ids=q_ids, database_ids=db_ids)
+    ref_s, ref_i = _brute_force_excluded(q, db, q_ids, db_ids, 7)
+    assert torch.equal(i_f, ref_i) and torch.equal(i_t, ref_i)
+    torch.testing.assert_close(s_f, ref_s)
+    torch.testing.assert_close(s_t, ref_s)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_exclusion_pads_with_minus_one_and_neg_inf(backend):
+    db = torch.eye(4)
+    db_ids = torch.tensor([5, 5, 6, -1])
+    q = torch.tensor([[1.0, 0.5, 0.25, 0.1], [1.0, 0.5, 0.25, 0.1]])
+    q_ids = torch.tensor([5, 6])
+    s, i = topk_inner_product(q, db, 4, backend, query_ids=q_ids, database_ids=db_ids)
+    assert i.tolist() == [[2, 3, -1, -1], [0, 1, 3, -1]]
+    assert s[0, :2].tolist() == pytest.approx([0.25, 0.1])
+    assert s[1, :3].tolist() == pytest.approx([1.0, 0.5, 0.1])
+    assert torch.isneginf(s[0, 2:]).all() and torch.isneginf(s[1, 3])
+    # no ids: plain top-k, unchanged behaviour
+    _, plain = topk_inner_product(q, db, 4, backend)
+    assert plain[0].tolist() == [0, 1, 2, 3]
+
+
+def test_exclusion_argument_errors():
+    db, q = torch.randn(5, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="both"):
+        topk_inner_product(q, db, 1, "torch", query_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="database_ids"):
+        topk_inner_product(
+            q,
+            db,
+            1,
+            "torch",
+            query_ids=torch.tensor([0, 1]),
+            database_ids=torch.zeros(4, dtype=torch.int64),
+        )
+    ids = np.arange(5)
+    _, i = topk_inner_product(q, db, 5, "faiss", query_ids=np.array([0, 1]), database_ids=ids)
+    assert (i[0] != 0).all() and (i[1] != 1).all() and (i[:, -1] == -1).all()

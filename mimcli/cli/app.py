@@ -8,6 +8,7 @@ import typer
 
 import mimcli
 from mimcli.cli import probe as probe_cli
+from mimcli.cli import refine as refine_cli
 
 app = typer.Typer(
     name="mimcli",
@@ -41,6 +42,7 @@ def main_options(
 
 
 app.command("probe", help=probe_cli.HELP, epilog=probe_cli.EPILOG)(probe_cli.probe)
+app.command("refine", help=refine_cli.HELP, epilog=refine_cli.EPILOG)(refine_cli.refine)
 
 
 def main() -> None:

@@ -139,7 +139,8 @@ def infer_vit_args(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
 def build_model(arch: str, model_args: dict[str, Any]) -> nn.Module:
     """An encoder (no classifier) with random weights: ``timm.create_model(num_classes=0)``."""
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
+        args = {k: v for k, v in model_args.items() if k != "num_classes"}
+        return timm.create_model(arch, pretrained=False, num_classes=0, **args)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
         raise MimcliError(f"unknown timm architecture {arch!r}: {exc}") from exc
 

@@ -1,0 +1,238 @@
+"""``mimcli refine``: MIM-Refiner with NNA heads, neighbour queues, head warm-up and EMA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mimcli.cli._common import (
+    BackendOpt,
+    DeviceOpt,
+    WorkersOpt,
+    handle_errors,
+    print_json,
+    stderr,
+    stdout,
+)
+
+HELP = (
+    "Refine a MIM encoder with MIM-Refiner: ID heads on late blocks trained with Nearest "
+    "Neighbour Alignment against per-head neighbour queues; a head warm-up with the encoder "
+    "frozen, then full refinement with layer-wise lr decay; the EMA encoder is exported in "
+    "timm's layout to RUN_DIR/export.\n\n"
+    "Steps override epochs. Learning rates are base rates × batch/256. Run under `torchrun "
+    "--nproc_per_node N` for several processes (NCCL on GPU, gloo on CPU)."
+)
+
+EPILOG = """\
+Examples:
+
+  mimcli refine vit_large_patch16_224.mae --data in1k/train --out runs/mae-l \\
+      --blocks 17-24 --head-epochs 20 --epochs 20 --batch-size 1024
+
+  mimcli refine examples/models/fmnist-mae-tiny --data data/fmnist/train \\
+      --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
+
+  mimcli refine ... --out runs/tiny --resume     (continue from the last checkpoint)
+"""
+
+
+@handle_errors
+def refine(
+    model: Annotated[str, typer.Argument(help="Model to refine (same forms as probe).")],
+    data: Annotated[Path, typer.Option("--data", help="Training images (ImageFolder or flat).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, checkpoint).")],
+    blocks: Annotated[
+        str, typer.Option("--blocks", help="auto (probe.json or last third), lastN, or 17,20,24.")
+    ] = "auto",
+    probe: Annotated[
+        Path | None, typer.Option("--probe", help="probe.json whose recommendation auto uses.")
+    ] = None,
+    head_epochs: Annotated[float, typer.Option("--head-epochs", help="Head warm-up epochs.")] = 0.0,
+    head_steps: Annotated[
+        int | None, typer.Option("--head-steps", help="Head warm-up steps (overrides epochs).")
+    ] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Refinement epochs.")] = 0.0,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Refinement steps (overrides epochs).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Use a seeded subset of --data.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="Refinement base lr (× batch/256).")] = 4e-4,
+    head_lr: Annotated[
+        float, typer.Option("--head-lr", help="Warm-up base lr (× batch/256).")
+    ] = 2e-4,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Refinement lr warm-up fraction.")
+    ] = 0.2,
+    head_warmup: Annotated[
+        float, typer.Option("--head-warmup", help="Head-stage lr warm-up fraction.")
+    ] = 0.2,
+    layer_decay: Annotated[
+        float, typer.Option("--layer-decay", help="Layer-wise lr decay.")
+    ] = 0.65,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Encoder wd.")] = 0.05,
+    local_crops: Annotated[
+        int, typer.Option("--local-crops", min=0, help="Local crops per image (paper: 10).")
+    ] = 10,
+    head_width: Annotated[
+        str, typer.Option("--head-width", help="auto (paper sizes for wide models) or N.")
+    ] = "auto",
+    head_input: Annotated[
+        str, typer.Option("--head-input", help="cls or patch (mean patch token).")
+    ] = "cls",
+    queue_size: Annotated[
+        str, typer.Option("--queue-size", help="auto = min(65536, images) or N.")
+    ] = "auto",
+    topk: Annotated[int, typer.Option("--topk", help="Refinement samples among top-k NNs.")] = 20,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="NNA tau (default by width).")
+    ] = None,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the encoder.")] = 0.9999,
+    export: Annotated[str, typer.Option("--export", help="Export ema or raw weights.")] = "ema",
+    freeze_blocks: Annotated[
+        int, typer.Option("--freeze-blocks", min=0, help="Freeze the stem and first K blocks.")
+    ] = 0,
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Labelled folder: k-NN monitoring.")
+    ] = None,
+    val_every: Annotated[
+        int, typer.Option("--val-every", min=0, help="k-NN every N steps (0: stage ends).")
+    ] = 0,
+    val_limit: Annotated[
+        int | None, typer.Option("--val-limit", min=1, help="Images per k-NN set.")
+    ] = 5000,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Checkpoint every N steps.")
+    ] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 2,
+    knn_backend: BackendOpt = "auto",
+    grad_clip: Annotated[
+        float | None, typer.Option("--grad-clip", help="Clip the gradient norm.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    from dataclasses import asdict
+
+    from mimcli.refine import RefineConfig, run_refine
+
+    cfg = RefineConfig(
+        model=model,
+        data=data,
+        out=out,
+        blocks=blocks,
+        probe=probe,
+        head_epochs=head_epochs,
+        head_steps=head_steps,
+        epochs=epochs,
+        steps=steps,
+        limit=limit,
+        batch_size=batch_size,
+        lr=lr,
+        head_lr=head_lr,
+        warmup=warmup,
+        head_warmup=head_warmup,
+        layer_decay=layer_decay,
+        weight_decay=weight_decay,
+        local_crops=local_crops,
+        head_width=head_width,
+        head_input=head_input,
+        queue_size=queue_size,
+        topk=topk,
+        temperature=temperature,
+        ema=ema,
+        export=export,
+        freeze_blocks=freeze_blocks,
+        val=val,
+        val_every=val_every,
+        val_limit=val_limit,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        seed=seed,
+        device=device,
+        num_workers=num_workers,
+        knn_backend=knn_backend,
+        grad_clip=grad_clip,
+    )
+    bar = StepProgress()
+    with bar.running():
+        result = run_refine(cfg, progress=bar)
+    if as_json:
+        print_json({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
+        return
+    stdout.print(
+        f"Refined blocks {','.join(map(str, result.blocks))} ({result.blocks_reason})",
+        markup=False,
+        highlight=False,
+    )
+    stdout.print(
+        f"steps {result.steps}, final loss {result.final_loss:.4f}, {result.seconds / 60:.1f} min",
+        markup=False,
+    )
+    if result.knn:
+        last = result.knn[-1]
+        stdout.print(
+            f"k-NN (20) last: EMA CLS {last['knn_ema_cls']:.2f}  patch {last['knn_ema_patch']:.2f}",
+            markup=False,
+        )
+    stdout.print(f"Exported encoder: {result.export_dir}", markup=False)
+
+
+class StepProgress:
+    """Per-stage progress bar with loss and images/s on stderr (started on first update)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description:>6}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+        )
+        self.tasks: dict[str, int] = {}
+        self.live = False
+
+    def __call__(self, stage: str, done: int, total: int, metrics: dict[str, float]) -> None:
+        if not self.live:
+            self.progress.start()
+            self.live = True
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, loss="-", rate="-")
+        self.progress.update(
+            self.tasks[stage],
+            completed=done,
+            loss=f"{metrics.get('loss', float('nan')):.3f}",
+            rate=f"{metrics.get('img/s', 0.0):,.0f}",
+        )
+
+    def running(self):  # noqa: ANN201
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():  # noqa: ANN202
+            try:
+                yield self
+            finally:
+                if self.live:
+                    self.progress.stop()
+
+        return ctx()

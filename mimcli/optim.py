@@ -1,0 +1,97 @@
+"""Optimiser parameter groups and schedules for refinement (METHOD §1.4).
+
+AdamW(0.9, 0.95). Encoder layer-wise lr decay follows the MIM-Refiner reference (BEiT-style): with
+L blocks counted from 0, block i gets decay^(L-i) (so the last block gets ×decay), the stem
+(patch embedding, tokens, positions, embedding norm) decay^(L+1), the final norm ×1. timm's
+``param_groups_layer_decay`` (checked on timm 1.0.31) gives the last block ×1 and the stem
+decay^L, one power less, so we assign layer ids ourselves. No weight decay on biases, norms and
+tokens. Heads get their own weight decay. Schedules are pure functions of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+STEM_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "norm_pre.", "reg_token", "mask_token")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the stem, i + 1 for ``blocks.i``, depth + 1 for everything after the blocks."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(STEM_PREFIXES):
+        return 0
+    return depth + 1
+
+
+def encoder_param_groups(
+    encoder: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.65
+) -> list[dict]:
+    """Trainable encoder parameters grouped by (layer, decay/no decay), each group with
+    ``lr_scale`` = layer_decay^(depth + 1 - layer id) and its ``weight_decay``."""
+    depth = len(encoder.blocks)  # type: ignore[arg-type]
+    no_wd = set(getattr(encoder, "no_weight_decay", lambda: set())())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, depth)
+        decays = param.ndim > 1 and name not in no_wd and not name.endswith(".bias")
+        group = groups.setdefault(
+            (layer, decays),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def head_param_groups(heads: nn.Module, weight_decay: float = 1e-5) -> list[dict]:
+    """Head parameters: weight decay on matrices only (not on BN weights/biases)."""
+    decay, no_decay = [], []
+    for param in heads.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: Iterable[dict]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(groups), lr=0.0, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final: float = 0.0) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup`` steps, then cosine to ``final``.
+
+    ``step`` counts from 0; the value is the learning rate used for that step.
+    """
+    if total <= 0:
+        return peak
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def scaled_lr(base: float, batch_size: int) -> float:
+    """The linear scaling rule: base × batch / 256."""
+    return base * batch_size / 256

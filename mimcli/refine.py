@@ -1,0 +1,678 @@
+"""``mimcli refine``: MIM-Refiner (arXiv 2402.10093) — ID heads with Nearest Neighbour Alignment
+on late blocks of a MIM encoder, a head warm-up with the encoder frozen, then full refinement.
+
+The training loop (``train_stage``) reads top to bottom: schedules -> forward -> losses ->
+backward/step -> queue/EMA update -> log -> checkpoint. Setup, resume and export live around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mimcli import distributed as dist
+from mimcli.data import ImageList, eval_transform, scan_folder, subsample
+from mimcli.errors import MimcliError
+from mimcli.features import extract_features
+from mimcli.heads import HeadEnsemble, head_widths
+from mimcli.knn import knn_accuracy
+from mimcli.models.build import build_model
+from mimcli.models.sources import LoadedModel, load_model
+from mimcli.models.taps import tap_blocks
+from mimcli.objectives.nna import alignment, multiview_loss
+from mimcli.optim import (
+    apply_lr,
+    encoder_param_groups,
+    head_param_groups,
+    lr_at,
+    make_optimizer,
+    scaled_lr,
+)
+from mimcli.queue import NeighbourQueue, neighbour_label_agreement, queue_size
+from mimcli.runs import RunFolder, environment, load_checkpoint, save_checkpoint
+from mimcli.runtime import configure_threads, seed_everything, select_device
+from mimcli.views import (
+    MultiCropDataset,
+    MultiCropTransform,
+    ViewBatch,
+    check_local_crops_supported,
+    collate_views,
+    default_view_config,
+)
+
+Progress = Callable[[str, int, int, dict[str, float]], None]
+STAGES = ("heads", "refine")
+
+
+@dataclass
+class RefineConfig:
+    """Every option of ``mimcli refine`` (blocks counted from 1)."""
+
+    model: str
+    data: Path
+    out: Path
+    blocks: str = "auto"
+    probe: Path | None = None
+    head_epochs: float = 0.0
+    head_steps: int | None = None
+    epochs: float = 0.0
+    steps: int | None = None
+    limit: int | None = None
+    batch_size: int = 256
+    lr: float = 4e-4
+    head_lr: float = 2e-4
+    head_warmup: float = 0.2
+    warmup: float = 0.2
+    weight_decay: float = 0.05
+    head_weight_decay: float = 1e-5
+    layer_decay: float = 0.65
+    local_crops: int = 10
+    head_width: str = "auto"
+    head_input: str = "cls"
+    queue_size: str = "auto"
+    topk: int = 20
+    temperature: float | None = None
+    ema: float = 0.9999
+    export: str = "ema"
+    freeze_blocks: int = 0
+    val: Path | None = None
+    val_every: int = 0
+    val_limit: int | None = 5000
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    knn_backend: str = "auto"
+    grad_clip: float | None = None
+    threads: int | None = None
+
+
+@dataclass
+class RefineResult:
+    out: Path
+    export_dir: Path
+    blocks: list[int]
+    blocks_reason: str
+    steps: dict[str, int]
+    final_loss: float
+    seconds: float
+    knn: list[dict[str, Any]] = field(default_factory=list)
+    best_knn: dict[str, Any] | None = None
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def default_temperature(embed_dim: int) -> float:
+    """METHOD §1.2: 0.2 for ViT-L and smaller, 0.3 for ViT-H (1280), 0.35 for wider models."""
+    if embed_dim > 1280:
+        return 0.35
+    return 0.3 if embed_dim == 1280 else 0.2
+
+
+def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int], str]:
+    """``auto`` (probe.json recommendation, else the last third, at most 8), ``lastN``, or a list
+    like ``17,20,24`` / ``17-24``. Returns 1-based blocks and the reason, for config.json."""
+    spec = spec.strip()
+    if spec == "auto":
+        if probe is not None:
+            from mimcli.probe import load_probe
+
+            rec = load_probe(probe)["recommendation"]
+            blocks = [int(b) for b in rec["blocks"]]
+            reason = f"probe {probe}: {rec.get('rule', '')}"
+        else:
+            n = min(8, max(1, round(depth / 3)))
+            blocks = list(range(depth - n + 1, depth + 1))
+            reason = f"paper default: the last third of the {depth} blocks, at most 8 heads"
+    elif spec.startswith("last"):
+        try:
+            n = int(spec[4:])
+        except ValueError as exc:
+            raise MimcliError(f"--blocks {spec!r}: expected lastN, e.g. last4") from exc
+        if not 1 <= n <= depth:
+            raise MimcliError(f"--blocks {spec}: the model has {depth} blocks")
+        blocks, reason = list(range(depth - n + 1, depth + 1)), f"the last {n} blocks"
+    else:
+        from mimcli.cli._common import parse_blocks  # plain parser, no typer involved
+
+        blocks, reason = parse_blocks(spec) or [], "given with --blocks"
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad or not blocks:
+        raise MimcliError(f"--blocks {spec}: blocks must lie in 1..{depth}, got {blocks}")
+    return blocks, reason
+
+
+def stage_steps(epochs: float, steps: int | None, steps_per_epoch: int) -> int:
+    if steps is not None:
+        if steps < 0:
+            raise MimcliError("step counts must be 0 or more")
+        return steps
+    return int(math.ceil(epochs * steps_per_epoch))
+
+
+def trainable_encoder(loaded: LoadedModel, freeze_blocks: int) -> nn.Module:
+    """The encoder rebuilt with ``dynamic_img_size`` (local crops are smaller than the input
+    size), the fixed position table frozen, and the stem plus ``freeze_blocks`` blocks frozen."""
+    args = dict(loaded.model_args)
+    if "beit" not in loaded.arch:
+        args["dynamic_img_size"] = True
+    encoder = build_model(loaded.arch, args)
+    encoder.load_state_dict(loaded.model.state_dict())
+    encoder.pretrained_cfg = loaded.pretrained_cfg
+    depth = len(encoder.blocks)
+    if not 0 <= freeze_blocks <= depth:
+        raise MimcliError(f"--freeze-blocks must lie in 0..{depth}")
+    for name, param in encoder.named_parameters():
+        frozen = name == "pos_embed"
+        if freeze_blocks:
+            frozen |= not name.startswith(("blocks.", "norm.", "fc_norm."))
+            frozen |= name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks
+        param.requires_grad_(not frozen)
+    return encoder
+
+
+class BatchPlan:
+    """Which images form each step's batch: a seeded permutation per (stage, epoch), so any
+    step's batch can be rebuilt exactly when a run resumes."""
+
+    def __init__(
+        self, n_images: int, batch_size: int, seed: int, stage: int, start: int, total: int
+    ) -> None:
+        self.n, self.batch, self.seed, self.stage = n_images, batch_size, seed, stage
+        self.start, self.total = start, total
+        self.per_epoch = n_images // batch_size
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.per_epoch)
+            gen = torch.Generator().manual_seed(self.seed * 1000 + self.stage * 100 + epoch)
+            order = torch.randperm(self.n, generator=gen)
+            chunk = order[pos * self.batch : (pos + 1) * self.batch].tolist()
+            per_rank = len(chunk) // self.world
+            mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
+            key = self.stage * 100_000 + epoch
+            yield [(i, key) for i in mine]
+
+
+class KeyedDataset(MultiCropDataset):
+    """MultiCropDataset addressed by (index, epoch key) so augmentations are seeded per sample."""
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        index, self.epoch = key
+        return super().__getitem__(index)
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+class Monitor:
+    """k-NN (k=20, tau 0.07) of the last block, CLS and mean patch, on labelled folders."""
+
+    def __init__(self, cfg: RefineConfig, train: ImageList, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        assert cfg.val is not None
+        self.memory = subsample(train, cfg.val_limit, cfg.seed)
+        self.queries = subsample(scan_folder(cfg.val, what="--val"), cfg.val_limit, cfg.seed)
+        if self.memory.classes != self.queries.classes:
+            raise MimcliError("--data and --val need the same class sub-folders for k-NN")
+
+    def measure(self, encoder: nn.Module) -> dict[str, float]:
+        was_training = encoder.training
+        transform = eval_transform(encoder.pretrained_cfg)
+        depth = len(encoder.blocks)
+        out = {}
+        feats = [
+            extract_features(
+                encoder,
+                imgs,
+                transform,
+                [depth],
+                self.device,
+                batch_size=256,
+                num_workers=self.cfg.num_workers,
+            )
+            for imgs in (self.memory, self.queries)
+        ]
+        try:
+            for kind in ("cls", "patch"):
+                out[kind] = knn_accuracy(
+                    feats[0].block(depth, kind),
+                    feats[0].labels,
+                    feats[1].block(depth, kind),
+                    feats[1].labels,
+                    ks=(20,),
+                    tau=0.07,
+                    num_classes=len(self.memory.classes),
+                    backend=self.cfg.knn_backend,
+                    device=self.device,
+                )[20]
+        finally:
+            for f in feats:
+                f.close()
+        encoder.train(was_training)
+        return out
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class Refiner:
+    """Holds the encoder, heads, queues, EMA and optimiser of one run."""
+
+    def __init__(self, cfg: RefineConfig, progress: Progress | None = None) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.start_time = time.perf_counter()
+        configure_threads(cfg.threads)
+        seed_everything(cfg.seed)  # identical head initialisation on every rank
+        self.device = select_device(cfg.device)
+        dist.init_from_env(self.device)
+        self.run = RunFolder(cfg.out)
+        self._validate()
+        self.images = subsample(
+            scan_folder(cfg.data, labelled=False, what="--data"), cfg.limit, cfg.seed
+        )
+        if len(self.images) < cfg.batch_size:
+            raise MimcliError(
+                f"--data has {len(self.images)} images, fewer than one batch "
+                f"(--batch-size {cfg.batch_size})"
+            )
+        self.loaded = load_model(cfg.model)
+        depth = self.loaded.num_blocks
+        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks, depth, cfg.probe)
+        self.encoder = trainable_encoder(self.loaded, cfg.freeze_blocks).to(self.device)
+        dim = self.loaded.embed_dim
+        self.widths = head_widths(
+            dim, int(cfg.head_width) if cfg.head_width.isdigit() else cfg.head_width
+        )
+        self.heads = HeadEnsemble(self.blocks, dim, self.widths, sync_bn=dist.is_distributed()).to(
+            self.device
+        )
+        self.tau = cfg.temperature or default_temperature(dim)
+        self.qsize = queue_size(
+            int(cfg.queue_size) if cfg.queue_size.isdigit() else cfg.queue_size, len(self.images)
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.queues = nn.ModuleDict(
+            {str(b): NeighbourQueue(self.qsize, self.widths.out, gen) for b in self.blocks}
+        ).to(self.device)
+        self.lookup_gen = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank())
+        self.views = default_view_config(
+            self.loaded.pretrained_cfg, int(self.encoder.patch_embed.patch_size[0]), cfg.local_crops
+        )
+        check_local_crops_supported(self.encoder, self.views, self.loaded.arch)
+        self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        self.per_epoch = len(self.images) // cfg.batch_size
+        self.totals = {
+            "heads": stage_steps(cfg.head_epochs, cfg.head_steps, self.per_epoch),
+            "refine": stage_steps(cfg.epochs, cfg.steps, self.per_epoch),
+        }
+        self.labels_by_id = torch.tensor(self.images.labels, dtype=torch.int64)
+        self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
+        self.knn_log: list[dict[str, Any]] = []
+        self.stage, self.stage_step, self.last_loss = "heads", 0, float("nan")
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _validate(self) -> None:
+        cfg = self.cfg
+        if cfg.batch_size < 2:
+            raise MimcliError("--batch-size must be at least 2 (in-batch negatives)")
+        if cfg.batch_size % dist.world_size():
+            raise MimcliError("--batch-size must be divisible by the number of processes")
+        if cfg.export not in ("ema", "raw"):
+            raise MimcliError("--export must be ema or raw")
+        if cfg.head_input not in ("cls", "patch"):
+            raise MimcliError("--head-input must be cls or patch")
+        if not 0 <= cfg.ema < 1:
+            raise MimcliError("--ema must lie in [0, 1)")
+        if cfg.topk < 1:
+            raise MimcliError("--topk must be at least 1")
+        if cfg.resume and not (self.run.checkpoint_path.exists()):
+            raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
+        if not cfg.resume and self.run.checkpoint_path.exists():
+            raise MimcliError(
+                f"{cfg.out} already holds a run; add --resume to continue it or "
+                "choose another --out"
+            )
+
+    # -- configuration record --
+    def resolved(self) -> dict[str, Any]:
+        cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()}
+        return {
+            "config": cfg,
+            "resolved": {
+                "blocks": self.blocks,
+                "blocks_reason": self.blocks_reason,
+                "head_widths": asdict(self.widths),
+                "temperature": self.tau,
+                "queue_size": self.qsize,
+                "steps": self.totals,
+                "steps_per_epoch": self.per_epoch,
+                "lr": scaled_lr(self.cfg.lr, self.cfg.batch_size),
+                "head_lr": scaled_lr(self.cfg.head_lr, self.cfg.batch_size),
+                "views": asdict(self.views),
+                "images": len(self.images),
+                "device": str(self.device),
+                "world_size": dist.world_size(),
+                "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
+                "arch": self.loaded.arch,
+                "model_args": self.loaded.model_args,
+                "format": self.loaded.format,
+            },
+            "environment": environment(),
+        }
+
+    # -- optimiser per stage --
+    def make_optimizer(self, stage: str) -> torch.optim.Optimizer:
+        heads = head_param_groups(self.heads, self.cfg.head_weight_decay)
+        if stage == "heads":
+            return make_optimizer(heads)
+        return make_optimizer(
+            encoder_param_groups(self.encoder, self.cfg.weight_decay, self.cfg.layer_decay) + heads
+        )
+
+    def peak_lr(self, stage: str) -> float:
+        base = self.cfg.head_lr if stage == "heads" else self.cfg.lr
+        return scaled_lr(base, self.cfg.batch_size)
+
+    def warmup_steps(self, stage: str) -> int:
+        frac = self.cfg.head_warmup if stage == "heads" else self.cfg.warmup
+        return int(round(frac * self.totals[stage]))
+
+    def ema_decay(self, step: int) -> float:
+        """timm ModelEmaV3-style warm-up: min(decay, 1 - (1 + step)^(-2/3)), so short runs still
+        move the EMA (after 100 steps it averages over roughly the last 20)."""
+        return min(self.cfg.ema, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+
+    # -- forward --
+    def head_inputs(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, D) head inputs per block: CLS (raw residual; the last block after the final
+        norm) or the mean patch token."""
+        depth = len(self.encoder.blocks)
+        taps = tap_blocks(self.encoder, images, [b - 1 for b in self.blocks])
+        source = taps.cls if self.cfg.head_input == "cls" else taps.patch
+        normed = taps.cls_norm if self.cfg.head_input == "cls" else taps.patch_norm
+        out = {b: source[:, k] for k, b in enumerate(self.blocks)}
+        if self.blocks[-1] == depth and normed is not None:
+            out[depth] = normed
+        return out
+
+    def step_losses(
+        self, batch: ViewBatch, warmup: bool
+    ) -> tuple[torch.Tensor, dict[str, float], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Sum over heads of the multi-view NNA loss; also the per-head metrics and what each
+        queue will receive once the step is taken (global view 0's projections and ids)."""
+        views = [v.to(self.device, non_blocking=True) for v in batch.views]
+        b = views[0].shape[0]
+        ids = batch.indices.to(self.device)
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+        with autocast, torch.set_grad_enabled(not warmup):
+            feats = self.head_inputs(torch.cat(views[:2]))
+            if len(views) > 2:
+                local = self.head_inputs(torch.cat(views[2:]))
+                feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
+        if warmup:
+            feats = {k: v.detach() for k, v in feats.items()}
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        offset = dist.rank() * b
+        gids = dist.gather(ids)
+        for block in self.blocks:
+            with autocast:
+                z, p = self.heads.head(block)(feats[block])
+            z, p = z.float(), p.float()
+            z_globals = [z[:b], z[b : 2 * b]]
+            queue: NeighbourQueue = self.queues[str(block)]  # type: ignore[assignment]
+            with torch.no_grad():
+                found = [
+                    queue.lookup(
+                        zg.detach(),
+                        ids,
+                        topk=1 if warmup else self.cfg.topk,
+                        generator=self.lookup_gen,
+                        backend=self.cfg.knn_backend,
+                    )
+                    for zg in z_globals
+                ]
+            p_views = [dist.gather_with_grad(p[i * b : (i + 1) * b]) for i in range(len(views))]
+            loss, _ = multiview_loss(
+                z_globals,
+                [f.neighbours for f in found],
+                p_views,
+                self.tau,
+                offset=offset,
+                kind="nna",
+            )
+            total = total + loss
+            pending[block] = (dist.gather(z_globals[0].detach()), gids)
+            metrics[f"loss/{block}"] = float(loss.detach())
+            metrics[f"align/{block}"] = float(alignment(z_globals[0].detach(), p[b : 2 * b]))
+            metrics[f"nn_sim/{block}"] = float(found[0].similarity.mean())
+            if self.images.labelled:
+                metrics[f"nn_agree/{block}"] = neighbour_label_agreement(
+                    found[0].ids.cpu(), batch.labels, self.labels_by_id
+                )
+        return total, metrics, pending
+
+    # -- the loop --
+    def loader(self, stage: str, start: int) -> DataLoader:
+        dataset = KeyedDataset(self.images, MultiCropTransform(self.views), seed=self.cfg.seed)
+        plan = BatchPlan(
+            len(self.images),
+            self.cfg.batch_size,
+            self.cfg.seed,
+            STAGES.index(stage),
+            start,
+            self.totals[stage],
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=plan,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate_views,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_stage(self, stage: str, start: int) -> None:
+        """Run ``stage`` from its step ``start`` to its end."""
+        warmup = stage == "heads"
+        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
+        self.encoder.train(not warmup)
+        self.heads.train()
+        tick = time.perf_counter()
+        for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
+            self.stage, self.stage_step = stage, step
+            # schedules
+            lr = lr_at(step, total, peak, warm)
+            apply_lr(self.optimizer, lr)  # type: ignore[arg-type]
+            # forward + losses
+            loss, metrics, pending = self.step_losses(batch, warmup)
+            if not torch.isfinite(loss):
+                raise MimcliError(
+                    f"loss became non-finite at {stage} step {step}; stopped. The last good "
+                    f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
+                )
+            # backward / step
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[union-attr]
+            dist.average_gradients(params)
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self.optimizer.step()  # type: ignore[union-attr]
+            # queue / EMA update
+            for block, (feats, ids) in pending.items():
+                self.queues[str(block)].enqueue(feats, ids)  # type: ignore[operator]
+            if not warmup:
+                self.update_ema(step)
+            # log
+            now = time.perf_counter()
+            images_per_s = len(batch.indices) * dist.world_size() / max(now - tick, 1e-9)
+            tick = now
+            self.last_loss = dist.mean_scalar(float(loss.detach()), self.device)
+            record = {
+                "stage": stage,
+                "step": self.global_step(stage, step),
+                "stage_step": step,
+                "loss": self.last_loss,
+                "lr": lr,
+                "images_per_s": images_per_s,
+                **metrics,
+            }
+            done = step + 1
+            if self.monitor and (
+                done == total or (self.cfg.val_every and done % self.cfg.val_every == 0)
+            ):
+                record.update(self.measure(stage, step))
+            if dist.rank() == 0:
+                self.run.log(record)
+            if self.progress:
+                self.progress(stage, done, total, {"loss": self.last_loss, "img/s": images_per_s})
+            # checkpoint
+            if done == total or done % self.cfg.checkpoint_every == 0:
+                self.save(stage, done)
+
+    def update_ema(self, step: int) -> None:
+        decay = self.ema_decay(step)
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.encoder.parameters(), strict=True):
+                e.lerp_(p.detach(), 1.0 - decay)
+
+    def global_step(self, stage: str, step: int) -> int:
+        return step + (self.totals["heads"] if stage == "refine" else 0)
+
+    def measure(self, stage: str, step: int) -> dict[str, Any]:
+        assert self.monitor is not None
+        entry: dict[str, Any] = {"stage": stage, "step": self.global_step(stage, step) + 1}
+        for name, model in (("encoder", self.encoder), ("ema", self.ema)):
+            scores = self.monitor.measure(model)
+            entry.update({f"knn_{name}_cls": scores["cls"], f"knn_{name}_patch": scores["patch"]})
+        self.knn_log.append(entry)
+        return {k: v for k, v in entry.items() if k.startswith("knn_")}
+
+    # -- checkpoint / resume --
+    def save(self, stage: str, done: int) -> None:
+        """Everything needed to continue exactly: weights, optimiser, queues, RNG states."""
+        if dist.rank() != 0:
+            return
+        state = {
+            "stage": stage,
+            "done": done,
+            "totals": self.totals,
+            "encoder": self.encoder.state_dict(),
+            "ema": self.ema.state_dict(),
+            "heads": self.heads.state_dict(),
+            "queues": self.queues.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # type: ignore[union-attr]
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "lookup": self.lookup_gen.get_state(),
+            },
+            "knn_log": self.knn_log,
+            "last_loss": self.last_loss,
+        }
+        save_checkpoint(self.run.checkpoint_path, state)
+
+    def restore(self) -> tuple[str, int]:
+        state = load_checkpoint(self.run.checkpoint_path)
+        if state["totals"] != self.totals:
+            raise MimcliError(
+                f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
+                "resume with the same options"
+            )
+        self.encoder.load_state_dict(state["encoder"])
+        self.ema.load_state_dict(state["ema"])
+        self.heads.load_state_dict(state["heads"])
+        self.queues.load_state_dict(state["queues"])
+        stage = state["stage"]
+        self.optimizer = self.make_optimizer(stage)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.lookup_gen.set_state(state["rng"]["lookup"])
+        self.knn_log = list(state["knn_log"])
+        self.last_loss = state["last_loss"]
+        self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
+        return stage, state["done"]
+
+    # -- export --
+    def export(self) -> Path:
+        """The encoder (EMA unless --export raw) in timm's Hugging Face layout."""
+        from timm.models import save_for_hf
+
+        source = self.ema if self.cfg.export == "ema" else self.encoder
+        model = build_model(self.loaded.arch, self.loaded.model_args)
+        model.load_state_dict(source.state_dict())
+        model.pretrained_cfg = dict(self.loaded.pretrained_cfg)
+        target = self.run.export_dir
+        tmp = target.with_name(target.name + ".partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        save_for_hf(
+            model, str(tmp), model_args=dict(self.loaded.model_args), safe_serialization=True
+        )
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
+
+    def run_all(self) -> RefineResult:
+        start_stage, start_step = "heads", 0
+        if self.cfg.resume:
+            start_stage, start_step = self.restore()
+        elif dist.rank() == 0:
+            self.run.write_config(self.resolved())
+        for stage in STAGES[STAGES.index(start_stage) :]:
+            first = start_step if stage == start_stage else 0
+            if first >= self.totals[stage]:
+                continue
+            if self.optimizer is None or first == 0:
+                self.optimizer = self.make_optimizer(stage)
+            self.train_stage(stage, first)
+            self.optimizer = None
+        export_dir = self.export() if dist.rank() == 0 else self.run.export_dir
+        best = None
+        if self.knn_log:
+            best = max(self.knn_log, key=lambda e: e.get("knn_ema_cls", 0.0))
+        return RefineResult(
+            out=self.cfg.out,
+            export_dir=export_dir,
+            blocks=self.blocks,
+            blocks_reason=self.blocks_reason,
+            steps=self.totals,
+            final_loss=self.last_loss,
+            seconds=time.perf_counter() - self.start_time,
+            knn=self.knn_log,
+            best_knn=best,
+        )
+
+
+def run_refine(cfg: RefineConfig, progress: Progress | None = None) -> RefineResult:
+    """Refine ``cfg.model`` on ``cfg.data`` into ``cfg.out`` (see ``Refiner``)."""
+    return Refiner(cfg, progress).run_all()

@@ -1,0 +1,159 @@
+"""Run folders: ``config.json`` (written first), ``metrics.jsonl``, checkpoints, the exported
+encoder. Everything is written atomically; checkpoints are safetensors, never pickles.
+
+A checkpoint is any nested structure of dicts/lists/tuples holding tensors, numpy arrays and JSON
+scalars (model, heads, queues, optimiser, EMA, RNG states, step): tensors go into the safetensors
+file, the structure into its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mimcli
+from mimcli.errors import MimcliError
+from mimcli.fileio import write_json, write_with
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+    """Replace tensors/arrays in ``obj`` by references into ``tensors``; return the JSON part."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj)).clone()
+        return {"__ndarray__": path}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str | int) for k in obj):
+            raise TypeError(f"checkpoint dict keys must be str or int at {path}")
+        return {"__dict__": [[k, flatten(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        items = [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.integer | np.floating):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (at {path})")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as one safetensors file (temporary name, then rename)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = flatten(state, tensors)
+    metadata = {
+        "format": "mimcli-checkpoint",
+        "structure": json.dumps(structure),
+        "mimcli_version": mimcli.__version__,
+    }
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise MimcliError(f"cannot read checkpoint {path}: {exc}") from exc
+    if metadata.get("format") != "mimcli-checkpoint":
+        raise MimcliError(f"{path} is not a mimcli checkpoint")
+    return unflatten(json.loads(metadata["structure"]), tensors)
+
+
+def environment() -> dict[str, str]:
+    import timm
+
+    return {
+        "mimcli": mimcli.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "argv": " ".join(sys.argv),
+    }
+
+
+class RunFolder:
+    """The files of one run under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / CHECKPOINT
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.config_path, config)
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MimcliError(f"{self.root}: no readable config.json ({exc})") from exc
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (a single small write; a torn last line is skipped on read)."""
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+            fh.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records beyond ``after_step`` (a resumed run writes them again)."""
+        kept = [r for r in self.metrics() if r.get("step", -1) <= after_step]
+        write_with(
+            self.metrics_path,
+            lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)),
+        )

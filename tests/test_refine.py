@@ -1,0 +1,301 @@
+"""mimcli refine: block choice, optimiser groups, gradient flow, the CLI end to end, resume after
+SIGKILL, and errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mimcli.cli.app import app
+from mimcli.errors import MimcliError
+from mimcli.optim import encoder_param_groups, lr_at
+from mimcli.refine import RefineConfig, Refiner, resolve_blocks
+from tests.conftest import make_tiny_vit, write_image_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
+
+
+def small_cfg(model_dir, data_dir, out, **kw):
+    base = dict(
+        model=str(model_dir),
+        data=data_dir,
+        out=out,
+        blocks="last2",
+        head_steps=2,
+        steps=3,
+        batch_size=8,
+        local_crops=1,
+        head_width="32",
+        num_workers=0,
+        checkpoint_every=1,
+        head_lr=1e-3,
+        lr=1e-3,
+        seed=0,
+    )
+    base.update(kw)
+    return RefineConfig(**base)
+
+
+def test_resolve_blocks(tmp_path):
+    assert resolve_blocks("auto", 24, None)[0] == list(range(17, 25))
+    assert resolve_blocks("auto", 8, None)[0] == [6, 7, 8]
+    assert resolve_blocks("last4", 12, None)[0] == [9, 10, 11, 12]
+    assert resolve_blocks("17,20,24", 24, None)[0] == [17, 20, 24]
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"recommendation": {"blocks": [3, 4], "rule": "r"}}))
+    blocks, reason = resolve_blocks("auto", 4, probe)
+    assert blocks == [3, 4] and "probe" in reason
+    for bad in ("last0", "last9", "0,1", "lastx", "30"):
+        with pytest.raises(MimcliError):
+            resolve_blocks(bad, 8, None)
+
+
+def test_layer_decay_follows_the_reference_convention():
+    model = make_tiny_vit()  # 4 blocks
+    model.pos_embed.requires_grad_(False)
+    scales = {}
+    for group in encoder_param_groups(model, 0.05, 0.5):
+        for name in group["names"]:
+            scales[name] = (group["lr_scale"], group["weight_decay"])
+    assert scales["blocks.3.attn.qkv.weight"] == (0.5, 0.05)  # last block: decay^1
+    assert scales["blocks.0.attn.qkv.weight"] == (0.5**4, 0.05)
+    assert scales["patch_embed.proj.weight"] == (0.5**5, 0.05)
+    assert scales["cls_token"] == (0.5**5, 0.0)
+    assert scales["blocks.0.norm1.weight"][1] == 0.0 and scales["blocks.2.attn.qkv.bias"][1] == 0
+    assert scales["norm.weight"] == (1.0, 0.0)
+    assert "pos_embed" not in scales
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def first_batch(refiner, stage="refine"):
+    return next(iter(refiner.loader(stage, 0)))
+
+
+@pytest.mark.parametrize("freeze", [0, 2])
+def test_gradients_reach_trainable_parameters_only(tiny_model_dir, data_dir, tmp_path, freeze):
+    refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run", freeze_blocks=freeze))
+    loss, metrics, _ = refiner.step_losses(first_batch(refiner), warmup=False)
+    assert torch.isfinite(loss) and set(metrics) >= {"loss/3", "loss/4", "nn_sim/4"}
+    loss.backward()
+    for name, p in refiner.encoder.named_parameters():
+        frozen = name == "pos_embed" or (
+            freeze
+            and (
+                not name.startswith(("blocks.", "norm."))
+                or (name.startswith("blocks.") and int(name.split(".")[1]) < freeze)
+            )
+        )
+        assert p.requires_grad == (not frozen), name
+        if frozen:
+            assert p.grad is None, name
+        elif name.startswith(
+            (
+                "blocks.0.",
+                "blocks.1.",
+                "blocks.2.",
+                "blocks.3.",
+                "cls_token",
+                "patch_embed",
+                "norm.",
+            )
+        ):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in refiner.heads.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_head_warmup_leaves_the_encoder_alone(tiny_model_dir, data_dir, tmp_path):
+    refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run"))
+    loss, _, _ = refiner.step_losses(first_batch(refiner, "heads"), warmup=True)
+    loss.backward()
+    assert all(p.grad is None for p in refiner.encoder.parameters())
+    assert all(p.grad is not None for p in refiner.heads.parameters())
+
+
+def test_cli_end_to_end(tiny_model_dir, data_dir, tmp_path, image_folders, tiny_vit):
+    _, val = image_folders
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "refine",
+            str(tiny_model_dir),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--blocks",
+            "3,4",
+            "--head-steps",
+            "2",
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--local-crops",
+            "2",
+            "--head-width",
+            "32",
+            "--num-workers",
+            "0",
+            "--val",
+            str(val),
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "3",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["blocks"] == [3, 4] and summary["steps"] == {"heads": 2, "refine": 4}
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["blocks"] == [3, 4] and config["resolved"]["queue_size"] == 24
+    assert config["resolved"]["temperature"] == 0.2 and config["environment"]["torch"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(6))
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in lines)
+    assert lines[0]["loss"] == pytest.approx(2 * math.log(8), rel=0.35)  # 2 heads, ln(batch)
+    knn = [r for r in lines if "knn_ema_cls" in r]
+    assert [r["step"] for r in knn] == [1, 5]  # the end of each stage
+    assert len(summary["knn"]) == 2
+    # the export is a timm layout holding the EMA weights, different from the base model
+    import timm
+
+    exported = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True)
+    ckpt_ema = {
+        k[len("t.ema.") :]: v
+        for k, v in load_file(out / "checkpoint.safetensors").items()
+        if k.startswith("t.ema.")
+    }
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, ckpt_ema[name]), name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(exported(x), tiny_vit(x))
+
+
+def run_cli(args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mimcli.cli.app", "refine", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path):
+    common = [
+        str(tiny_model_dir),
+        "--data",
+        str(data_dir),
+        "--blocks",
+        "last2",
+        "--head-steps",
+        "3",
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--local-crops",
+        "1",
+        "--head-width",
+        "32",
+        "--num-workers",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--topk",
+        "3",
+    ]
+    env = dict(os.environ, MIMCLI_THREADS="1")
+    full = run_cli([*common, "--out", str(tmp_path / "a")], env=env)
+    assert full.wait(timeout=240) == 0, full.stderr.read()
+    killed = run_cli([*common, "--out", str(tmp_path / "b")], env=env)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:  # kill it somewhere in the refinement stage
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert not (tmp_path / "b" / "export").exists()
+    resumed = run_cli([*common, "--out", str(tmp_path / "b"), "--resume"], env=env)
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
+    a = load_file(tmp_path / "a" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps_a = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").open()]
+    steps_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert steps_a == steps_b == list(range(8))
+
+
+def test_run_folder_guards(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(MimcliError, match="no checkpoint"):
+        Refiner(small_cfg(tiny_model_dir, data_dir, out, resume=True))
+    Refiner(small_cfg(tiny_model_dir, data_dir, out, head_steps=1, steps=0)).run_all()
+    with pytest.raises(MimcliError, match="--resume"):
+        Refiner(small_cfg(tiny_model_dir, data_dir, out))
+    with pytest.raises(MimcliError, match="fewer than one batch"):
+        Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "r2", batch_size=64))
+
+
+def test_beit_refuses_local_crops(tmp_path, data_dir):
+    import timm
+    from timm.models import save_for_hf
+
+    args = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        use_abs_pos_emb=False,
+        use_rel_pos_bias=True,
+    )
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, **args)
+    save_for_hf(model, str(tmp_path / "beit"), model_args=args, safe_serialization=True)
+    result = runner.invoke(
+        app,
+        [
+            "refine",
+            str(tmp_path / "beit"),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--local-crops",
+            "2",
+        ],
+    )
+    assert result.exit_code == 2 and "--local-crops 0" in result.stderr
