@@ -77,3 +77,13 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
+
+
+def check_identical(tensors: list[torch.Tensor], what: str) -> None:
+    """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
+    if not is_distributed():
+        return
+    total = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
+    parts = gather(total.to(tensors[0].device))
+    if not torch.allclose(parts, parts[0].expand_as(parts), rtol=1e-9, atol=0.0):
+        raise RuntimeError(f"{what} diverged between ranks: checksums {parts.tolist()}")

@@ -656,6 +656,12 @@ class Refiner:
                 self.optimizer = self.make_optimizer(stage)
             self.train_stage(stage, first)
             self.optimizer = None
+        dist.check_identical(
+            list(self.encoder.parameters())
+            + list(self.heads.parameters())
+            + [q.features for q in self.queues.values()],
+            "weights",
+        )
         export_dir = self.export() if dist.rank() == 0 else self.run.export_dir
         best = None
         if self.knn_log:
