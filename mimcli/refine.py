@@ -96,6 +96,9 @@ class RefineConfig:
     num_workers: int = 2
     knn_backend: str = "auto"
     grad_clip: float | None = None
+    grad_checkpointing: bool = False
+    probe_train: Path | None = None
+    probe_val: Path | None = None
     threads: int | None = None
 
 
@@ -295,8 +298,13 @@ class Refiner:
             )
         self.loaded = load_model(cfg.model)
         depth = self.loaded.num_blocks
-        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks, depth, cfg.probe)
+        probe = cfg.probe
+        if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val:
+            probe = self.probe_now()
+        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks, depth, probe)
         self.encoder = trainable_encoder(self.loaded, cfg.freeze_blocks).to(self.device)
+        if cfg.grad_checkpointing:
+            self.encoder.set_grad_checkpointing(True)
         dim = self.loaded.embed_dim
         self.widths = head_widths(
             dim, int(cfg.head_width) if cfg.head_width.isdigit() else cfg.head_width
@@ -328,6 +336,28 @@ class Refiner:
         self.knn_log: list[dict[str, Any]] = []
         self.stage, self.stage_step, self.last_loss = "heads", 0, float("nan")
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def probe_now(self) -> Path:
+        """Probe the base model on --probe-train/--probe-val; its recommendation picks blocks."""
+        from mimcli.probe import ProbeConfig, run_probe
+
+        out = self.cfg.out / "probe"
+        if not (out / "probe.json").exists():  # a resumed run reuses the first probe
+            run_probe(
+                ProbeConfig(
+                    model=self.cfg.model,
+                    train=self.cfg.probe_train,  # type: ignore[arg-type]
+                    val=self.cfg.probe_val,
+                    out=out,  # type: ignore[arg-type]
+                    limit_train=self.cfg.val_limit,
+                    limit_val=self.cfg.val_limit,
+                    device=self.cfg.device,
+                    num_workers=self.cfg.num_workers,
+                    knn_backend=self.cfg.knn_backend,
+                    seed=self.cfg.seed,
+                )
+            )
+        return out / "probe.json"
 
     def _validate(self) -> None:
         cfg = self.cfg

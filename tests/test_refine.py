@@ -378,3 +378,34 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, data_dir, tmp_path
         noise_only = k == "norm.bias" or k.endswith("attn.qkv.bias")
         tol = 1.5 * step_bound if noise_only else 1e-5
         torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=k)
+
+
+def test_auto_blocks_from_a_probe_run_on_the_spot(
+    tiny_model_dir, data_dir, tmp_path, image_folders
+):
+    train, val = image_folders
+    refiner = Refiner(
+        small_cfg(
+            tiny_model_dir,
+            data_dir,
+            tmp_path / "run",
+            blocks="auto",
+            probe_train=train,
+            probe_val=val,
+        )
+    )
+    probe = json.loads((tmp_path / "run" / "probe" / "probe.json").read_text())
+    assert refiner.blocks == probe["recommendation"]["blocks"] == [1, 2, 3, 4]
+    assert refiner.blocks_reason.startswith("probe ")
+
+
+def test_grad_checkpointing_changes_nothing_but_memory(tiny_model_dir, data_dir, tmp_path):
+    grads = []
+    for flag in (False, True):
+        refiner = Refiner(
+            small_cfg(tiny_model_dir, data_dir, tmp_path / f"run{flag}", grad_checkpointing=flag)
+        )
+        loss, _, _ = refiner.step_losses(first_batch(refiner), warmup=False)
+        loss.backward()
+        grads.append(refiner.encoder.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -117,11 +117,18 @@ def refine(
     grad_clip: Annotated[
         float | None, typer.Option("--grad-clip", help="Clip the gradient norm.")
     ] = None,
+    grad_checkpointing: Annotated[
+        bool, typer.Option("--grad-checkpointing", help="Activation checkpointing (less memory).")
+    ] = False,
+    probe_train: Annotated[
+        Path | None, typer.Option("--probe-train", help="With --probe-val: probe now for auto.")
+    ] = None,
+    probe_val: Annotated[Path | None, typer.Option("--probe-val")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     from dataclasses import asdict
 
-    from mimcli.refine import RefineConfig, run_refine
+    from mimcli.refine import RefineConfig, Refiner
 
     cfg = RefineConfig(
         model=model,
@@ -160,10 +167,26 @@ def refine(
         num_workers=num_workers,
         knn_backend=knn_backend,
         grad_clip=grad_clip,
+        grad_checkpointing=grad_checkpointing,
+        probe_train=probe_train,
+        probe_val=probe_val,
     )
     bar = StepProgress()
+    refiner = Refiner(cfg, progress=bar)
+    r = refiner.resolved()["resolved"]
+    w = r["head_widths"]
+    stderr.print(
+        f"blocks {r['blocks']} ({r['blocks_reason']}); heads {w['hidden']}/{w['out']}/"
+        f"{w['predictor_hidden']}; tau {r['temperature']}; queue {r['queue_size']}; steps "
+        f"{r['steps']} ({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr "
+        f"{r['head_lr']:.2e}; views 2x{r['views']['global_size']}px + "
+        f"{r['views']['local_crops']}x{r['views']['local_size']}px; {r['device']}, "
+        f"{r['precision']}, {r['world_size']} process(es)",
+        markup=False,
+        highlight=False,
+    )
     with bar.running():
-        result = run_refine(cfg, progress=bar)
+        result = refiner.run_all()
     if as_json:
         print_json({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
         return
