@@ -409,3 +409,25 @@ def test_grad_checkpointing_changes_nothing_but_memory(tiny_model_dir, data_dir,
         loss.backward()
         grads.append(refiner.encoder.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run", head_steps=4))
+    real = refiner.step_losses
+    calls = []
+
+    def poisoned(batch, warmup):
+        loss, metrics, pending = real(batch, warmup)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), metrics, pending
+
+    refiner.step_losses = poisoned
+    with pytest.raises(MimcliError, match="non-finite at heads step 2"):
+        refiner.run_all()
+    from mimcli.runs import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert state["stage"] == "heads" and state["done"] == 2
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert steps == [0, 1]
+    assert not (tmp_path / "run" / "export").exists()
