@@ -64,9 +64,9 @@ class RefineConfig:
     out: Path
     blocks: str = "auto"
     probe: Path | None = None
-    head_epochs: float = 0.0
+    head_epochs: float = 20.0
     head_steps: int | None = None
-    epochs: float = 0.0
+    epochs: float = 20.0
     steps: int | None = None
     limit: int | None = None
     batch_size: int = 256

@@ -50,11 +50,13 @@ def refine(
     probe: Annotated[
         Path | None, typer.Option("--probe", help="probe.json whose recommendation auto uses.")
     ] = None,
-    head_epochs: Annotated[float, typer.Option("--head-epochs", help="Head warm-up epochs.")] = 0.0,
+    head_epochs: Annotated[
+        float, typer.Option("--head-epochs", help="Head warm-up epochs.")
+    ] = 20.0,
     head_steps: Annotated[
         int | None, typer.Option("--head-steps", help="Head warm-up steps (overrides epochs).")
     ] = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="Refinement epochs.")] = 0.0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Refinement epochs.")] = 20.0,
     steps: Annotated[
         int | None, typer.Option("--steps", help="Refinement steps (overrides epochs).")
     ] = None,
