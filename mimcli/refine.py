@@ -78,6 +78,8 @@ class RefineConfig:
     head_weight_decay: float = 1e-5
     layer_decay: float = 0.65
     local_crops: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
     head_width: str = "auto"
     head_input: str = "cls"
     queue_size: str = "auto"

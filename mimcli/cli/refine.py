@@ -81,6 +81,12 @@ def refine(
     local_crops: Annotated[
         int, typer.Option("--local-crops", min=0, help="Local crops per image (paper: 10).")
     ] = 10,
+    global_scale: Annotated[
+        str, typer.Option("--global-scale", help="Area range of global crops, lo,hi.")
+    ] = "0.25,1.0",
+    local_scale: Annotated[
+        str, typer.Option("--local-scale", help="Area range of local crops, lo,hi.")
+    ] = "0.05,0.25",
     head_width: Annotated[
         str, typer.Option("--head-width", help="auto (paper sizes for wide models) or N.")
     ] = "auto",
@@ -151,6 +157,8 @@ def refine(
         layer_decay=layer_decay,
         weight_decay=weight_decay,
         local_crops=local_crops,
+        global_scale=parse_scale(global_scale, "--global-scale"),
+        local_scale=parse_scale(local_scale, "--local-scale"),
         head_width=head_width,
         head_input=head_input,
         queue_size=queue_size,
@@ -201,13 +209,27 @@ def refine(
         f"steps {result.steps}, final loss {result.final_loss:.4f}, {result.seconds / 60:.1f} min",
         markup=False,
     )
-    if result.knn:
-        last = result.knn[-1]
+    if result.knn and result.best_knn:
+        last, best = result.knn[-1], result.best_knn
         stdout.print(
-            f"k-NN (20) last: EMA CLS {last['knn_ema_cls']:.2f}  patch {last['knn_ema_patch']:.2f}",
+            f"k-NN (k=20) last, step {last['step']}: EMA CLS {last['knn_ema_cls']:.2f} / patch "
+            f"{last['knn_ema_patch']:.2f}; best EMA CLS {best['knn_ema_cls']:.2f} at step "
+            f"{best['step']}",
             markup=False,
         )
     stdout.print(f"Exported encoder: {result.export_dir}", markup=False)
+
+
+def parse_scale(text: str, flag: str) -> tuple[float, float]:
+    from mimcli.errors import MimcliError
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise MimcliError(f"{flag} {text!r}: expected two numbers like 0.25,1.0") from exc
+    if not 0 < lo <= hi <= 1:
+        raise MimcliError(f"{flag} {text!r}: need 0 < lo <= hi <= 1")
+    return lo, hi
 
 
 class StepProgress:
