@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from mimcli.fileio import write_with
 
 if TYPE_CHECKING:
+    from mimcli.evaluate import EvalResult
     from mimcli.probe import ProbeResult
 
 
@@ -61,6 +62,130 @@ def plot_probe(result: ProbeResult, path: Path) -> Path:
     ax.set_xticks(blocks)
     ax.grid(alpha=0.3)
     ax.legend(title="shaded: ID heads", fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any, spread: Any = None) -> str:
+    if value is None:
+        return "-"
+    if spread is not None:
+        return f"{value:.2f} ± {spread:.2f}"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def eval_rows(result: EvalResult) -> list[tuple[str, list[str]]]:
+    """(metric, one value per model) rows, in the order the paper reports them."""
+    rows: list[tuple[str, list[str]]] = []
+    models = result.models
+    if "knn" in result.protocols:
+        for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
+            for k in result.ks:
+                rows.append(
+                    (
+                        f"k-NN {label} k={k} %",
+                        [_fmt(m.knn.get(kind, {}).get(str(k))) for m in models],
+                    )
+                )
+    if "linear" in result.protocols:
+        rows.append(
+            ("linear probe %", [_fmt(m.linear.get("best", {}).get("val_acc")) for m in models])
+        )
+        rows.append(
+            (
+                "  chosen cell",
+                [
+                    f"{m.linear.get('best', {}).get('features', '-')} lr "
+                    f"{m.linear.get('best', {}).get('lr', '-')}"
+                    for m in models
+                ],
+            )
+        )
+    if "lowshot" in result.protocols:
+        keys = list(models[0].lowshot) if models and models[0].lowshot else []
+        for key in keys:
+            rows.append(
+                (
+                    f"{key} %",
+                    [
+                        _fmt(m.lowshot.get(key, {}).get("mean"), m.lowshot.get(key, {}).get("std"))
+                        for m in models
+                    ],
+                )
+            )
+    if "cluster" in result.protocols:
+        for key, label in (
+            ("acc", "cluster ACC %"),
+            ("nmi", "cluster NMI"),
+            ("ami", "AMI"),
+            ("ari", "ARI"),
+            ("silhouette", "silhouette"),
+            ("davies_bouldin", "Davies-Bouldin"),
+        ):
+            rows.append((label, [_fmt(m.cluster.get(key)) for m in models]))
+    return rows
+
+
+def eval_table(result: EvalResult) -> Table:
+    table = Table(
+        title="Frozen-feature evaluation",
+        caption=f"{result.train_images} train / {result.val_images} val images, "
+        f"{result.num_classes} classes; last block, CLS before the final norm",
+    )
+    table.add_column("metric")
+    for m in result.models:
+        table.add_column(m.name, justify="right")
+    for metric, values in eval_rows(result):
+        table.add_row(metric, *values)
+    return table
+
+
+def plot_knn(result: EvalResult, path: Path) -> Path:
+    """k-NN accuracy against k, one line per model and feature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    for m in result.models:
+        for kind, style in (("cls", "-o"), ("patch", "--s")):
+            ys = [m.knn.get(kind, {}).get(str(k)) for k in result.ks]
+            if all(y is not None for y in ys):
+                ax.plot(result.ks, ys, style, label=f"{m.name} {kind}")
+    ax.set_xlabel("k")
+    ax.set_ylabel("k-NN accuracy (%)")
+    ax.set_xticks(result.ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_lowshot(result: EvalResult, path: Path) -> Path:
+    """Low-shot accuracy bars (mean ± std over splits), grouped by setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(result.models[0].lowshot) if result.models else []
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    width = 0.8 / max(1, len(result.models))
+    for i, m in enumerate(result.models):
+        means = [m.lowshot[k]["mean"] for k in keys]
+        stds = [m.lowshot[k]["std"] for k in keys]
+        xs = [j + i * width for j in range(len(keys))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m.name)
+    ax.set_xticks([j + width * (len(result.models) - 1) / 2 for j in range(len(keys))])
+    ax.set_xticklabels(keys)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 import mimcli
+from mimcli.cli import eval as eval_cli
 from mimcli.cli import probe as probe_cli
 from mimcli.cli import refine as refine_cli
 
@@ -43,6 +44,7 @@ def main_options(
 
 app.command("probe", help=probe_cli.HELP, epilog=probe_cli.EPILOG)(probe_cli.probe)
 app.command("refine", help=refine_cli.HELP, epilog=refine_cli.EPILOG)(refine_cli.refine)
+app.command("eval", help=eval_cli.HELP, epilog=eval_cli.EPILOG)(eval_cli.evaluate)
 
 
 def main() -> None:

@@ -1,0 +1,110 @@
+"""``mimcli eval``: k-NN, linear probe, low-shot and clustering, models side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mimcli.cli._common import (
+    BackendOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageProgress,
+    JsonOpt,
+    WorkersOpt,
+    handle_errors,
+    print_json,
+    stdout,
+)
+
+HELP = (
+    "Evaluate frozen features of one or more models with the paper's protocols: weighted k-NN "
+    "(CLS and mean patch, several k), a linear-probe grid, 1/2/5-shot and 1% logistic regression "
+    "over 3 seeded splits, and k-means clustering (ACC, NMI, AMI, ARI, silhouette, "
+    "Davies-Bouldin). Features are cached per (model, folder, transform)."
+)
+
+EPILOG = """\
+Examples:
+
+  mimcli eval examples/models/fmnist-mae-tiny runs/tiny --train data/fmnist/train \\
+      --val data/fmnist/test --out runs/eval
+
+  mimcli eval vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
+      --protocols knn,lowshot --json
+
+A refine run folder (RUN_DIR) evaluates its exported encoder.
+"""
+
+
+@handle_errors
+def evaluate(
+    models: Annotated[list[str], typer.Argument(help="Models or refine run folders.")],
+    train: Annotated[Path, typer.Option("--train", help="Labelled ImageFolder (memory/fit).")],
+    val: Annotated[Path, typer.Option("--val", help="Labelled ImageFolder (queries/test).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for results.json, plots, splits.")
+    ] = None,
+    protocols: Annotated[
+        str, typer.Option("--protocols", help="Comma list of knn,linear,lowshot,cluster.")
+    ] = "knn,linear,lowshot,cluster",
+    k: Annotated[str, typer.Option("--k", help="k values for k-NN, e.g. 10,20.")] = "10,20",
+    tau: Annotated[float, typer.Option("--tau", help="k-NN vote temperature.")] = 0.07,
+    linear_epochs: Annotated[
+        int, typer.Option("--linear-epochs", min=1, help="Linear-probe epochs.")
+    ] = 20,
+    cluster_features: Annotated[
+        str, typer.Option("--cluster-features", help="cls or patch (mean patch token).")
+    ] = "cls",
+    limit_train: Annotated[
+        int | None, typer.Option("--limit-train", min=1, help="Class-balanced train subset.")
+    ] = None,
+    limit_val: Annotated[
+        int | None, typer.Option("--limit-val", min=1, help="Class-balanced val subset.")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute features.")] = False,
+    batch_size: BatchSizeOpt = 128,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    knn_backend: BackendOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    from mimcli.errors import MimcliError
+    from mimcli.evaluate import EvalConfig, run_eval
+    from mimcli.report import eval_table
+
+    try:
+        ks = tuple(int(x) for x in k.split(","))
+    except ValueError as exc:
+        raise MimcliError(f"--k {k!r}: expected numbers like 10,20") from exc
+    cfg = EvalConfig(
+        models=list(models),
+        train=train,
+        val=val,
+        out=out,
+        protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
+        ks=ks,
+        tau=tau,
+        linear_epochs=linear_epochs,
+        cluster_features=cluster_features,
+        limit_train=limit_train,
+        limit_val=limit_val,
+        cache=not no_cache,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        knn_backend=knn_backend,
+        seed=seed,
+    )
+    bar = ImageProgress()
+    with bar.running():
+        result = run_eval(cfg, progress=bar)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    stdout.print(eval_table(result))
+    if out is not None:
+        stdout.print(f"Wrote {out / 'results.json'} and plots in {out}", markup=False)

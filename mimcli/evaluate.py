@@ -1,0 +1,268 @@
+"""``mimcli eval``: the paper's frozen-feature protocols (METHOD §1.5) for one or more models.
+
+Features of the last four blocks (CLS and mean patch) are extracted once per (model, folder,
+transform) and cached; every protocol then works on those features:
+- k-NN on the last block's CLS and mean patch (standardise, L2, exp(sim/tau) votes; several k);
+- a linear probe grid ({CLS, CLS+mean patch} × {last block, last 4 blocks} × lrs);
+- low-shot logistic regression (1, 2, 5 images per class and 1%, 3 seeded splits);
+- k-means clustering of the val set's last-block CLS features.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mimcli
+from mimcli.data import eval_transform, scan_folder, subsample
+from mimcli.errors import MimcliError
+from mimcli.featcache import cached_features
+from mimcli.features import FeatureSet
+from mimcli.fileio import write_json
+from mimcli.index import resolve_backend
+from mimcli.knn import knn_accuracy
+from mimcli.models.sources import load_model
+from mimcli.runtime import configure_threads, select_device
+
+PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalConfig:
+    models: list[str]
+    train: Path
+    val: Path
+    out: Path | None = None
+    protocols: tuple[str, ...] = PROTOCOLS
+    ks: tuple[int, ...] = (10, 20)
+    tau: float = 0.07
+    shots: tuple[float, ...] = (1, 2, 5, 0.01)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    cluster_features: str = "cls"
+    linear_epochs: int = 20
+    batch_size: int = 128
+    num_workers: int = 2
+    device: str = "auto"
+    knn_backend: str = "auto"
+    limit_train: int | None = None
+    limit_val: int | None = None
+    cache: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class ModelEval:
+    name: str
+    source: str
+    arch: str
+    features_cached: bool
+    knn: dict[str, dict[str, float]] = field(default_factory=dict)
+    linear: dict[str, Any] = field(default_factory=dict)
+    lowshot: dict[str, Any] = field(default_factory=dict)
+    cluster: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    models: list[ModelEval]
+    train_images: int
+    val_images: int
+    num_classes: int
+    protocols: list[str]
+    ks: list[int]
+    mimcli_version: str = mimcli.__version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_eval_source(spec: str) -> tuple[str, str]:
+    """A refine run folder evaluates its exported encoder; anything else is a MODEL argument."""
+    folder = Path(spec)
+    if (folder / "export" / "config.json").is_file() and (folder / "config.json").is_file():
+        return str(folder / "export"), f"{spec} (refined, export/)"
+    return spec, spec
+
+
+def _display_names(specs: Sequence[str]) -> list[str]:
+    names = [Path(s.rstrip("/")).name or s for s in specs]
+    return names if len(set(names)) == len(names) else list(specs)
+
+
+def _protocol_knn(
+    train: FeatureSet, val: FeatureSet, cfg: EvalConfig, backend: str, num_classes: int, device: Any
+) -> dict[str, dict[str, float]]:
+    last = train.blocks[-1]
+    out = {}
+    for kind in ("cls", "patch"):
+        accs = knn_accuracy(
+            train.block(last, kind),
+            train.labels,
+            val.block(last, kind),
+            val.labels,
+            ks=cfg.ks,
+            tau=cfg.tau,
+            num_classes=num_classes,
+            backend=backend,
+            device=device,
+        )
+        out[kind] = {str(k): v for k, v in accs.items()}
+    return out
+
+
+def evaluate_model(
+    spec: str,
+    name: str,
+    cfg: EvalConfig,
+    train_images,
+    val_images,
+    progress: Progress | None,
+    device,
+    backend: str,
+) -> ModelEval:
+    source, label = resolve_eval_source(spec)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(source)
+    if getattr(loaded.model, "cls_token", None) is None:
+        raise MimcliError(f"{spec}: the model has no class token; eval reads the CLS token")
+    depth = loaded.num_blocks
+    blocks = list(range(max(1, depth - 3), depth + 1))
+    model = loaded.model.to(device)
+    transform = eval_transform(loaded.pretrained_cfg)
+    tcfg = {
+        k: loaded.pretrained_cfg.get(k)
+        for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+    }
+    feats = {}
+    cached = True
+    for split, images in (("train", train_images), ("val", val_images)):
+        feats[split], hit = cached_features(
+            model,
+            images,
+            transform,
+            tcfg,
+            blocks,
+            device,
+            use_cache=cfg.cache,
+            progress=progress,
+            stage=f"{name[:12]}:{split}",
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
+        cached &= hit
+    timings["features"] = time.perf_counter() - start
+    result = ModelEval(name=name, source=label, arch=loaded.arch, features_cached=cached)
+    train, val = feats["train"], feats["val"]
+    num_classes = len(train_images.classes)
+    last = blocks[-1]
+    try:
+        if "knn" in cfg.protocols:
+            t = time.perf_counter()
+            result.knn = _protocol_knn(train, val, cfg, backend, num_classes, device)
+            timings["knn"] = time.perf_counter() - t
+        if "linear" in cfg.protocols:
+            from mimcli.linear import LinearConfig, linear_probe
+
+            t = time.perf_counter()
+            result.linear = linear_probe(
+                train.cls,
+                train.patch,
+                train.labels,
+                val.cls,
+                val.patch,
+                val.labels,
+                num_classes,
+                LinearConfig(epochs=cfg.linear_epochs, seed=cfg.seed, device=str(device)),
+            )
+            timings["linear"] = time.perf_counter() - t
+        if "lowshot" in cfg.protocols:
+            from mimcli.lowshot import lowshot_eval
+
+            t = time.perf_counter()
+            split_dir = cfg.out / "splits" if cfg.out else None
+            result.lowshot = lowshot_eval(
+                train.block(last, "cls"),
+                train.labels,
+                val.block(last, "cls"),
+                val.labels,
+                shots=cfg.shots,
+                seeds=cfg.seeds,
+                split_dir=split_dir,
+            )
+            timings["lowshot"] = time.perf_counter() - t
+        if "cluster" in cfg.protocols:
+            from mimcli.cluster import cluster_eval
+
+            t = time.perf_counter()
+            result.cluster = cluster_eval(
+                val.block(last, cfg.cluster_features), val.labels, num_classes, seed=cfg.seed
+            )
+            timings["cluster"] = time.perf_counter() - t
+    finally:
+        train.close()
+        val.close()
+    result.seconds = timings
+    return result
+
+
+def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
+    """Evaluate every model of ``cfg.models`` on the same train/val images."""
+    unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
+    if unknown or not cfg.protocols:
+        raise MimcliError(f"--protocols: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
+    if not cfg.models:
+        raise MimcliError("give at least one MODEL")
+    if any(k < 1 for k in cfg.ks):
+        raise MimcliError("--k values must be at least 1")
+    if cfg.cluster_features not in ("cls", "patch"):
+        raise MimcliError("--cluster-features must be cls or patch")
+    configure_threads(cfg.threads)
+    device = select_device(cfg.device)
+    backend = resolve_backend(cfg.knn_backend, device)
+    train_images = subsample(scan_folder(cfg.train, what="--train"), cfg.limit_train, cfg.seed)
+    val_images = subsample(scan_folder(cfg.val, what="--val"), cfg.limit_val, cfg.seed)
+    if train_images.classes != val_images.classes:
+        raise MimcliError("--train and --val need the same class sub-folders")
+    names = _display_names(cfg.models)
+    models = [
+        evaluate_model(spec, name, cfg, train_images, val_images, progress, device, backend)
+        for spec, name in zip(cfg.models, names, strict=True)
+    ]
+    result = EvalResult(
+        models=models,
+        train_images=len(train_images),
+        val_images=len(val_images),
+        num_classes=len(train_images.classes),
+        protocols=list(cfg.protocols),
+        ks=list(cfg.ks),
+    )
+    if cfg.out is not None:
+        save_eval(result, cfg.out)
+    return result
+
+
+def save_eval(result: EvalResult, out: Path) -> None:
+    """``results.json`` and the plots in ``out``."""
+    from mimcli.report import plot_knn, plot_lowshot
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result.to_dict())
+    if "knn" in result.protocols:
+        plot_knn(result, out / "knn.png")
+    if "lowshot" in result.protocols:
+        plot_lowshot(result, out / "lowshot.png")
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MimcliError(f"{path}: not a results.json written by mimcli eval ({exc})") from exc

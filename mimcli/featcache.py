@@ -1,0 +1,147 @@
+"""On-disk cache of extracted features, keyed by (model weights, image folder, transform, blocks).
+
+The key changes when any of them changes: the weights are hashed, the folder is fingerprinted by
+every file's relative path, size and modification time, the transform by its resolved config.
+Entries are written to a temporary folder and renamed, so a killed run never leaves half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mimcli.data import ImageList
+from mimcli.features import FeatureSet, Progress, extract_features
+from mimcli.fileio import write_json
+from mimcli.hub import cache_dir
+
+CACHE_VERSION = 1
+
+
+def weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_digest(images: ImageList) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels, strict=True):
+        st = os.stat(path)
+        rel = os.path.relpath(path, images.root)
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    digest.update("\0".join(images.classes).encode())
+    return digest.hexdigest()
+
+
+def cache_key(
+    model: nn.Module,
+    images: ImageList,
+    transform_cfg: dict[str, Any],
+    blocks: Sequence[int],
+    dtype: str,
+) -> str:
+    spec = {
+        "version": CACHE_VERSION,
+        "weights": weights_digest(model),
+        "images": folder_digest(images),
+        "transform": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in sorted(transform_cfg.items())
+        },
+        "blocks": list(blocks),
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load(entry: Path) -> FeatureSet:
+    meta = json.loads((entry / "meta.json").read_text())
+
+    def arr(name: str) -> np.ndarray | None:
+        path = entry / f"{name}.npy"
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
+    return FeatureSet(
+        blocks=meta["blocks"],
+        cls=arr("cls"),
+        patch=arr("patch"),  # type: ignore[arg-type]
+        cls_norm=arr("cls_norm"),
+        patch_norm=arr("patch_norm"),
+        labels=np.load(entry / "labels.npy"),
+        paths=meta["paths"],
+        skipped=meta["skipped"],
+        seconds=0.0,
+        directory=entry,
+    )
+
+
+def cached_features(
+    model: nn.Module,
+    images: ImageList,
+    transform: Callable,
+    transform_cfg: dict[str, Any],
+    blocks: Sequence[int],
+    device: torch.device,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+    stage: str = "features",
+    **kwargs: Any,
+) -> tuple[FeatureSet, bool]:
+    """Features from the cache when present (returns ``(features, True)``), else extracted and,
+    with ``use_cache``, stored. ``kwargs`` go to ``extract_features``."""
+    dtype = kwargs.get("dtype", "float16")
+    if not use_cache:
+        return extract_features(
+            model, images, transform, blocks, device, progress=progress, stage=stage, **kwargs
+        ), False
+    root = cache_dir() / "features"
+    entry = root / cache_key(model, images, transform_cfg, blocks, dtype)
+    if (entry / "meta.json").exists():
+        feats = _load(entry)
+        if progress is not None:
+            progress(stage, len(images), len(images))
+        return feats, True
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    try:
+        feats = extract_features(
+            model,
+            images,
+            transform,
+            blocks,
+            device,
+            directory=tmp,
+            progress=progress,
+            stage=stage,
+            **kwargs,
+        )
+        n = len(feats)
+        np.save(tmp / "labels.npy", feats.labels)
+        write_json(
+            tmp / "meta.json",
+            {"blocks": feats.blocks, "paths": feats.paths, "skipped": feats.skipped, "rows": n},
+        )
+        if n < len(images):  # unreadable images were skipped: shrink the arrays to the rows kept
+            for name in ("cls", "patch", "cls_norm", "patch_norm"):
+                arr = getattr(feats, name)
+                if arr is not None:
+                    np.save(tmp / f"{name}.part.npy", np.asarray(arr))
+                    os.replace(tmp / f"{name}.part.npy", tmp / f"{name}.npy")
+        feats.close()
+        os.replace(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _load(entry), False

@@ -1,0 +1,396 @@
+"""Low-shot evaluation (METHOD §1.5): class-balanced few-shot splits of the train features and an
+L2-regularised multinomial logistic regression on centred + L2-normalised features, trained to
+convergence with LBFGS; mean and spread of val accuracy over seeded splits.
+
+Regularisation: an explicit ``l2`` is used as given. Otherwise it is chosen per split by
+cross-validation on that split's own images (class-stratified folds, at most ``CV_FOLDS``), over
+``L2_GRID``. A 1-shot split leaves nothing to validate on, so it uses the fixed ``ONE_SHOT_L2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mimcli.errors import MimcliError
+from mimcli.fileio import write_json
+
+Array = torch.Tensor | np.ndarray
+
+SHOTS: tuple[float, ...] = (1, 2, 5, 0.01)
+SEEDS: tuple[int, ...] = (0, 1, 2)
+# Strength of the penalty l2/2·||W||² next to the *mean* cross-entropy; log-spaced 1e-4 … 1e1.
+L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# 1-shot: no image is left to validate on. 1e-2 sits mid-grid; on centred, unit-norm features the
+# 1-shot accuracy is flat across 1e-4 … 1e-1 (the classifier only ranks the 1-per-class images).
+ONE_SHOT_L2 = 1e-2
+CV_FOLDS = 5
+SPLIT_FORMAT = "mimcli-lowshot-split"
+VAL_CHUNK = 16_384
+
+
+def _parse_shots(shots: float) -> tuple[int | None, float | None]:
+    """(k, None) for k images per class, (None, fraction) for a fraction of each class."""
+    if isinstance(shots, bool) or not isinstance(shots, numbers.Real):
+        raise MimcliError(f"low-shot setting {shots!r} is not a number; use e.g. 1, 2, 5 or 0.01")
+    value = float(shots)
+    if 0.0 < value < 1.0:
+        return None, value
+    if value >= 1.0 and value.is_integer():
+        return int(value), None
+    raise MimcliError(
+        f"low-shot setting {shots!r} is neither a whole number of images per class (>= 1) "
+        "nor a fraction in (0, 1) such as 0.01 for 1%"
+    )
+
+
+def shot_name(shots: float) -> str:
+    """Display name: ``"5-shot"`` or ``"1%"``."""
+    k, fraction = _parse_shots(shots)
+    return f"{k}-shot" if k is not None else f"{fraction * 100:g}%"
+
+
+def split_filename(shots: float, seed: int) -> str:
+    """File name of a saved split, e.g. ``5shot-seed0.json`` or ``1pct-seed2.json``."""
+    k, fraction = _parse_shots(shots)
+    tag = f"{k}shot" if k is not None else f"{fraction * 100:g}pct"
+    return f"{tag}-seed{seed}.json"
+
+
+def labels_hash(labels: np.ndarray) -> str:
+    """SHA-256 of the label array as little-endian int64: identifies the train set of a split."""
+    data = np.ascontiguousarray(np.asarray(labels).ravel(), dtype="<i8")
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def lowshot_splits(labels: np.ndarray, shots: float, seed: int) -> np.ndarray:
+    """Indices of a class-balanced train subset.
+
+    Args:
+        labels: (N,) integer class of each train image.
+        shots: a whole number k (exactly k images of every class; an error when a class has fewer)
+            or a fraction in (0, 1) (that fraction of each class, rounded half up, at least 1).
+        seed: seeds ``np.random.default_rng``; the same labels and seed give the same split.
+
+    Returns:
+        (M,) int64 indices into ``labels``, sorted.
+    """
+    labels = np.asarray(labels).ravel()
+    if labels.size == 0:
+        raise MimcliError("cannot draw a low-shot split from an empty train set")
+    k, fraction = _parse_shots(shots)
+    order = np.argsort(labels, kind="stable")
+    classes, counts = np.unique(labels, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls, start, count in zip(classes.tolist(), starts.tolist(), counts.tolist()):
+        take = k if k is not None else max(1, math.floor(fraction * count + 0.5))
+        if count < take:
+            raise MimcliError(
+                f"{shot_name(shots)} split needs {take} train images of every class, "
+                f"but class {cls} has only {count}"
+            )
+        members = order[start : start + count]
+        picked.append(members[rng.choice(count, size=take, replace=False)])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def split_meta(labels: np.ndarray, shots: float, seed: int) -> dict[str, Any]:
+    """What a split file records besides its indices, to refuse it for another train set."""
+    labels = np.asarray(labels).ravel()
+    return {
+        "shots": shots,
+        "seed": int(seed),
+        "num_train": int(labels.size),
+        "labels_sha256": labels_hash(labels),
+    }
+
+
+def save_split(path: str | Path, indices: np.ndarray, meta: dict[str, Any]) -> Path:
+    """Write a split as JSON (atomically): ``meta`` (see :func:`split_meta`) plus the indices."""
+    record = {"format": SPLIT_FORMAT, **meta, "indices": [int(i) for i in np.asarray(indices)]}
+    return write_json(path, record)
+
+
+def load_split(
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    shots: float | None = None,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Read a split written by :func:`save_split`.
+
+    Args:
+        labels: when given, the (N,) train labels the split must have been drawn from (same count
+            and hash); ``shots`` and ``seed``, when given, must match the file too.
+
+    Returns:
+        (M,) int64 sorted indices.
+
+    Raises:
+        MimcliError: unreadable file, or a split made for other labels / shots / seed.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") != SPLIT_FORMAT:
+            raise ValueError(f"format is {record.get('format')!r}, not {SPLIT_FORMAT!r}")
+        indices = np.asarray(record["indices"], dtype=np.int64)
+        num_train = int(record["num_train"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MimcliError(f"{path} is not a readable low-shot split file ({err})") from err
+    if indices.ndim != 1 or indices.size == 0 or indices.min() < 0 or indices.max() >= num_train:
+        raise MimcliError(f"{path}: indices are empty or outside 0..{num_train - 1}")
+    if np.unique(indices).size != indices.size:
+        raise MimcliError(f"{path}: indices repeat")
+    stale = "; delete it to draw a new split"
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        if labels.size != num_train or labels_hash(labels) != record.get("labels_sha256"):
+            raise MimcliError(
+                f"{path} was drawn from another train set ({num_train} images, labels "
+                f"{str(record.get('labels_sha256'))[:12]}…, here {labels.size} images, "
+                f"{labels_hash(labels)[:12]}…){stale}"
+            )
+    if shots is not None and float(record.get("shots", "nan")) != float(shots):
+        raise MimcliError(f"{path} holds a {record.get('shots')!r} split, not {shots!r}{stale}")
+    if seed is not None and record.get("seed") != seed:
+        raise MimcliError(f"{path} holds the split of seed {record.get('seed')}, not {seed}{stale}")
+    return np.sort(indices)
+
+
+def prepare(train_x: Array, *others: Array) -> list[torch.Tensor]:
+    """Centre with the mean of ``train_x``, then L2-normalise every row.
+
+    Args:
+        train_x: (M, D) few-shot train features; their mean is the centre.
+        others: further (Q, D) arrays centred with the same mean.
+
+    Returns:
+        [train, *others] as float64 CPU tensors.
+    """
+    train = torch.as_tensor(np.asarray(train_x) if not torch.is_tensor(train_x) else train_x)
+    train = train.detach().to("cpu", torch.float64)
+    mean = train.mean(dim=0)
+    return [_centre_normalise(x, mean) for x in (train, *others)]
+
+
+def _centre_normalise(x: Array, mean: torch.Tensor) -> torch.Tensor:
+    x = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    return F.normalize(x.detach().to("cpu", torch.float64) - mean, dim=1)
+
+
+def _objective(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float
+) -> torch.Tensor:
+    return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+
+
+def logistic_regression(
+    train_x: Array, train_y: Array, num_classes: int, l2: float, max_iter: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised multinomial logistic regression, full-batch LBFGS in float64 on CPU.
+
+    Minimises ``mean_i CE(x_i W^T + b, y_i) + l2/2 · ||W||²`` (the bias is not penalised) from
+    zero with a strong-Wolfe line search until the largest gradient entry is below 1e-9. This is
+    scikit-learn's ``LogisticRegression(C=1/(N·l2))`` objective divided by ``C·N``.
+
+    Args:
+        train_x: (N, D) features (prepare them first, see :func:`prepare`).
+        train_y: (N,) integer labels in [0, num_classes).
+        l2: penalty strength, > 0.
+
+    Returns:
+        (W, b): (C, D) weights and (C,) bias, float64; logits are ``x @ W.T + b``. Starting from
+        zero keeps ``sum(b) == 0``: the softmax leaves one constant shift of ``b`` free.
+    """
+    if not l2 > 0:
+        raise MimcliError(f"logistic regression needs an L2 strength > 0, got {l2}")
+    x = train_x if torch.is_tensor(train_x) else torch.from_numpy(np.asarray(train_x))
+    x = x.detach().to("cpu", torch.float64)
+    y = torch.as_tensor(np.asarray(train_y) if not torch.is_tensor(train_y) else train_y).long()
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _objective(x, y, weight, bias, l2)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _cv_folds(y: np.ndarray, max_folds: int) -> np.ndarray:
+    """Fold id of each image: each class's images dealt round-robin (in index order) to folds."""
+    folds = np.empty(y.size, dtype=np.int64)
+    min_count = int(np.unique(y, return_counts=True)[1].min())
+    n_folds = min(max_folds, min_count)
+    for cls in np.unique(y):
+        members = np.flatnonzero(y == cls)
+        folds[members] = np.arange(members.size) % n_folds
+    return folds
+
+
+def choose_l2(
+    train_x: Array,
+    train_y: np.ndarray,
+    num_classes: int,
+    grid: Sequence[float] = L2_GRID,
+    max_folds: int = CV_FOLDS,
+) -> float:
+    """Pick the L2 strength by stratified cross-validation on a few-shot split itself.
+
+    Folds: each class's images are dealt round-robin to ``min(max_folds, smallest class count)``
+    folds (2-shot: two folds of 1 image per class; 5-shot: leave one image per class out). Each
+    fold is centred with its own training part's mean. Best mean held-out accuracy wins; ties go
+    to the lower held-out cross-entropy, then to the stronger penalty. A split with a class of one
+    image returns ``ONE_SHOT_L2``.
+
+    Args:
+        train_x: (M, D) raw (unprepared) features of the split.
+        train_y: (M,) labels.
+    """
+    y = np.asarray(train_y).ravel()
+    if int(np.unique(y, return_counts=True)[1].min()) < 2 or len(grid) == 1:
+        return ONE_SHOT_L2 if len(grid) != 1 else float(grid[0])
+    x = train_x if torch.is_tensor(train_x) else torch.from_numpy(np.asarray(train_x))
+    folds = _cv_folds(y, max_folds)
+    labels = torch.from_numpy(y).long()
+    scores = []
+    for l2 in grid:
+        correct, loss = 0, 0.0
+        for fold in range(int(folds.max()) + 1):
+            held = torch.from_numpy(folds == fold)
+            fit_x, held_x = prepare(x[~held], x[held])
+            weight, bias = logistic_regression(fit_x, labels[~held], num_classes, l2)
+            logits = held_x @ weight.T + bias
+            correct += int((logits.argmax(dim=1) == labels[held]).sum())
+            loss += float(F.cross_entropy(logits, labels[held], reduction="sum"))
+        scores.append((-correct, loss, -l2))
+    return float(grid[min(range(len(grid)), key=scores.__getitem__)])
+
+
+def _take(x: Array, indices: np.ndarray) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x[torch.from_numpy(indices)].detach().cpu()
+    return torch.from_numpy(np.asarray(x[indices]))
+
+
+def accuracy(
+    val_x: Array, val_y: Array, mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> float:
+    """Top-1 accuracy in percent of ``(W, b)`` on (Q, D) raw val features, prepared with ``mean``
+    (chunk by chunk: the val set is never copied whole at float64)."""
+    truth = torch.as_tensor(np.asarray(val_y) if not torch.is_tensor(val_y) else val_y).long()
+    correct = 0
+    for start in range(0, truth.numel(), VAL_CHUNK):
+        part = val_x[start : start + VAL_CHUNK]
+        logits = _centre_normalise(part, mean) @ weight.T + bias
+        correct += int((logits.argmax(dim=1) == truth[start : start + VAL_CHUNK]).sum())
+    return 100.0 * correct / truth.numel()
+
+
+def lowshot_eval(
+    train_feats: Array,
+    train_labels: Array,
+    val_feats: Array,
+    val_labels: Array,
+    shots: Sequence[float] = SHOTS,
+    seeds: Sequence[int] = SEEDS,
+    l2: float | None = None,
+    split_dir: Path | None = None,
+    num_classes: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Low-shot accuracy for each shot setting, over seeded splits.
+
+    For every (shots, seed): the split (read from ``split_dir`` when its file is there, else drawn
+    and, with ``split_dir``, saved), features centred with the split's mean and L2-normalised, a
+    logistic regression fitted (``l2`` as given, or :func:`choose_l2`), accuracy on all val images.
+
+    Args:
+        train_feats: (N, D) train features (numpy, memmap or tensor; only the split rows are read).
+        train_labels: (N,) labels.
+        val_feats: (Q, D) val features; val_labels: (Q,) labels.
+        split_dir: folder of split files (``5shot-seed0.json``, ``1pct-seed1.json``, …).
+        num_classes: defaults to 1 + the largest train or val label.
+
+    Returns:
+        ``{"1-shot": {"mean": %, "std": % (sample std over seeds, 0 for one seed),
+        "runs": [% per seed], "seeds": [...], "l2": [strength per seed],
+        "l2_rule": "given" | "fixed 1-shot default" | "cv"}, ..., "1%": {...}}``.
+    """
+    y_train = np.asarray(train_labels if not torch.is_tensor(train_labels) else train_labels.cpu())
+    y_train = y_train.ravel().astype(np.int64)
+    y_val = torch.as_tensor(np.asarray(val_labels)).long().ravel()
+    if train_feats.shape[0] != y_train.size or val_feats.shape[0] != y_val.numel():
+        raise MimcliError("low-shot: features and labels differ in length")
+    if train_feats.shape[1] != val_feats.shape[1]:
+        raise MimcliError(
+            f"low-shot: train features have {train_feats.shape[1]} dimensions, "
+            f"val features {val_feats.shape[1]}"
+        )
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), int(y_val.max()))) + 1
+    results: dict[str, dict[str, Any]] = {}
+    for setting in shots:
+        runs, strengths, rules = [], [], set()
+        for seed in seeds:
+            indices = _split_for(y_train, setting, seed, split_dir)
+            subset = _take(train_feats, indices)
+            subset_y = y_train[indices]
+            if l2 is not None:
+                strength, rule = float(l2), "given"
+            elif int(np.unique(subset_y, return_counts=True)[1].min()) < 2:
+                strength, rule = ONE_SHOT_L2, "fixed 1-shot default"
+            else:
+                strength, rule = choose_l2(subset, subset_y, num_classes), "cv"
+            fit_x = prepare(subset)[0]
+            weight, bias = logistic_regression(
+                fit_x, torch.from_numpy(subset_y), num_classes, strength
+            )
+            mean = subset.to(torch.float64).mean(dim=0)
+            runs.append(accuracy(val_feats, y_val, mean, weight, bias))
+            strengths.append(strength)
+            rules.add(rule)
+        results[shot_name(setting)] = {
+            "mean": float(np.mean(runs)),
+            "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
+            "runs": runs,
+            "seeds": [int(s) for s in seeds],
+            "l2": strengths,
+            "l2_rule": " + ".join(sorted(rules)),
+        }
+    return results
+
+
+def _split_for(labels: np.ndarray, shots: float, seed: int, split_dir: Path | None) -> np.ndarray:
+    if split_dir is not None:
+        path = Path(split_dir) / split_filename(shots, seed)
+        if path.exists():
+            return load_split(path, labels=labels, shots=shots, seed=seed)
+    indices = lowshot_splits(labels, shots, seed)
+    if split_dir is not None:
+        save_split(path, indices, split_meta(labels, shots, seed))
+    return indices
