@@ -1,0 +1,87 @@
+"""mimcli eval: feature cache, protocols wired end to end, run folders, CLI."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mimcli.cli.app import app
+from mimcli.data import eval_transform, scan_folder
+from mimcli.errors import MimcliError
+from mimcli.evaluate import EvalConfig, resolve_eval_source, run_eval
+from mimcli.featcache import cache_key, cached_features
+from mimcli.models.sources import load_model
+
+runner = CliRunner()
+
+
+def test_feature_cache_hits_and_invalidates(tiny_model_dir, image_folders, tmp_path):
+    train, _ = image_folders
+    loaded = load_model(str(tiny_model_dir))
+    images = scan_folder(train)
+    tf = eval_transform(loaded.pretrained_cfg)
+    tcfg = {"input_size": (3, 32, 32)}
+    args = (loaded.model, images, tf, tcfg, [3, 4], torch.device("cpu"))
+    first, hit1 = cached_features(*args, num_workers=0)
+    second, hit2 = cached_features(*args, num_workers=0)
+    assert (hit1, hit2) == (False, True)
+    np.testing.assert_array_equal(np.asarray(first.cls), np.asarray(second.cls))
+    np.testing.assert_array_equal(first.labels, second.labels)
+    key = cache_key(loaded.model, images, tcfg, [3, 4], "float16")
+    assert cache_key(loaded.model, images, {"input_size": (3, 48, 48)}, [3, 4], "float16") != key
+    assert cache_key(loaded.model, images, tcfg, [4], "float16") != key
+    with torch.no_grad():
+        loaded.model.blocks[0].attn.qkv.weight.add_(1e-3)
+    assert cache_key(loaded.model, images, tcfg, [3, 4], "float16") != key  # weights changed
+    loaded.model.blocks[0].attn.qkv.weight.data.sub_(1e-3)
+    os.utime(images.paths[0], ns=(1, 1))
+    assert cache_key(loaded.model, images, tcfg, [3, 4], "float16") != key  # a file changed
+    _, hit3 = cached_features(*args, use_cache=False, num_workers=0)
+    assert hit3 is False
+
+
+def test_run_folder_is_evaluated_through_its_export(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    source, label = resolve_eval_source(str(tmp_path))
+    assert source == str(tmp_path / "export") and "refined" in label
+    assert resolve_eval_source("vit_base_patch16_224.mae")[0] == "vit_base_patch16_224.mae"
+
+
+def test_knn_protocol_matches_probe(tiny_model_dir, image_folders, tmp_path):
+    from mimcli.probe import ProbeConfig, run_probe
+
+    train, val = image_folders
+    result = run_eval(
+        EvalConfig(
+            models=[str(tiny_model_dir)],
+            train=train,
+            val=val,
+            protocols=("knn",),
+            ks=(5,),
+            num_workers=0,
+        )
+    )
+    probe = run_probe(
+        ProbeConfig(model=str(tiny_model_dir), train=train, val=val, k=5, blocks=[4], num_workers=0)
+    )
+    assert result.models[0].knn["cls"]["5"] == pytest.approx(probe.blocks[0].cls)
+    assert result.models[0].knn["patch"]["5"] == pytest.approx(probe.blocks[0].patch)
+
+
+def test_bad_eval_options(tiny_model_dir, image_folders):
+    train, val = image_folders
+    for kwargs, match in (
+        ({"protocols": ("knn", "nope")}, "protocols"),
+        ({"ks": (0,)}, "--k"),
+        ({"cluster_features": "x"}, "cluster"),
+    ):
+        with pytest.raises(MimcliError, match=match):
+            run_eval(EvalConfig(models=[str(tiny_model_dir)], train=train, val=val, **kwargs))
+    result = runner.invoke(
+        app, ["eval", str(tiny_model_dir), "--train", str(train), "--val", str(val), "--k", "a"]
+    )
+    assert result.exit_code == 2 and "--k" in result.stderr
