@@ -22,7 +22,7 @@ CHUNK_ROWS = 16_384
 def _rows(x: Array, start: int, stop: int) -> torch.Tensor:
     part = x[start:stop]
     if isinstance(part, np.ndarray):
-        part = torch.from_numpy(np.asarray(part))
+        part = torch.from_numpy(np.array(part))  # a chunk-sized copy (maps may be read-only)
     return part
 
 
