@@ -135,21 +135,81 @@ def _read_rows(
     first = max(0, cls.shape[0] - LAST_BLOCKS)
     out = []
     for array in (cls, patch):
-        part = torch.from_numpy(np.ascontiguousarray(array[first:, rows])).to(device)
-        part = part.float()
-        if not torch.isfinite(part).all():
+        part = np.asarray(array[first:, rows], dtype=np.float32)
+        if not np.isfinite(part).all():
             raise MimcliError(
                 "the cached features hold NaN or inf values (float16 overflow?); re-extract them "
-                "with float32 features"
+                "as float32"
             )
-        out.append(part)
+        out.append(torch.from_numpy(part).to(device))
     return out[0], out[1]
+
+
+def _normalized_inputs(
+    norm: nn.BatchNorm1d, cls: torch.Tensor, patch: torch.Tensor, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """BatchNorm every cached dimension once, then build each set's (B, d_set) input from it.
+
+    BatchNorm1d(affine=False) acts on each dimension alone and has no parameters, so normalising
+    the union of all sets and then selecting is exactly a separate BatchNorm per cell.
+    """
+    k, batch, dim = cls.shape
+    x = torch.stack([cls, patch], dim=2).permute(1, 0, 2, 3).reshape(batch, k * 2 * dim)
+    z = norm(x).view(batch, k, 2, dim).permute(2, 1, 0, 3)  # (2, k, B, D)
+    return build_inputs(z[0], z[1], names)
+
+
+class _SetCells:
+    """The Linear layers of one feature set, one per lr, stacked, with SGD momentum per cell.
+
+    Attributes:
+        weight: (L, C, d) zeros at the start (the problem is convex; no random draw needed).
+        bias: (L, C).
+        active: (L,) False once a cell's loss was non-finite; it is then no longer updated.
+    """
+
+    def __init__(self, dim: int, num_classes: int, num_lrs: int, device: torch.device) -> None:
+        self.weight = torch.zeros(num_lrs, num_classes, dim, device=device, requires_grad=True)
+        self.bias = torch.zeros(num_lrs, num_classes, device=device, requires_grad=True)
+        self.weight_momentum = torch.zeros_like(self.weight, requires_grad=False)
+        self.bias_momentum = torch.zeros_like(self.bias, requires_grad=False)
+        self.active = torch.ones(num_lrs, dtype=torch.bool, device=device)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, d) normalised inputs → (L, B, C) logits of every cell."""
+        return torch.einsum("bd,lcd->lbc", z, self.weight) + self.bias[:, None, :]
+
+    def losses(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(L,) mean cross-entropy of each cell on the minibatch; marks non-finite cells."""
+        logits = self.logits(z)
+        num_lrs, batch, num_classes = logits.shape
+        per_row = F.cross_entropy(
+            logits.reshape(num_lrs * batch, num_classes), target.repeat(num_lrs), reduction="none"
+        )
+        losses = per_row.view(num_lrs, batch).mean(dim=1)
+        self.active &= torch.isfinite(losses)
+        return torch.where(self.active, losses, torch.zeros_like(losses))
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor, weight_decay: float, momentum: float = 0.9) -> None:
+        """SGD with momentum as torch.optim.SGD does it (buf = m·buf + g; p -= lr·buf), each cell
+        at its own lr (L,); weight decay on the weights only."""
+        for param, buf, decay in (
+            (self.weight, self.weight_momentum, weight_decay),
+            (self.bias, self.bias_momentum, 0.0),
+        ):
+            shape = (-1,) + (1,) * (param.dim() - 1)
+            active = self.active.view(shape)
+            grad = torch.where(active, param.grad + decay * param, torch.zeros_like(param))
+            buf.mul_(momentum).add_(grad)
+            param.sub_(torch.where(active, lrs.view(shape) * buf, torch.zeros_like(param)))
+            param.grad = None
 
 
 def _check_split(name: str, cls: Any, patch: Any, labels: Any, num_classes: int) -> np.ndarray:
     if cls.ndim != 3 or patch.ndim != 3:
         raise MimcliError(
-            f"{name} features must be (K, N, D) arrays, got {cls.shape}, {patch.shape}"
+            f"{name} features must be (K, N, D) arrays, got {cls.shape} and {patch.shape}"
         )
     if cls.shape != patch.shape:
         raise MimcliError(
@@ -161,7 +221,7 @@ def _check_split(name: str, cls: Any, patch: Any, labels: Any, num_classes: int)
             f"{name} has {cls.shape[1]} feature rows but labels of shape {labels.shape}"
         )
     if len(labels) == 0:
-        raise MimcliError(f"{name} set is empty")
+        raise MimcliError(f"the {name} set is empty")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise MimcliError(
             f"{name} labels must lie in [0, {num_classes}); found {labels.min()}..{labels.max()} "
@@ -170,27 +230,27 @@ def _check_split(name: str, cls: Any, patch: Any, labels: Any, num_classes: int)
     return labels.astype(np.int64)
 
 
-def _accuracy(
-    norms: dict[str, nn.BatchNorm1d],
-    heads: dict[str, list[nn.Linear]],
+@torch.no_grad()
+def _count_correct(
+    norm: nn.BatchNorm1d,
+    cells: dict[str, _SetCells],
     cls: np.ndarray,
     patch: np.ndarray,
     labels: np.ndarray,
     rows: np.ndarray,
     device: torch.device,
 ) -> dict[str, list[int]]:
-    """Correct predictions per cell, {set: [count per lr]}, on ``rows`` read in chunks."""
-    correct = {name: [0] * len(cells) for name, cells in heads.items()}
-    target_all = torch.from_numpy(labels)
+    """Correct predictions of every cell on ``rows``, {set: [count per lr]}, read in chunks."""
+    correct = {name: 0 for name in cells}
+    labels_t = torch.from_numpy(labels)
     for start in range(0, len(rows), EVAL_ROWS):
         chunk = rows[start : start + EVAL_ROWS]
-        inputs = build_inputs(*_read_rows(cls, patch, chunk, device), list(heads))
-        target = target_all[chunk].to(device)
-        for name, cells in heads.items():
-            z = norms[name](inputs[name])
-            for i, head in enumerate(cells):
-                correct[name][i] += int((head(z).argmax(dim=1) == target).sum())
-    return correct
+        inputs = _normalized_inputs(norm, *_read_rows(cls, patch, chunk, device), list(cells))
+        target = labels_t[chunk].to(device)
+        for name, group in cells.items():
+            hits = group.logits(inputs[name]).argmax(dim=2) == target  # (L, B)
+            correct[name] = correct[name] + hits.sum(dim=1)
+    return {name: [int(c) for c in count.cpu()] for name, count in correct.items()}
 
 
 def linear_probe(
@@ -233,76 +293,50 @@ def linear_probe(
         raise MimcliError(f"train features {train_cls.shape} and val {val_cls.shape} do not match")
     device = select_device(cfg.device)
     num_blocks, _, dim = train_cls.shape
-    lrs = sorted(cfg.lrs)
     fit, holdout = holdout_split(train_labels, cfg.holdout, cfg.seed)
     if len(holdout) == 0 or len(fit) < 2:
         raise MimcliError("linear probe: too few train rows per class for a holdout split")
 
-    # One cell per (set, lr). BatchNorm(affine=False) has no parameters and its statistics depend
-    # only on the inputs, so the cells of one set share it exactly; each lr gets its own Linear.
+    # One cell per (set, lr): a shared BatchNorm (exact, see _normalized_inputs) and a Linear
+    # per lr, stacked per set so that a minibatch costs one matmul per set.
     names = feature_sets(num_blocks)
-    norms = {n: nn.BatchNorm1d(feature_dim(n, num_blocks, dim), affine=False) for n in names}
-    heads = {n: [nn.Linear(norms[n].num_features, num_classes) for _ in lrs] for n in names}
-    groups = []
-    for cells in heads.values():
-        for lr, head in zip(lrs, cells, strict=True):
-            nn.init.zeros_(head.weight)  # the problem is convex; zeros need no random draw
-            nn.init.zeros_(head.bias)
-            groups.append(
-                {"params": [head.weight], "base_lr": lr, "weight_decay": cfg.weight_decay}
-            )
-            groups.append({"params": [head.bias], "base_lr": lr, "weight_decay": 0.0})
-    for module in [*norms.values(), *(h for cells in heads.values() for h in cells)]:
-        module.to(device)
-    optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
-    diverged: set[tuple[str, int]] = set()
+    lrs = sorted(cfg.lrs)
+    base_lrs = torch.tensor(lrs, device=device)
+    norm = nn.BatchNorm1d(min(num_blocks, LAST_BLOCKS) * 2 * dim, affine=False).to(device)
+    cells = {
+        n: _SetCells(feature_dim(n, num_blocks, dim), num_classes, len(lrs), device) for n in names
+    }
     labels_t = torch.from_numpy(train_labels)
-
-    steps_per_epoch = len(epoch_batches(fit, cfg.batch_size, cfg.seed, 0))
-    total = steps_per_epoch * cfg.epochs
+    total = len(epoch_batches(fit, cfg.batch_size, cfg.seed, 0)) * cfg.epochs
     step = 0
     for epoch in range(cfg.epochs):
-        for norm in norms.values():
-            norm.train()
+        norm.train()
         for rows in epoch_batches(fit, cfg.batch_size, cfg.seed, epoch):
-            # schedule: every cell's lr on the same cosine curve
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(group["base_lr"], step, total)
-            # forward: each set's input built once, normalised once, fed to every lr's Linear
-            inputs = build_inputs(*_read_rows(train_cls, train_patch, rows, device), names)
+            # schedule: every cell on the same cosine curve, scaled by its own lr
+            step_lrs = base_lrs * cosine_lr(1.0, step, total)
+            # forward: each set's input built once per minibatch and fed to all its cells
+            inputs = _normalized_inputs(
+                norm, *_read_rows(train_cls, train_patch, rows, device), names
+            )
             target = labels_t[rows].to(device)
-            loss = torch.zeros((), device=device)
-            for name in names:
-                z = norms[name](inputs[name])
-                for i, head in enumerate(heads[name]):
-                    if (name, i) in diverged:
-                        continue
-                    cell_loss = F.cross_entropy(head(z), target)
-                    if not torch.isfinite(cell_loss):
-                        diverged.add((name, i))  # stop stepping it; it cannot be chosen
-                        head.weight.requires_grad_(False)
-                        head.bias.requires_grad_(False)
-                        continue
-                    loss = loss + cell_loss  # each cell's gradient is its own loss's
+            # a sum of the cells' losses gives each cell exactly its own gradient
+            loss = sum(cells[n].losses(inputs[n], target).sum() for n in names)
             # backward / step
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                optimizer.step()
+            loss.backward()
+            for group in cells.values():
+                group.step(step_lrs, cfg.weight_decay)
             step += 1
         if progress is not None:
             progress("train", epoch + 1, cfg.epochs)
 
-    for norm in norms.values():
-        norm.eval()
-    with torch.no_grad():
-        held = _accuracy(norms, heads, train_cls, train_patch, train_labels, holdout, device)
-        seen = _accuracy(
-            norms, heads, val_cls, val_patch, val_labels, np.arange(len(val_labels)), device
-        )
+    norm.eval()
+    held = _count_correct(norm, cells, train_cls, train_patch, train_labels, holdout, device)
+    val_rows = np.arange(len(val_labels))
+    seen = _count_correct(norm, cells, val_cls, val_patch, val_labels, val_rows, device)
 
-    grid, best, best_key = [], None, None
+    grid, best, best_key, diverged = [], None, None, []
     for rank, name in enumerate(names):
+        active = cells[name].active.tolist()
         for i, lr in enumerate(lrs):
             cell = {
                 "features": name,
@@ -312,20 +346,21 @@ def linear_probe(
             }
             grid.append(cell)
             key = (-held[name][i], i, rank)  # most correct, then smaller lr, then simpler set
-            if (name, i) not in diverged and (best_key is None or key < best_key):
+            if not active[i]:
+                diverged.append(f"{name} at lr {lr:g} diverged (non-finite loss); not chosen")
+            elif best_key is None or key < best_key:
                 best, best_key = cell, key
     if best is None:
         raise MimcliError("linear probe: every cell diverged (non-finite loss); lower the lrs")
 
     notes = [
-        f"SGD momentum 0.9, cosine lr to 0 over {cfg.epochs} epochs, batch {cfg.batch_size}, "
-        f"weight decay {cfg.weight_decay}; chosen on {len(holdout)} held-out train rows "
-        f"({cfg.holdout:.0%}, class-stratified, seed {cfg.seed}), trained on {len(fit)}"
+        f"SGD momentum 0.9 from zero weights, cosine lr to 0 over {cfg.epochs} epochs, "
+        f"batch {cfg.batch_size}, weight decay {cfg.weight_decay}; trained on {len(fit)} train "
+        f"rows, chosen on {len(holdout)} held out ({cfg.holdout:.0%}, class-stratified, "
+        f"seed {cfg.seed})"
     ]
     if 1 < num_blocks < LAST_BLOCKS:
         notes.append(f"only {num_blocks} blocks cached: the @last4 sets use the last {num_blocks}")
     elif num_blocks == 1:
         notes.append("only 1 block cached: the @last4 sets are left out")
-    for name, i in sorted(diverged):
-        notes.append(f"{name} at lr {lrs[i]:g} diverged (non-finite loss) and was not chosen")
-    return {"best": best, "grid": grid, "epochs": cfg.epochs, "notes": notes}
+    return {"best": best, "grid": grid, "epochs": cfg.epochs, "notes": notes + diverged}

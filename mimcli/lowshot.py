@@ -93,7 +93,7 @@ def lowshot_splits(labels: np.ndarray, shots: float, seed: int) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rng = np.random.default_rng(seed)
     picked = []
-    for cls, start, count in zip(classes.tolist(), starts.tolist(), counts.tolist()):
+    for cls, start, count in zip(classes.tolist(), starts.tolist(), counts.tolist(), strict=True):
         take = k if k is not None else max(1, math.floor(fraction * count + 0.5))
         if count < take:
             raise MimcliError(
@@ -190,10 +190,18 @@ def _centre_normalise(x: Array, mean: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.detach().to("cpu", torch.float64) - mean, dim=1)
 
 
-def _objective(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float
-) -> torch.Tensor:
-    return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+def _loss_and_grad(
+    theta: torch.Tensor, x1: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective and its analytic gradient; ``theta`` is (C, D+1) = [W | b], ``x1`` is [x | 1]."""
+    logits = x1 @ theta.T
+    log_norm = torch.logsumexp(logits, dim=1)
+    weight = theta[:, :-1]
+    loss = (log_norm - logits.gather(1, y[:, None])[:, 0]).mean() + 0.5 * l2 * weight.pow(2).sum()
+    residual = (torch.exp(logits - log_norm[:, None]) - onehot) / x1.shape[0]
+    grad = residual.T @ x1
+    grad[:, :-1] += l2 * weight
+    return loss, grad
 
 
 def logistic_regression(
@@ -202,8 +210,9 @@ def logistic_regression(
     """L2-regularised multinomial logistic regression, full-batch LBFGS in float64 on CPU.
 
     Minimises ``mean_i CE(x_i W^T + b, y_i) + l2/2 · ||W||²`` (the bias is not penalised) from
-    zero with a strong-Wolfe line search until the largest gradient entry is below 1e-9. This is
-    scikit-learn's ``LogisticRegression(C=1/(N·l2))`` objective divided by ``C·N``.
+    zero with a strong-Wolfe line search until the largest gradient entry is below 1e-9 (or
+    ``max_iter`` iterations). This is scikit-learn's ``LogisticRegression(C=1/(N·l2))`` objective
+    divided by ``C·N``. The gradient is written out (no autograd): it halves the time per step.
 
     Args:
         train_x: (N, D) features (prepare them first, see :func:`prepare`).
@@ -218,11 +227,17 @@ def logistic_regression(
         raise MimcliError(f"logistic regression needs an L2 strength > 0, got {l2}")
     x = train_x if torch.is_tensor(train_x) else torch.from_numpy(np.asarray(train_x))
     x = x.detach().to("cpu", torch.float64)
-    y = torch.as_tensor(np.asarray(train_y) if not torch.is_tensor(train_y) else train_y).long()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    y = torch.as_tensor(np.asarray(train_y) if not torch.is_tensor(train_y) else train_y)
+    y = y.long().cpu().ravel()
+    if y.numel() != x.shape[0] or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
+        raise MimcliError(
+            f"logistic regression: labels must be {x.shape[0]} values in [0, {num_classes})"
+        )
+    x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    onehot = F.one_hot(y, num_classes).to(torch.float64)
+    theta = torch.zeros(num_classes, x.shape[1] + 1, dtype=torch.float64)
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        [theta],
         lr=1.0,
         max_iter=max_iter,
         max_eval=2 * max_iter,
@@ -233,13 +248,11 @@ def logistic_regression(
     )
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = _objective(x, y, weight, bias, l2)
-        loss.backward()
+        loss, theta.grad = _loss_and_grad(theta, x1, y, onehot, l2)
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return theta[:, :-1].clone(), theta[:, -1].clone()
 
 
 def _cv_folds(y: np.ndarray, max_folds: int) -> np.ndarray:
@@ -273,8 +286,8 @@ def choose_l2(
         train_y: (M,) labels.
     """
     y = np.asarray(train_y).ravel()
-    if int(np.unique(y, return_counts=True)[1].min()) < 2 or len(grid) == 1:
-        return ONE_SHOT_L2 if len(grid) != 1 else float(grid[0])
+    if int(np.unique(y, return_counts=True)[1].min()) < 2:
+        return ONE_SHOT_L2
     x = train_x if torch.is_tensor(train_x) else torch.from_numpy(np.asarray(train_x))
     folds = _cv_folds(y, max_folds)
     labels = torch.from_numpy(y).long()
