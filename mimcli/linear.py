@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimcli.errors import MimcliError
@@ -22,7 +21,6 @@ from mimcli.runtime import select_device
 
 Progress = Callable[[str, int, int], None]
 LAST_BLOCKS = 4
-EVAL_ROWS = 4096
 
 
 @dataclass
@@ -66,6 +64,28 @@ def feature_dim(name: str, num_blocks: int, dim: int) -> int:
     return per_block * (min(LAST_BLOCKS, num_blocks) if blocks == "last4" else 1)
 
 
+def stack_tokens(cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """(k, B, D) CLS and mean-patch features of k blocks → (B, k', 2, D) of the last k' = min(4, k)
+    blocks, CLS before patch in each block: every dimension any feature set uses, once."""
+    first = max(0, cls.shape[0] - LAST_BLOCKS)
+    return torch.stack([cls[first:], patch[first:]], dim=2).transpose(0, 1)
+
+
+def select_sets(tokens: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each feature set's (B, d_set) input from (B, k, 2, D) tokens (see :func:`stack_tokens`).
+
+    ``cls`` takes index 0 of the pair, ``cls+patch`` both; ``@last`` takes the last block,
+    ``@last4`` concatenates all k blocks in ascending order, [cls, patch] block after block.
+    """
+    batch = tokens.shape[0]
+    inputs = {}
+    for name in names:
+        kind, blocks = name.split("@")
+        chosen = tokens if blocks == "last4" else tokens[:, -1:]
+        inputs[name] = (chosen if kind == "cls+patch" else chosen[:, :, :1]).reshape(batch, -1)
+    return inputs
+
+
 def build_inputs(
     cls: torch.Tensor, patch: torch.Tensor, names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
@@ -77,27 +97,16 @@ def build_inputs(
         names: feature set names from :func:`feature_sets`.
 
     Returns:
-        {name: (B, d_set)}; ``@last4`` sets concatenate [cls, patch] block after block.
+        {name: (B, d_set)}, e.g. ``cls+patch@last4`` is [cls_1, patch_1, ..., cls_4, patch_4] of
+        the last 4 blocks concatenated, ``cls@last`` the last block's CLS.
     """
-    inputs = {}
-    for name in names:
-        tokens, blocks = name.split("@")
-        chosen = (
-            range(max(0, cls.shape[0] - LAST_BLOCKS), cls.shape[0]) if blocks == "last4" else [-1]
-        )
-        parts = []
-        for b in chosen:
-            parts.append(cls[b])
-            if tokens == "cls+patch":
-                parts.append(patch[b])
-        inputs[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return inputs
+    return select_sets(stack_tokens(cls, patch), names)
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-stratified split of row indices into (fit, holdout), both sorted.
 
-    Each class with n ≥ 2 rows gives round(fraction · n) rows to the holdout, at least 1 and at
+    Each class with n ≥ 2 rows gives round(fraction · n) rows (half to even) to the holdout, at least 1 and at
     most n − 1; a class with a single row stays in fit. Classes are visited in ascending order,
     each drawing a permutation from one ``np.random.default_rng(seed)``.
     """
@@ -128,65 +137,61 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def _read_rows(
-    cls: np.ndarray, patch: np.ndarray, rows: np.ndarray | slice, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, B, D) float32 tensors of the last k ≤ 4 blocks for ``rows``; only these are copied."""
+def _read_tokens(
+    cls: np.ndarray, patch: np.ndarray, rows: np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """(B, k, 2, D) float32 tokens of ``rows`` (as :func:`stack_tokens`); only they are copied."""
     first = max(0, cls.shape[0] - LAST_BLOCKS)
-    out = []
-    for array in (cls, patch):
-        part = np.asarray(array[first:, rows], dtype=np.float32)
-        if not np.isfinite(part).all():
-            raise MimcliError(
-                "the cached features hold NaN or inf values (float16 overflow?); re-extract them "
-                "as float32"
-            )
-        out.append(torch.from_numpy(part).to(device))
-    return out[0], out[1]
+    tokens = np.empty((len(rows), cls.shape[0] - first, 2, cls.shape[2]), dtype=np.float32)
+    tokens[:, :, 0] = np.asarray(cls[first:, rows]).transpose(1, 0, 2)
+    tokens[:, :, 1] = np.asarray(patch[first:, rows]).transpose(1, 0, 2)
+    if not np.isfinite(tokens).all():
+        raise MimcliError(
+            "the cached features hold NaN or inf values (float16 overflow?); re-extract them "
+            "as float32"
+        )
+    return torch.from_numpy(tokens).to(device)
 
 
 def _normalized_inputs(
-    norm: nn.BatchNorm1d, cls: torch.Tensor, patch: torch.Tensor, names: Sequence[str]
+    norm: nn.BatchNorm1d, tokens: torch.Tensor, names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
-    """BatchNorm every cached dimension once, then build each set's (B, d_set) input from it.
+    """BatchNorm every dimension once, then select each set's (B, d_set) input from the result.
 
     BatchNorm1d(affine=False) acts on each dimension alone and has no parameters, so normalising
     the union of all sets and then selecting is exactly a separate BatchNorm per cell.
     """
-    k, batch, dim = cls.shape
-    x = torch.stack([cls, patch], dim=2).permute(1, 0, 2, 3).reshape(batch, k * 2 * dim)
-    z = norm(x).view(batch, k, 2, dim).permute(2, 1, 0, 3)  # (2, k, B, D)
-    return build_inputs(z[0], z[1], names)
+    z = norm(tokens.reshape(tokens.shape[0], -1)).view(tokens.shape)
+    return select_sets(z, names)
 
 
 class _SetCells:
-    """The Linear layers of one feature set, one per lr, stacked, with SGD momentum per cell.
+    """The Linear layers of one feature set, one per lr, side by side, with SGD momentum per cell.
 
     Attributes:
-        weight: (L, C, d) zeros at the start (the problem is convex; no random draw needed).
+        weight: (d, L, C), zeros at the start (the problem is convex; no random draw needed).
         bias: (L, C).
         active: (L,) False once a cell's loss was non-finite; it is then no longer updated.
     """
 
     def __init__(self, dim: int, num_classes: int, num_lrs: int, device: torch.device) -> None:
-        self.weight = torch.zeros(num_lrs, num_classes, dim, device=device, requires_grad=True)
+        self.weight = torch.zeros(dim, num_lrs, num_classes, device=device, requires_grad=True)
         self.bias = torch.zeros(num_lrs, num_classes, device=device, requires_grad=True)
-        self.weight_momentum = torch.zeros_like(self.weight, requires_grad=False)
-        self.bias_momentum = torch.zeros_like(self.bias, requires_grad=False)
+        self.weight_momentum = torch.zeros_like(self.weight)
+        self.bias_momentum = torch.zeros_like(self.bias)
         self.active = torch.ones(num_lrs, dtype=torch.bool, device=device)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, d) normalised inputs → (L, B, C) logits of every cell."""
-        return torch.einsum("bd,lcd->lbc", z, self.weight) + self.bias[:, None, :]
+        """(B, d) normalised inputs → (B, L, C) logits of every cell, in one matmul."""
+        dim, num_lrs, num_classes = self.weight.shape
+        flat = z @ self.weight.view(dim, num_lrs * num_classes)
+        return flat.view(-1, num_lrs, num_classes) + self.bias
 
     def losses(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(L,) mean cross-entropy of each cell on the minibatch; marks non-finite cells."""
-        logits = self.logits(z)
-        num_lrs, batch, num_classes = logits.shape
-        per_row = F.cross_entropy(
-            logits.reshape(num_lrs * batch, num_classes), target.repeat(num_lrs), reduction="none"
-        )
-        losses = per_row.view(num_lrs, batch).mean(dim=1)
+        log_probs = self.logits(z).log_softmax(dim=2)  # (B, L, C)
+        picked = log_probs.gather(2, target.view(-1, 1, 1).expand(-1, log_probs.shape[1], 1))
+        losses = -picked.squeeze(2).mean(dim=0)
         self.active &= torch.isfinite(losses)
         return torch.where(self.active, losses, torch.zeros_like(losses))
 
@@ -194,11 +199,10 @@ class _SetCells:
     def step(self, lrs: torch.Tensor, weight_decay: float, momentum: float = 0.9) -> None:
         """SGD with momentum as torch.optim.SGD does it (buf = m·buf + g; p -= lr·buf), each cell
         at its own lr (L,); weight decay on the weights only."""
-        for param, buf, decay in (
-            (self.weight, self.weight_momentum, weight_decay),
-            (self.bias, self.bias_momentum, 0.0),
+        for param, buf, decay, shape in (
+            (self.weight, self.weight_momentum, weight_decay, (1, -1, 1)),
+            (self.bias, self.bias_momentum, 0.0, (-1, 1)),
         ):
-            shape = (-1,) + (1,) * (param.dim() - 1)
             active = self.active.view(shape)
             grad = torch.where(active, param.grad + decay * param, torch.zeros_like(param))
             buf.mul_(momentum).add_(grad)
@@ -238,18 +242,19 @@ def _count_correct(
     patch: np.ndarray,
     labels: np.ndarray,
     rows: np.ndarray,
+    chunk_rows: int,
     device: torch.device,
 ) -> dict[str, list[int]]:
     """Correct predictions of every cell on ``rows``, {set: [count per lr]}, read in chunks."""
     correct = {name: 0 for name in cells}
     labels_t = torch.from_numpy(labels)
-    for start in range(0, len(rows), EVAL_ROWS):
-        chunk = rows[start : start + EVAL_ROWS]
-        inputs = _normalized_inputs(norm, *_read_rows(cls, patch, chunk, device), list(cells))
+    for start in range(0, len(rows), chunk_rows):
+        chunk = rows[start : start + chunk_rows]
+        inputs = _normalized_inputs(norm, _read_tokens(cls, patch, chunk, device), list(cells))
         target = labels_t[chunk].to(device)
         for name, group in cells.items():
-            hits = group.logits(inputs[name]).argmax(dim=2) == target  # (L, B)
-            correct[name] = correct[name] + hits.sum(dim=1)
+            hits = group.logits(inputs[name]).argmax(dim=2) == target[:, None]  # (B, L)
+            correct[name] = correct[name] + hits.sum(dim=0)
     return {name: [int(c) for c in count.cpu()] for name, count in correct.items()}
 
 
@@ -300,7 +305,7 @@ def linear_probe(
     # One cell per (set, lr): a shared BatchNorm (exact, see _normalized_inputs) and a Linear
     # per lr, stacked per set so that a minibatch costs one matmul per set.
     names = feature_sets(num_blocks)
-    lrs = sorted(cfg.lrs)
+    lrs = sorted(set(cfg.lrs))
     base_lrs = torch.tensor(lrs, device=device)
     norm = nn.BatchNorm1d(min(num_blocks, LAST_BLOCKS) * 2 * dim, affine=False).to(device)
     cells = {
@@ -316,7 +321,7 @@ def linear_probe(
             step_lrs = base_lrs * cosine_lr(1.0, step, total)
             # forward: each set's input built once per minibatch and fed to all its cells
             inputs = _normalized_inputs(
-                norm, *_read_rows(train_cls, train_patch, rows, device), names
+                norm, _read_tokens(train_cls, train_patch, rows, device), names
             )
             target = labels_t[rows].to(device)
             # a sum of the cells' losses gives each cell exactly its own gradient
@@ -330,9 +335,13 @@ def linear_probe(
             progress("train", epoch + 1, cfg.epochs)
 
     norm.eval()
-    held = _count_correct(norm, cells, train_cls, train_patch, train_labels, holdout, device)
+    held = _count_correct(
+        norm, cells, train_cls, train_patch, train_labels, holdout, cfg.batch_size, device
+    )
     val_rows = np.arange(len(val_labels))
-    seen = _count_correct(norm, cells, val_cls, val_patch, val_labels, val_rows, device)
+    seen = _count_correct(
+        norm, cells, val_cls, val_patch, val_labels, val_rows, cfg.batch_size, device
+    )
 
     grid, best, best_key, diverged = [], None, None, []
     for rank, name in enumerate(names):

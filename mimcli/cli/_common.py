@@ -158,6 +158,9 @@ class ImageProgress:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="-")
             self.started[stage] = time.perf_counter()
+            if done and done == total:  # finished on its first report: taken from a cache
+                self.progress.update(self.tasks[stage], completed=done, rate="cached")
+                return
         elapsed = time.perf_counter() - self.started[stage]
         rate = f"{done / elapsed:,.0f}" if done and elapsed > 0 else "-"
         self.progress.update(self.tasks[stage], completed=done, rate=rate)
