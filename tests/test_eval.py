@@ -1,5 +1,6 @@
 """mimcli eval: feature cache, protocols wired end to end, run folders, CLI."""
 
+import json
 import os
 
 import numpy as np
@@ -85,3 +86,53 @@ def test_bad_eval_options(tiny_model_dir, image_folders):
         app, ["eval", str(tiny_model_dir), "--train", str(train), "--val", str(val), "--k", "a"]
     )
     assert result.exit_code == 2 and "--k" in result.stderr
+
+
+def test_cli_all_protocols_two_models(tiny_model_dir, image_folders, tmp_path):
+    from timm.models import save_for_hf
+
+    from tests.conftest import TINY_ARGS, make_tiny_vit
+
+    other = make_tiny_vit(seed=5)
+    other.pretrained_cfg = dict(other.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    save_for_hf(other, str(tmp_path / "other"), model_args=dict(TINY_ARGS), safe_serialization=True)
+    train, val = image_folders
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        str(tiny_model_dir),
+        str(tmp_path / "other"),
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--num-workers",
+        "0",
+        "--k",
+        "3,5",
+        "--linear-epochs",
+        "3",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [m["name"] for m in data["models"]] == ["tiny-model", "other"]
+    for m in data["models"]:
+        assert set(m["knn"]["cls"]) == {"3", "5"} and 0 <= m["knn"]["patch"]["5"] <= 100
+        assert 0 <= m["linear"]["best"]["val_acc"] <= 100 and len(m["linear"]["grid"]) >= 4
+        assert set(m["lowshot"]) == {"1-shot", "2-shot", "5-shot", "1%"}
+        assert len(m["lowshot"]["5-shot"]["runs"]) == 3
+        assert set(m["cluster"]) >= {"acc", "nmi", "ami", "ari", "silhouette", "davies_bouldin"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"][0]["knn"] == data["models"][0]["knn"]
+    assert (out / "knn.png").stat().st_size > 1000 and (out / "lowshot.png").stat().st_size > 1000
+    assert len(list((out / "splits").glob("*.json"))) == 12  # 4 settings x 3 seeds
+    # a second run reuses cached features and the saved splits: same numbers, table output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "tiny-model" in again.stdout and "5-shot %" in again.stdout
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["models"][1]["lowshot"] == saved["models"][1]["lowshot"]
+    assert all(m["features_cached"] for m in rerun["models"])
