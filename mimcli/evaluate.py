@@ -26,7 +26,7 @@ from mimcli.fileio import write_json
 from mimcli.index import resolve_backend
 from mimcli.knn import knn_accuracy
 from mimcli.models.sources import load_model
-from mimcli.runtime import configure_threads, select_device
+from mimcli.runtime import configure_threads, select_device, torch_threads
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
 Progress = Callable[[str, int, int], None]
@@ -172,16 +172,17 @@ def evaluate_model(
             from mimcli.linear import LinearConfig, linear_probe
 
             t = time.perf_counter()
-            result.linear = linear_probe(
-                train.cls,
-                train.patch,
-                train.labels,
-                val.cls,
-                val.patch,
-                val.labels,
-                num_classes,
-                LinearConfig(epochs=cfg.linear_epochs, seed=cfg.seed, device=str(device)),
-            )
+            with torch_threads(1):
+                result.linear = linear_probe(
+                    train.cls,
+                    train.patch,
+                    train.labels,
+                    val.cls,
+                    val.patch,
+                    val.labels,
+                    num_classes,
+                    LinearConfig(epochs=cfg.linear_epochs, seed=cfg.seed, device=str(device)),
+                )
             timings["linear"] = time.perf_counter() - t
         if "lowshot" in cfg.protocols:
             from mimcli.lowshot import lowshot_eval

@@ -106,9 +106,9 @@ def build_inputs(
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-stratified split of row indices into (fit, holdout), both sorted.
 
-    Each class with n ≥ 2 rows gives round(fraction · n) rows (half to even) to the holdout, at least 1 and at
-    most n − 1; a class with a single row stays in fit. Classes are visited in ascending order,
-    each drawing a permutation from one ``np.random.default_rng(seed)``.
+    Each class with n ≥ 2 rows gives round(fraction · n) rows (half to even) to the holdout, at
+    least 1 and at most n − 1; a class with a single row stays in fit. Classes are visited in
+    ascending order, each drawing a permutation from one ``np.random.default_rng(seed)``.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)

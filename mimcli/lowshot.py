@@ -209,19 +209,26 @@ def _loss_and_grad(
 
 
 def logistic_regression(
-    train_x: Array, train_y: Array, num_classes: int, l2: float, max_iter: int = 1000
+    train_x: Array,
+    train_y: Array,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 1000,
+    tolerance: float = 1e-7,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-regularised multinomial logistic regression, full-batch LBFGS in float64 on CPU.
 
     Minimises ``mean_i CE(x_i W^T + b, y_i) + l2/2 · ||W||²`` (the bias is not penalised) from
-    zero with a strong-Wolfe line search until the largest gradient entry is below 1e-9 (or
-    ``max_iter`` iterations). This is scikit-learn's ``LogisticRegression(C=1/(N·l2))`` objective
+    zero with a strong-Wolfe line search until the largest gradient entry is below ``tolerance``
+    (or ``max_iter`` iterations; 1e-7 is well past the point where predictions change, and 1e-9
+    costs 3x the time). This is scikit-learn's ``LogisticRegression(C=1/(N·l2))`` objective
     divided by ``C·N``. The gradient is written out (no autograd): it halves the time per step.
 
     Args:
         train_x: (N, D) features (prepare them first, see :func:`prepare`).
         train_y: (N,) integer labels in [0, num_classes).
         l2: penalty strength, > 0.
+        tolerance: stop once every gradient entry is at most this.
 
     Returns:
         (W, b): (C, D) weights and (C,) bias, float64; logits are ``x @ W.T + b``. Starting from
@@ -245,9 +252,9 @@ def logistic_regression(
         lr=1.0,
         max_iter=max_iter,
         max_eval=2 * max_iter,
-        tolerance_grad=1e-9,
+        tolerance_grad=tolerance,
         tolerance_change=1e-15,
-        history_size=20,
+        history_size=10,
         line_search_fn="strong_wolfe",
     )
 
