@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from mimcli.data import ImageList
+from mimcli.data import ImageDataset, ImageList
 from mimcli.errors import MimcliError
 
 # The paper's sizes at 224 px: global 224, local 96 (98 for patch-14 models).
@@ -111,28 +110,20 @@ class MultiCropTransform:
         return views
 
 
-class MultiCropDataset(Dataset):
-    """Yields ``(views or None, label, index)``; None marks an unreadable image."""
+class MultiCropDataset(ImageDataset):
+    """Yields ``(views or None, label, index)``; None marks an unreadable image. Randomness is
+    reseeded from (seed, epoch, index) before each image."""
 
     def __init__(self, images: ImageList, transform: MultiCropTransform, seed: int = 0) -> None:
-        self.images = images
-        self.transform = transform
+        super().__init__(images, transform)
         self.seed = seed
         self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         sample_seed = hash((self.seed, self.epoch, index)) % (2**31)
         random.seed(sample_seed)
         torch.manual_seed(sample_seed)
-        try:
-            with Image.open(self.images.paths[index]) as img:
-                img = img.convert("RGB")
-            return self.transform(img), self.images.labels[index], index
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None, self.images.labels[index], index
+        return super().__getitem__(index)
 
 
 @dataclass
