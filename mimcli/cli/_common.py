@@ -133,37 +133,47 @@ def handle_errors(func: F) -> F:
 
 
 class ImageProgress:
-    """A rich progress bar per stage with images/s, on stderr. It starts with the first update,
-    so a command that fails before any work prints nothing but its error line."""
+    """A rich progress bar per stage with images/s (and the loss, for training), on stderr.
 
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description:>6}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+    It starts with the first update, so a command that fails before any work prints nothing but
+    its error line. Called as ``progress(stage, done, total)`` by feature extraction (the rate is
+    measured here) or ``progress(stage, done, total, {"loss": .., "img/s": ..})`` by training.
+    """
+
+    def __init__(self, show_loss: bool = False) -> None:
+        columns = [TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn()]
+        if show_loss:
+            columns.append(TextColumn("loss {task.fields[loss]}"))
+        columns += [
             TextColumn("{task.fields[rate]:>8} img/s"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=stderr,
-            transient=False,
-        )
+        ]
+        self.progress = Progress(*columns, console=stderr, transient=False)
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
         self.live = False
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(
+        self, stage: str, done: int, total: int, metrics: dict[str, float] | None = None
+    ) -> None:
         if not self.live:
             self.progress.start()
             self.live = True
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="-")
+            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="-", loss="-")
             self.started[stage] = time.perf_counter()
-            if done and done == total:  # finished on its first report: taken from a cache
+            if done and done == total and metrics is None:  # done at once: from a cache
                 self.progress.update(self.tasks[stage], completed=done, rate="cached")
                 return
-        elapsed = time.perf_counter() - self.started[stage]
-        rate = f"{done / elapsed:,.0f}" if done and elapsed > 0 else "-"
-        self.progress.update(self.tasks[stage], completed=done, rate=rate)
+        fields: dict[str, str] = {}
+        if metrics is not None:
+            fields["rate"] = f"{metrics.get('img/s', 0.0):,.0f}"
+            fields["loss"] = f"{metrics.get('loss', float('nan')):.3f}"
+        else:
+            elapsed = time.perf_counter() - self.started[stage]
+            fields["rate"] = f"{done / elapsed:,.0f}" if done and elapsed > 0 else "-"
+        self.progress.update(self.tasks[stage], completed=done, **fields)
 
     @contextmanager
     def running(self) -> Iterator[ImageProgress]:

@@ -10,6 +10,7 @@ import typer
 from mimcli.cli._common import (
     BackendOpt,
     DeviceOpt,
+    ImageProgress,
     WorkersOpt,
     handle_errors,
     print_json,
@@ -181,7 +182,7 @@ def refine(
         probe_train=probe_train,
         probe_val=probe_val,
     )
-    bar = StepProgress()
+    bar = ImageProgress(show_loss=True)
     refiner = Refiner(cfg, progress=bar)
     r = refiner.resolved()["resolved"]
     w = r["head_widths"]
@@ -230,56 +231,3 @@ def parse_scale(text: str, flag: str) -> tuple[float, float]:
     if not 0 < lo <= hi <= 1:
         raise MimcliError(f"{flag} {text!r}: need 0 < lo <= hi <= 1")
     return lo, hi
-
-
-class StepProgress:
-    """Per-stage progress bar with loss and images/s on stderr (started on first update)."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description:>6}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-        )
-        self.tasks: dict[str, int] = {}
-        self.live = False
-
-    def __call__(self, stage: str, done: int, total: int, metrics: dict[str, float]) -> None:
-        if not self.live:
-            self.progress.start()
-            self.live = True
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, loss="-", rate="-")
-        self.progress.update(
-            self.tasks[stage],
-            completed=done,
-            loss=f"{metrics.get('loss', float('nan')):.3f}",
-            rate=f"{metrics.get('img/s', 0.0):,.0f}",
-        )
-
-    def running(self):  # noqa: ANN201
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():  # noqa: ANN202
-            try:
-                yield self
-            finally:
-                if self.live:
-                    self.progress.stop()
-
-        return ctx()
