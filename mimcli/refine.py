@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.knn import knn_accuracy
 from mimcli.models.build import build_model
 from mimcli.models.sources import LoadedModel, load_model
-from mimcli.models.taps import tap_blocks
+from mimcli.models.taps import parse_blocks, tap_blocks
 from mimcli.objectives.nna import alignment, multiview_loss
 from mimcli.optim import (
     apply_lr,
@@ -151,8 +152,6 @@ def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int]
             raise MimcliError(f"--blocks {spec}: the model has {depth} blocks")
         blocks, reason = list(range(depth - n + 1, depth + 1)), f"the last {n} blocks"
     else:
-        from mimcli.cli._common import parse_blocks  # plain parser, no typer involved
-
         blocks, reason = parse_blocks(spec) or [], "given with --blocks"
     bad = [b for b in blocks if not 1 <= b <= depth]
     if bad or not blocks:
@@ -661,15 +660,11 @@ class Refiner:
         target = self.run.export_dir
         tmp = target.with_name(target.name + ".partial")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         save_for_hf(
             model, str(tmp), model_args=dict(self.loaded.model_args), safe_serialization=True
         )
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         tmp.rename(target)
         return target

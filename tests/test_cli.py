@@ -236,3 +236,15 @@ def test_transform_overrides(tiny_model_dir, image_folders):
         runner.invoke(app, [*args, "--img-size", "36"])
     )
     assert "--mean" in one_line_error(runner.invoke(app, [*args, "--mean", "a,b,c"]))
+
+
+def test_library_does_not_import_typer():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mimcli.refine, mimcli.evaluate, mimcli.probe, mimcli.models.sources; "
+        "print('typer' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
