@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,23 @@ class EvalResult:
     protocols: list[str]
     ks: list[int]
     mimcli_version: str = mimcli.__version__
+    train: str = ""
+    val: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        """Rebuild a result from ``results.json`` (unknown keys, e.g. from newer versions, are
+        ignored)."""
+        top = {f.name for f in fields(cls)}
+        per_model = {f.name for f in fields(ModelEval)}
+        models = [
+            ModelEval(**{k: v for k, v in m.items() if k in per_model}) for m in data["models"]
+        ]
+        rest = {k: v for k, v in data.items() if k in top and k != "models"}
+        return cls(models=models, **rest)
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -244,6 +258,8 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         num_classes=len(train_images.classes),
         protocols=list(cfg.protocols),
         ks=list(cfg.ks),
+        train=str(cfg.train),
+        val=str(cfg.val),
     )
     if cfg.out is not None:
         save_eval(result, cfg.out)

@@ -9,6 +9,7 @@ import typer
 import mimcli
 from mimcli.cli import eval as eval_cli
 from mimcli.cli import probe as probe_cli
+from mimcli.cli import push as push_cli
 from mimcli.cli import refine as refine_cli
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ def main_options(
 app.command("probe", help=probe_cli.HELP, epilog=probe_cli.EPILOG)(probe_cli.probe)
 app.command("refine", help=refine_cli.HELP, epilog=refine_cli.EPILOG)(refine_cli.refine)
 app.command("eval", help=eval_cli.HELP, epilog=eval_cli.EPILOG)(eval_cli.evaluate)
+app.command("push", help=push_cli.HELP, epilog=push_cli.EPILOG)(push_cli.push)
 
 
 def main() -> None:

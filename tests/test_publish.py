@@ -1,0 +1,325 @@
+"""`mimcli push` builds its repo folder offline: weights, timm config, model card, secrets."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import mimcli
+from mimcli.errors import MimcliError
+from mimcli.evaluate import EvalConfig, EvalResult, run_eval
+from mimcli.probe import ProbeConfig, run_probe, save_probe
+from mimcli.publish import (
+    MARKER,
+    REDACTED,
+    base_model_info,
+    build_repo_folder,
+    check_push_options,
+    eval_columns,
+    scrub,
+)
+from mimcli.refine import RefineConfig, run_refine
+from tests.conftest import TINY_ARGS, make_tiny_vit, write_image_folder
+
+
+def card_meta(folder):
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny refine run, its base model folder and image folders."""
+    from timm.models import save_for_hf
+
+    root = tmp_path_factory.mktemp("publish")
+    base = root / "base"
+    vit = make_tiny_vit(seed=4)
+    vit.pretrained_cfg = dict(vit.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    save_for_hf(vit, str(base), model_args=dict(TINY_ARGS), safe_serialization=True)
+    train = write_image_folder(root / "data" / "train", per_class=8, classes=3, seed=1)
+    val = write_image_folder(root / "data" / "val", per_class=4, classes=3, seed=2)
+    out = root / "run"
+    cfg = RefineConfig(
+        model=str(base),
+        data=train,
+        out=out,
+        blocks="last2",
+        head_steps=2,
+        steps=2,
+        batch_size=8,
+        local_crops=1,
+        head_width="32",
+        num_workers=0,
+        seed=0,
+    )
+    run_refine(cfg)
+    return {"run": out, "base": base, "train": train, "val": val, "root": root}
+
+
+def test_folder_holds_exactly_the_timm_encoder(tiny_run, tmp_path):
+    run = tiny_run["run"]
+    built = build_repo_folder(run, tmp_path / "repo", "alice/tiny-refined", license="mit")
+    folder = built.path
+    assert set(built.files) == {"README.md", "config.json", "model.safetensors", MARKER}
+    assert not list(tmp_path.glob(".repo*")), "staging folder left behind"
+
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    published = load_file(str(folder / "model.safetensors"))
+    reference = timm.create_model("vit_base_patch16_224", num_classes=0, **TINY_ARGS)
+    assert set(published) == set(reference.state_dict())
+    for key, value in published.items():
+        assert torch.equal(value, exported[key]), key
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["format"] == "pt"
+    assert meta["mimcli_version"] == mimcli.__version__
+    assert meta["base_model"] == str(tiny_run["base"])
+    assert meta["objective"] == "nna"
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_base_patch16_224"
+    assert config["num_features"] == TINY_ARGS["embed_dim"]
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["crop_pct"] == 1.0
+    assert {"mean", "std", "crop_mode", "interpolation"} <= set(pcfg)
+
+    # stock timm loads the folder strictly and computes what the run's export computes
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    ours = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ours(x))
+
+    meta, body = card_meta(folder)
+    assert meta["library_name"] == "timm"
+    assert meta["pipeline_tag"] == "image-feature-extraction"
+    assert meta["license"] == "mit"
+    assert {"mimcli", "nna"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a local base has no Hub id
+    assert "model-index" not in meta  # no eval results given
+    assert 'timm.create_model("hf-hub:alice/tiny-refined", pretrained=True)' in body
+    assert "blocks 3, 4" in body and "mimcli eval BASE RUN_DIR" in body
+    run_cfg = json.loads((folder / MARKER).read_text())
+    assert run_cfg["config"]["blocks"] == "last2"
+
+
+def test_card_reports_eval_and_probe(tiny_run, tmp_path):
+    run, base = tiny_run["run"], tiny_run["base"]
+    result = run_eval(
+        EvalConfig(
+            models=[str(base), str(run)],
+            train=tiny_run["train"],
+            val=tiny_run["val"],
+            out=run / "eval",
+            protocols=("knn", "lowshot", "cluster"),
+            ks=(3,),
+            shots=(1, 2),
+            num_workers=0,
+            cache=False,
+        )
+    )
+    probe = run_probe(
+        ProbeConfig(
+            model=str(run / "export"),
+            train=tiny_run["train"],
+            val=tiny_run["val"],
+            k=3,
+            num_workers=0,
+        )
+    )
+    save_probe(probe, run / "probe")
+    try:
+        built = build_repo_folder(run, tmp_path / "repo", "alice/tiny-refined", datasets=["x/y"])
+    finally:
+        import shutil
+
+        shutil.rmtree(run / "eval")
+        shutil.rmtree(run / "probe")
+    folder = built.path
+    assert {
+        "eval_results.json",
+        "probe.json",
+        "plots/knn.png",
+        "plots/lowshot.png",
+        "plots/probe.png",
+    } <= set(built.files)
+    meta, body = card_meta(folder)
+    # inherited from the base folder's timm pretrained_cfg (timm's default for this arch)
+    assert meta["license"] == "apache-2.0" and not built.warnings
+    assert f"inherited from the base model {base}" in body
+    assert meta["datasets"] == ["x/y"]
+    refined = result.models[1]
+    entries = {
+        m["name"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]
+    }
+    assert entries["k-NN top-1 (CLS, k=3)"] == pytest.approx(refined.knn["cls"]["3"], abs=1e-4)
+    assert entries["1-shot logistic regression top-1 (mean of splits)"] == pytest.approx(
+        refined.lowshot["1-shot"]["mean"], abs=1e-4
+    )
+    assert entries["k-means NMI"] == pytest.approx(refined.cluster["nmi"], abs=1e-4)
+    # the before/after table: base and refined columns with their values and the change
+    base_cls, new_cls = result.models[0].knn["cls"]["3"], refined.knn["cls"]["3"]
+    row = next(line for line in body.splitlines() if line.startswith("| k-NN CLS k=3 %"))
+    assert row == (
+        f"| k-NN CLS k=3 % | {base_cls:.2f} | {new_cls:.2f} | "
+        f"{float(f'{new_cls:.2f}') - float(f'{base_cls:.2f}'):+.2f} |"
+    )
+    assert "base (base)" in body and "](plots/probe.png)" in body
+    # the card's YAML is what huggingface_hub itself parses
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results[0].metric_value == entries["k-NN top-1 (CLS, k=3)"]
+
+
+def test_eval_columns_pick_this_run_and_its_base(tiny_run, tmp_path):
+    run = tiny_run["run"]
+
+    def result(*sources):
+        models = [
+            {"name": s.rstrip("/").split("/")[-1], "source": s, "arch": "a", "features_cached": 0}
+            for s in sources
+        ]
+        return EvalResult.from_dict(
+            {
+                "models": models,
+                "train_images": 1,
+                "val_images": 1,
+                "num_classes": 2,
+                "protocols": ["knn"],
+                "ks": [1],
+            }
+        )
+
+    label = f"{run} (refined, export/)"
+    assert eval_columns(result("b", label), run, "b") == (0, 1)
+    assert eval_columns(result(label, "x", "b"), run, "b") == (2, 0)
+    assert eval_columns(result(label, "x", "y"), run, "b") == (None, 0)
+    assert eval_columns(result(str(run / "export")), run, "b") == (None, 0)
+    with pytest.raises(MimcliError, match="none of the evaluated models"):
+        eval_columns(result("x", "y"), run, "b")
+
+
+def test_license_and_base_model_are_inherited():
+    hub_id, lic = base_model_info("vit_large_patch16_224.mae", {})
+    assert (hub_id, lic) == ("timm/vit_large_patch16_224.mae", "cc-by-nc-4.0")
+    assert base_model_info("examples/models/fmnist-mae-tiny", {}) == (None, "apache-2.0")
+    assert base_model_info("nonexistent-thing", {"license": "mit"}) == (None, "mit")
+    assert base_model_info("nonexistent-thing", {}) == (None, None)
+
+
+def test_unknown_license_is_other_with_a_warning(tmp_path):
+    from timm.models import save_for_hf
+
+    model = make_tiny_vit()
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
+        "input_size": (3, 32, 32)
+    }
+    run = tmp_path / "run"
+    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "weights.pth"}}))
+    built = build_repo_folder(run, tmp_path / "repo", "a/b")
+    meta, body = card_meta(built.path)
+    assert meta["license"] == "other"
+    assert any("pass --license" in w for w in built.warnings)
+    assert "set it with --license" in body
+
+
+def test_scrub_removes_secrets():
+    run = {
+        "config": {"hub_token": "abc", "lr": 1.0, "api_key": None},
+        "environment": {"argv": "mimcli refine m --token hf_abcdefghijk --out r"},
+        "notes": ["uses hf_ZZZZZZZZZZZZ here", "my-secret-value"],
+    }
+    clean = scrub(run, secrets=["my-secret-value"])
+    text = json.dumps(clean)
+    assert clean["config"] == {"hub_token": REDACTED, "lr": 1.0, "api_key": None}
+    assert "hf_abcdefghijk" not in text and "hf_ZZZZ" not in text
+    assert "my-secret-value" not in text
+    assert clean["environment"]["argv"] == f"mimcli refine m --token {REDACTED} --out r"
+
+
+def test_token_never_reaches_the_folder(tiny_run, tmp_path, monkeypatch):
+    token = "hf_FolderMustNotSeeThis123"
+    monkeypatch.setenv("HF_TOKEN", token)
+    run = tiny_run["run"]
+    config = json.loads((run / "config.json").read_text())
+    poisoned = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run, poisoned)
+    config["environment"]["argv"] += f" HF_TOKEN={token}"
+    (poisoned / "config.json").write_text(json.dumps(config))
+    built = build_repo_folder(poisoned, tmp_path / "repo", "alice/x", license="mit")
+    for path in built.path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def test_postnorm_encoder_is_published_with_a_loading_note(tmp_path):
+    from timm.models import save_for_hf
+
+    import mimcli.models  # noqa: F401  (registers mimcli_vit_postnorm)
+    from mimcli.models.postnorm import POSTNORM_ARCH
+
+    args = dict(TINY_ARGS)
+    model = timm.create_model(POSTNORM_ARCH, num_classes=0, **args)
+    model.pretrained_cfg = dict(
+        model.pretrained_cfg, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    run = tmp_path / "run"
+    save_for_hf(model, str(run / "export"), model_args=args, safe_serialization=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "d2v2.pt"}, "resolved": {}}))
+    built = build_repo_folder(run, tmp_path / "repo", "alice/d2v2", license="cc-by-nc-4.0")
+    assert not built.stock_timm
+    assert any("not a stock timm architecture" in w for w in built.warnings)
+    _, body = card_meta(built.path)
+    assert "Needs mimcli to load" in body and "import mimcli.models" in body
+    loaded = timm.create_model(f"local-dir:{built.path}", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
+    with pytest.raises(MimcliError, match="not a finished mimcli refine run"):
+        build_repo_folder(tmp_path, tmp_path / "repo", "a/b")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(MimcliError, match="not a folder written by mimcli push"):
+        build_repo_folder(tiny_run["run"], foreign, "a/b")
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(MimcliError, match="not a results.json"):
+        build_repo_folder(tiny_run["run"], tmp_path / "r", "a/b", eval_path=foreign / "notes.txt")
+    with pytest.raises(MimcliError, match="--create-pr"):
+        check_push_options("dev", True)
+    check_push_options("main", True)
+    check_push_options("dev", False)
+
+
+def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
+    dest = tmp_path / "repo"
+    build_repo_folder(tiny_run["run"], dest, "a/b", license="mit")
+    before = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
+
+    def boom(inputs):
+        raise RuntimeError("card failed")
+
+    monkeypatch.setattr("mimcli.modelcard.render_card", boom)
+    with pytest.raises(RuntimeError, match="card failed"):
+        build_repo_folder(tiny_run["run"], dest, "a/b", license="apache-2.0")
+    after = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert re.search(r"license: mit", (dest / "README.md").read_text())
