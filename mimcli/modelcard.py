@@ -30,6 +30,7 @@ class CardInputs:
     eval: EvalResult | None = None
     eval_columns: tuple[int | None, int] = (None, 0)  # (base index or None, refined index)
     probe_plot: str | None = None  # path inside the repo
+    probe_model: str = ""  # the model the probe plot is of
     plots: list[str] = field(default_factory=list)  # other plots, paths inside the repo
 
 
@@ -53,6 +54,7 @@ def results_table(result: EvalResult, base: int | None, refined: int) -> str:
         if metric.strip() == "chosen cell":
             continue
         cells = [values[i] for i in idx]
+        metric = metric.replace("1% %", "1% of labels %")
         row = f"| {metric} | " + " | ".join(cells)
         if base is not None:
             a, b = _num(cells[0]), _num(cells[1])
@@ -162,12 +164,13 @@ def usage(inputs: CardInputs) -> str:
     )
     return (
         "```python\n"
-        f"{setup}import torch\n\n"
+        f"{setup}import torch\nfrom PIL import Image\n\n"
         f'model = timm.create_model("hf-hub:{inputs.repo_id}", pretrained=True).eval()\n'
         "data_cfg = timm.data.resolve_data_config({}, model=model)\n"
         "transform = timm.data.create_transform(**data_cfg)\n\n"
+        'image = Image.open("photo.jpg").convert("RGB")\n'
         "with torch.no_grad():\n"
-        "    tokens = model.forward_features(transform(image).unsqueeze(0))  # PIL image in\n"
+        "    tokens = model.forward_features(transform(image).unsqueeze(0))\n"
         "    cls = model.forward_head(tokens, pre_logits=True)  # image embedding\n"
         "    patches = tokens[:, model.num_prefix_tokens :].mean(1)  # mean-patch embedding\n"
         "```\n"
@@ -209,8 +212,12 @@ def render_card(inputs: CardInputs) -> str:
             "`mimcli eval BASE RUN_DIR --train ... --val ... --out RUN_DIR/eval` before pushing.\n"
         )
     if inputs.probe_plot:
-        parts.append(f"![k-NN accuracy per block]({inputs.probe_plot})\n")
-    parts += [f"![{Path(p).stem}]({p})\n" for p in inputs.plots]
+        parts.append(
+            f"k-NN accuracy after every block of `{inputs.probe_model}` (`mimcli probe`):\n\n"
+            f"![k-NN accuracy per block]({inputs.probe_plot})\n"
+        )
+    captions = {"knn": "k-NN accuracy against k", "lowshot": "low-shot accuracy"}
+    parts += [f"![{captions.get(Path(p).stem, Path(p).stem)}]({p})\n" for p in inputs.plots]
     parts += ["## Usage\n", usage(inputs)]
     parts.append(
         "Files: `model.safetensors` (encoder weights only, loaded strictly by timm), `config.json` "

@@ -294,7 +294,7 @@ def build_repo_folder(
         write_json(tmp / "config.json", _timm_config(timm_cfg))
         write_json(tmp / MARKER, scrub(run, secrets))
         plots: list[str] = []
-        probe_plot = None
+        probe_plot, probe_model = None, ""
         if evaluation is not None:
             result, folder = evaluation
             write_json(tmp / "eval_results.json", scrub(result.to_dict(), secrets))
@@ -303,7 +303,9 @@ def build_repo_folder(
                     shutil.copyfile(folder / name, tmp / "plots" / name)
                     plots.append(f"plots/{name}")
         if probe_file is not None:
-            write_json(tmp / "probe.json", scrub(load_probe(probe_file), secrets))
+            probe_data = scrub(load_probe(probe_file), secrets)
+            probe_model = str(probe_data.get("model", ""))
+            write_json(tmp / "probe.json", probe_data)
             if (probe_file.parent / "probe.png").is_file():
                 shutil.copyfile(probe_file.parent / "probe.png", tmp / "plots" / "probe.png")
                 probe_plot = "plots/probe.png"
@@ -323,6 +325,7 @@ def build_repo_folder(
                 eval_columns(evaluation[0], run_dir, base_spec) if evaluation else (None, 0)
             ),
             probe_plot=probe_plot,
+            probe_model=probe_model,
             plots=plots,
         )
         write_text(tmp / "README.md", scrub(render_card(inputs), secrets))
