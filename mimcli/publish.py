@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import mimcli
 from mimcli.errors import MimcliError, RemoteError
 from mimcli.evaluate import EvalResult
-from mimcli.fileio import write_json, write_text, write_with
+from mimcli.fileio import write_bytes, write_json, write_text
 from mimcli.hub import _is_network_error
 from mimcli.models.postnorm import POSTNORM_ARCH
 
@@ -101,6 +103,44 @@ def encoder_weights(export: Path, arch: str, model_args: dict[str, Any]) -> dict
             f"{extra[:3]}, wrong shape {wrong[:3]}; re-export the run with `mimcli refine --resume`"
         )
     return {k: tensors[k].contiguous() for k in expected}
+
+
+_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a byte-for-byte reproducible header (keys sorted), so pushing the
+    same weights twice uploads nothing new. (The safetensors writer orders metadata by a hash map
+    seeded per process.)"""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        dtype = _DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise MimcliError(f"cannot publish tensor {name} of dtype {t.dtype}")
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
 def base_model_info(spec: str, pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -227,8 +267,6 @@ def build_repo_folder(
     tags: Iterable[str] = (),
 ) -> RepoFolder:
     """Write the repo for ``run_dir`` to ``dest`` (assembled beside it, then renamed)."""
-    from safetensors.torch import save_file
-
     from mimcli.modelcard import CardInputs, render_card
     from mimcli.probe import load_probe
 
@@ -287,10 +325,7 @@ def build_repo_folder(
             "architecture": arch,
             "objective": str(run.get("config", {}).get("objective", "nna")),
         }
-        write_with(
-            tmp / "model.safetensors",
-            lambda p: save_file(tensors, str(p), metadata=metadata),
-        )
+        write_bytes(tmp / "model.safetensors", safetensors_bytes(tensors, metadata))
         write_json(tmp / "config.json", _timm_config(timm_cfg))
         write_json(tmp / MARKER, scrub(run, secrets))
         plots: list[str] = []

@@ -77,3 +77,35 @@ def tiny_model_dir(tmp_path, tiny_vit):
     tiny_vit.pretrained_cfg = dict(tiny_vit.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
     save_for_hf(tiny_vit, str(folder), model_args=dict(TINY_ARGS), safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny refine run, its base model folder and image folders."""
+    from timm.models import save_for_hf
+
+    from mimcli.refine import RefineConfig, run_refine
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    base = root / "base"
+    vit = make_tiny_vit(seed=4)
+    vit.pretrained_cfg = dict(vit.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    save_for_hf(vit, str(base), model_args=dict(TINY_ARGS), safe_serialization=True)
+    train = write_image_folder(root / "data" / "train", per_class=8, classes=3, seed=1)
+    val = write_image_folder(root / "data" / "val", per_class=4, classes=3, seed=2)
+    out = root / "run"
+    cfg = RefineConfig(
+        model=str(base),
+        data=train,
+        out=out,
+        blocks="last2",
+        head_steps=2,
+        steps=2,
+        batch_size=8,
+        local_crops=1,
+        head_width="32",
+        num_workers=0,
+        seed=0,
+    )
+    run_refine(cfg)
+    return {"run": out, "base": base, "train": train, "val": val, "root": root}

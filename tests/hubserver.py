@@ -39,22 +39,56 @@ never serves a stale file for a re-created repo.
 What the server speaks (enough for ``hf_hub_download``, ``snapshot_download``, ``HfApi.model_info``
 / ``dataset_info`` / ``repo_info`` / ``list_repo_files`` / ``list_repo_tree`` / ``file_exists`` /
 ``repo_exists`` / ``revision_exists`` / ``list_repo_refs`` / ``list_repo_commits`` /
-``get_paths_info`` and timm's ``hf-hub:`` loading):
+``get_paths_info``, timm's ``hf-hub:`` loading, and for writing ``HfApi.whoami`` / ``create_repo``
+/ ``delete_repo`` / ``create_branch`` / ``delete_branch`` / ``create_commit`` / ``upload_file`` /
+``upload_folder`` (incl. ``create_pr=True``) / ``delete_file`` / ``delete_folder``):
 
 * ``HEAD|GET /[datasets/|spaces/]{repo_id}/resolve/{revision}/{path}`` - 200 with ``X-Repo-Commit``,
   ``ETag`` (git blob sha1 for regular files; sha256 plus ``X-Linked-Etag``/``X-Linked-Size`` for
   LFS-like files, see ``LFS_SUFFIXES``), ``Content-Length``, ``Accept-Ranges``; ``Range`` -> 206.
   Never a redirect, never xet headers. Errors: 404 with ``X-Error-Code`` ``RepoNotFound`` /
   ``RevisionNotFound`` / ``EntryNotFound`` (the latter with ``X-Repo-Commit``, as the Hub does).
+  ``{revision}`` is a branch, a (short) sha, or a ref such as ``refs/pr/1`` (quoted as the client
+  does, ``refs%2Fpr%2F1``, or not).
 * ``GET /api/{models|datasets|spaces}/{repo_id}[/revision/{rev}]`` (``blobs=true``, ``expand=``),
-  ``.../tree/{rev}[/{path}]`` (``recursive``, ``expand``), ``.../refs``, ``.../commits/{rev}``,
-  ``POST .../paths-info/{rev}``, and ``GET /api/agent-harnesses`` (empty registry).
+  ``.../tree/{rev}[/{path}]`` (``recursive``, ``expand``), ``.../refs`` (``include_prs=1``),
+  ``.../commits/{rev}``, ``POST .../paths-info/{rev}``, and ``GET /api/agent-harnesses`` (empty
+  registry). None of these check the token (private repos are readable by anyone).
+* Writes. Tokens are accepted only once registered with ``add_token(token, user, role)``
+  (``reset()`` forgets them). Write calls without ``Authorization: Bearer <token>`` or with an
+  unknown token get 401, with a ``"read"`` token 403; the token's user is the commit author.
+
+  - ``GET /api/whoami-v2`` - the Hub's user document (``type``, ``name``, ``orgs: []``,
+    ``auth.accessToken.role``...); 401 without a token or with an unknown one.
+  - ``POST /api/repos/create`` (``{name, organization, type, visibility}``) - 200 ``{url, name}``
+    and an initial commit adding ``.gitattributes`` on ``main``; 409 if the repo exists (what
+    ``exist_ok=True`` relies on). No ``organization`` means the token user's namespace.
+  - ``DELETE /api/repos/delete`` - 200, or 404 ``RepoNotFound``.
+  - ``POST|DELETE /api/{type}s/{repo_id}/branch/{branch}`` (``{startingPoint}``, default ``main``)
+    - 409 if it exists, 400 for a ``refs/...`` name, 404 for an unknown starting point.
+  - ``POST /api/{type}s/{repo_id}/preupload/{rev}`` - every file ``uploadMode: "regular"``,
+    ``shouldIgnore: false``, ``oid`` = git blob sha1 of the *content* now at that path on ``rev``
+    (null if absent): exactly what the client compares with its local oid to drop unchanged files.
+  - ``POST /api/{type}s/{repo_id}/commit/{branch}`` (NDJSON: ``header`` with ``summary``,
+    ``description``, ``parentCommit``; ``file`` (base64 or utf-8), ``deletedFile``,
+    ``deletedFolder``, ``lfsFile`` - only for an oid already stored, e.g. a server-side copy;
+    anything else is 400). ``create_pr=1`` creates ``refs/pr/N`` (N = 1, 2, ...) from the branch
+    head (or ``parentCommit``) and commits there. 200 ``{success, commitOid, commitUrl,
+    [pullRequestUrl]}``; 412 if ``parentCommit`` is not the branch head; 404 ``EntryNotFound``
+    for deleting a missing file; 404 ``RevisionNotFound`` if ``{branch}`` is not a branch.
+  - ``POST /api/validate-yaml`` - 400 if a README's YAML front matter does not parse, else 200.
+
 * Plain files registered with ``add_url_file`` at any other path (``GET``/``HEAD``/``Range``).
+
+``fail_next`` applies to every request above, before any other handling. Nothing is printed;
+requests are recorded with their headers (so tests can check what was sent - tokens included).
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
 import datetime as _dt
 import hashlib
 import json
@@ -120,7 +154,24 @@ LFS_MIN_SIZE = 10 * 1024 * 1024
 _REPO_TYPE_PREFIXES = {"datasets": "dataset", "spaces": "space", "kernels": "kernel"}
 _API_REPO_TYPES = {"models": "model", **_REPO_TYPE_PREFIXES}
 # Path segments that follow a repo id in /api/{type}s/{repo_id}/... URLs.
-_API_SUBROUTES = {"revision", "tree", "refs", "commits", "paths-info", "preupload", "commit"}
+_API_SUBROUTES = {
+    "revision",
+    "tree",
+    "refs",
+    "commits",
+    "paths-info",
+    "preupload",
+    "commit",
+    "branch",
+}
+# URL prefix of a repo's web pages (commit / discussion URLs) per repo type.
+_URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/", "kernel": "kernels/"}
+_REPO_TYPES = tuple(_URL_PREFIXES)
+# What ``POST /api/repos/create`` commits first, like the Hub's default ``.gitattributes``.
+DEFAULT_GITATTRIBUTES = (
+    "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+    + "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +185,30 @@ def _git_blob_oid(data: bytes) -> str:
 
 def _iso(ts: _dt.datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def _repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a valid ``name`` or ``namespace/name`` (None if it is)."""
+    parts = repo_id.split("/")
+    if not 1 <= len(parts) <= 2 or not all(parts) or "--" in repo_id or ".." in repo_id:
+        return f"bad repo_id {repo_id!r}"
+    if any(c.isspace() for c in repo_id):
+        return f"bad repo_id {repo_id!r}"
+    return None
+
+
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a file path in a repo (None if it can)."""
+    if not path or path.startswith("/") or path.endswith("/") or ".." in path.split("/"):
+        return f"bad file path {path!r}"
+    if path == ".git" or path.startswith(".git/"):
+        return f"bad file path {path!r}"
+    return None
+
+
+def _normalize_ref(revision: str) -> str:
+    """``refs/heads/main`` -> ``main`` (branches are stored by short name)."""
+    return revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
 
 
 @dataclass(frozen=True)
@@ -187,11 +262,15 @@ class HubRepo:
     repo_type: str
     created_at: _dt.datetime
     commits: dict[str, HubCommit] = field(default_factory=dict)  # sha -> commit, oldest first
-    branches: dict[str, str] = field(default_factory=dict)  # branch name -> sha
+    # branch name -> sha; pull requests are stored here too, as "refs/pr/N"
+    branches: dict[str, str] = field(default_factory=dict)
     private: bool = False
+    pull_requests: int = 0  # number of pull requests opened so far (the last N in refs/pr/N)
 
     def resolve(self, revision: str) -> HubCommit | None:
-        """Branch name, full commit sha, or an unambiguous sha prefix (>= 7 hex chars)."""
+        """Branch name (or ``refs/heads/<name>``, ``refs/pr/N``), full commit sha, or an
+        unambiguous sha prefix (>= 7 hex chars)."""
+        revision = _normalize_ref(revision)
         if revision in self.branches:
             return self.commits[self.branches[revision]]
         if revision in self.commits:
@@ -209,6 +288,13 @@ class HubRepo:
         while out[-1].parent is not None:
             out.append(self.commits[out[-1].parent])
         return out
+
+
+@dataclass(frozen=True)
+class _Token:
+    user: str
+    role: str  # "read" or "write"
+    name: str
 
 
 class RecordedRequest(NamedTuple):
@@ -371,6 +457,7 @@ class LoopbackHub:
         self._failures: list[_Failure] = []
         self._requests: list[RecordedRequest] = []
         self._errors: list[str] = []
+        self._tokens: dict[str, _Token] = {}
         self._server = _Server((HOST, port), _Handler)
         self._server.hub = self
         self._thread: threading.Thread | None = None
@@ -418,13 +505,35 @@ class LoopbackHub:
         self.stop()
 
     def reset(self) -> None:
-        """Forget all repos, URL files, pending failures, recorded requests and errors."""
+        """Forget all repos, URL files, tokens, pending failures, recorded requests and errors."""
         with self._lock:
             self._repos.clear()
             self._url_files.clear()
+            self._tokens.clear()
             self._failures.clear()
             self._requests.clear()
             self._errors.clear()
+
+    def add_token(
+        self,
+        token: str,
+        user: str = "loopback-user",
+        role: str = "write",
+        *,
+        name: str = "loopback-token",
+    ) -> str:
+        """Accept ``token`` (sent as ``Authorization: Bearer <token>``) for ``user``; return it.
+
+        ``role`` is ``"write"`` (may create repos, branches and commits anywhere) or ``"read"``
+        (write calls get 403). ``name`` is the token's display name in ``whoami``.
+        """
+        if role not in ("read", "write"):
+            raise ValueError(f"role must be 'read' or 'write', not {role!r}")
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("a token is a non-empty string without whitespace")
+        with self._lock:
+            self._tokens[token] = _Token(user, role, name)
+        return token
 
     # -- content -----------------------------------------------------------------------------
 
@@ -471,15 +580,18 @@ class LoopbackHub:
         branch: str = "main",
         author: str = "loopback-user",
     ) -> str:
-        """The storage primitive (future upload endpoints will call this too)."""
-        if repo_type not in ("model", "dataset", "space", "kernel"):
+        """The storage primitive, used by ``add_repo`` and the commit endpoints.
+
+        Commits on top of ``branch`` (a branch name or ``refs/pr/N``; a new branch starts from
+        ``main``, or empty), creating the repo if needed. Deletions are applied before additions.
+        """
+        if repo_type not in _REPO_TYPES:
             raise ValueError(f"bad repo_type {repo_type!r}")
-        parts = repo_id.split("/")
-        if not 1 <= len(parts) <= 2 or not all(parts) or "--" in repo_id:
-            raise ValueError(f"bad repo_id {repo_id!r}")
-        for path in additions:
-            if not path or path.startswith("/") or ".." in path.split("/") or path.endswith("/"):
-                raise ValueError(f"bad file path {path!r}")
+        problem = _repo_id_problem(repo_id) or next(
+            (p for p in map(_path_problem, additions) if p), None
+        )
+        if problem:
+            raise ValueError(problem)
         now = _dt.datetime.now(_dt.timezone.utc)
         with self._lock:
             repo = self._repos.get((repo_type, repo_id))
@@ -596,11 +708,20 @@ class LoopbackHub:
 
         segments = raw_path.strip("/").split("/")
         if segments[0] == "api":
-            if segments[1:] == ["agent-harnesses"] and method == "GET":
+            route = (method, "/".join(segments[1:]))
+            if route == ("GET", "agent-harnesses"):
                 return _json_response(200, {"standardEnvVars": [], "harnesses": {}})
+            if route == ("GET", "whoami-v2"):
+                return self._whoami(headers)
+            if route == ("POST", "repos/create"):
+                return self._create_repo(headers, body)
+            if route == ("DELETE", "repos/delete"):
+                return self._delete_repo(headers, body)
+            if route == ("POST", "validate-yaml"):
+                return _validate_yaml(body)
             if len(segments) >= 3 and segments[1] in _API_REPO_TYPES:
                 return self._api_repo(
-                    method, _API_REPO_TYPES[segments[1]], segments[2:], query, body
+                    method, _API_REPO_TYPES[segments[1]], segments[2:], query, headers, body
                 )
             return _json_response(404, {"error": f"Not found: {raw_path}"})
         if "resolve" in segments and method in ("GET", "HEAD"):
@@ -639,8 +760,15 @@ class LoopbackHub:
         if i not in (1, 2) or len(segments) < i + 3:
             return _json_response(404, {"error": "Not found"})
         repo_id = unquote("/".join(segments[:i]))
-        revision = unquote(segments[i + 1])
-        filename = unquote("/".join(segments[i + 2 :]))
+        rev_end = i + 2  # the revision is one segment, ``refs%2Fpr%2F1`` - or ``refs/pr/1``
+        if (
+            segments[i + 1] == "refs"
+            and len(segments) >= i + 5
+            and segments[i + 2] in ("pr", "heads")
+        ):
+            rev_end = i + 4
+        revision = unquote("/".join(segments[i + 1 : rev_end]))
+        filename = unquote("/".join(segments[rev_end:]))
         with self._lock:
             repo = self._repos.get((repo_type, repo_id))
             commit = self._resolve_revision(repo_id, repo, revision)
@@ -669,10 +797,20 @@ class LoopbackHub:
         repo_type: str,
         segments: list[str],
         query: dict[str, list[str]],
+        headers: dict[str, str],
         body: bytes,
     ) -> _Response:
         repo_id, repo, rest = self._find_repo(repo_type, segments)
         route = rest[0] if rest else ""
+        if route in ("preupload", "commit", "branch") and len(rest) >= 2:
+            revision = unquote("/".join(rest[1:]))
+            if method == "POST" and route == "preupload":
+                return self._preupload(repo_id, repo, revision, headers, body)
+            if method == "POST" and route == "commit":
+                create_pr = _truthy(query.get("create_pr", ["0"])[-1])
+                return self._commit(repo_type, repo_id, repo, revision, create_pr, headers, body)
+            if method in ("POST", "DELETE") and route == "branch":
+                return self._branch(method, repo_id, repo, revision, headers, body)
         with self._lock:
             if method == "GET" and route in ("", "revision"):
                 revision = unquote("/".join(rest[1:])) if route else "main"
@@ -713,8 +851,15 @@ class LoopbackHub:
                 branches = [
                     {"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
                     for name, sha in repo.branches.items()
+                    if not name.startswith("refs/")
                 ]
-                refs = {"branches": branches, "tags": [], "converts": [], "pullRequests": []}
+                refs: dict[str, Any] = {"branches": branches, "tags": [], "converts": []}
+                if _truthy(query.get("include_prs", ["0"])[-1]):
+                    refs["pullRequests"] = [
+                        {"name": name, "ref": name, "targetCommit": sha}
+                        for name, sha in repo.branches.items()
+                        if name.startswith("refs/pr/")
+                    ]
                 return _json_response(200, refs)
             if method == "GET" and route == "commits" and len(rest) >= 2:
                 commit = self._resolve_revision(repo_id, repo, unquote(rest[1]))
@@ -724,6 +869,312 @@ class LoopbackHub:
                 return _json_response(200, [_commit_json(c) for c in repo.history(commit)])
         return _json_response(404, {"error": f"Not found: {method} {'/'.join(segments)}"})
 
+    # -- write endpoints ---------------------------------------------------------------------
+
+    def _web_url(self, repo_type: str, repo_id: str) -> str:
+        return f"{self.url}/{_URL_PREFIXES[repo_type]}{repo_id}"
+
+    def _authorize(self, headers: Mapping[str, str], *, write: bool) -> _Token | _Response:
+        """The token's owner, or the 401/403 response the Hub would give."""
+        value = headers.get("authorization", "").strip()
+        if not value:
+            return _hub_error(401, None, "You must be authenticated: no Authorization header")
+        scheme, _, token = value.partition(" ")
+        with self._lock:
+            info = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if info is None:
+            return _hub_error(401, None, "Invalid credentials in Authorization header")
+        if write and info.role != "write":
+            return _hub_error(
+                403,
+                None,
+                f"You don't have the rights to do this: token {info.name!r} of {info.user!r}"
+                " is a read token",
+            )
+        return info
+
+    def _whoami(self, headers: Mapping[str, str]) -> _Response:
+        token = self._authorize(headers, write=False)
+        if isinstance(token, _Response):
+            return token
+        user_id = hashlib.sha1(f"user/{token.user}".encode()).hexdigest()[:24]
+        return _json_response(
+            200,
+            {
+                "type": "user",
+                "id": user_id,
+                "name": token.user,
+                "fullname": token.user,
+                "email": f"{token.user}@loopback.invalid",
+                "emailVerified": True,
+                "canPay": False,
+                "isPro": False,
+                "periodEnd": None,
+                "avatarUrl": "",
+                "orgs": [],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {
+                        "displayName": token.name,
+                        "role": token.role,
+                        "createdAt": "2024-01-01T00:00:00.000Z",
+                    },
+                },
+            },
+        )
+
+    @staticmethod
+    def _repo_from_payload(
+        payload: Any, token: _Token
+    ) -> tuple[str, str] | _Response:  # (repo_type, repo_id)
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return _hub_error(400, None, "Expected a JSON object with a 'name'")
+        organization = payload.get("organization") or token.user
+        repo_type = payload.get("type") or "model"
+        if repo_type not in _REPO_TYPES or not isinstance(organization, str):
+            return _hub_error(400, None, f"Invalid repo type or organization: {payload!r}")
+        repo_id = f"{organization}/{payload['name']}"
+        problem = _repo_id_problem(repo_id)
+        if problem:
+            return _hub_error(400, None, problem)
+        return repo_type, repo_id
+
+    def _create_repo(self, headers: Mapping[str, str], body: bytes) -> _Response:
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        payload = _json_or_none(body)
+        found = self._repo_from_payload(payload, token)
+        if isinstance(found, _Response):
+            return found
+        repo_type, repo_id = found
+        private = payload.get("visibility") in ("private", "protected") or bool(
+            payload.get("private")
+        )
+        url = self._web_url(repo_type, repo_id)
+        with self._lock:
+            if (repo_type, repo_id) in self._repos:
+                message = f"You already created this {repo_type} repo"
+                return _json_response(
+                    409, {"error": message, "url": url}, [("X-Error-Message", message)]
+                )
+            now = _dt.datetime.now(_dt.timezone.utc)
+            repo = HubRepo(repo_id=repo_id, repo_type=repo_type, created_at=now, private=private)
+            self._repos[(repo_type, repo_id)] = repo
+            gitattributes = {".gitattributes": DEFAULT_GITATTRIBUTES.encode()}
+            self._create_commit(
+                repo_id, repo_type, gitattributes, (), "initial commit", author=token.user
+            )
+        return _json_response(200, {"url": url, "name": repo_id, "id": _repo_oid(repo)})
+
+    def _delete_repo(self, headers: Mapping[str, str], body: bytes) -> _Response:
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        found = self._repo_from_payload(_json_or_none(body), token)
+        if isinstance(found, _Response):
+            return found
+        with self._lock:
+            if self._repos.pop(found, None) is None:
+                return _hub_error(404, "RepoNotFound", "Repository not found")
+        return _json_response(200, {})
+
+    def _branch(
+        self,
+        method: str,
+        repo_id: str,
+        repo: HubRepo | None,
+        branch: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> _Response:
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        if repo is None:
+            return _hub_error(404, "RepoNotFound", "Repository not found")
+        branch = _normalize_ref(branch)
+        if method == "DELETE":
+            with self._lock:
+                if branch == "main":
+                    return _hub_error(403, None, "Cannot delete the default branch")
+                if branch.startswith("refs/") or repo.branches.pop(branch, None) is None:
+                    return _hub_error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+            return _json_response(200, {})
+        if (
+            branch.startswith("refs/")
+            or _path_problem(branch)
+            or any(c.isspace() or c in "~^:?*[\\" for c in branch)
+        ):
+            return _hub_error(400, None, f"Invalid reference for a branch: {branch!r}")
+        payload = _json_or_none(body) if body.strip() else {}
+        if not isinstance(payload, dict):
+            return _hub_error(400, None, "Expected a JSON object")
+        starting_point = payload.get("startingPoint") or "main"
+        with self._lock:
+            if branch in repo.branches:
+                return _hub_error(409, None, f"Reference already exists: refs/heads/{branch}")
+            start = self._resolve_revision(repo_id, repo, str(starting_point))
+            if isinstance(start, _Response):
+                return start
+            repo.branches[branch] = start.sha
+        return _json_response(200, {})
+
+    def _preupload(
+        self,
+        repo_id: str,
+        repo: HubRepo | None,
+        revision: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> _Response:
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        payload = _json_or_none(body)
+        files = payload.get("files") if isinstance(payload, dict) else None
+        if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) for f in files
+        ):
+            return _hub_error(400, None, "Expected {'files': [{'path': ..., ...}, ...]}")
+        with self._lock:
+            commit = self._resolve_revision(repo_id, repo, revision)
+            if isinstance(commit, _Response):
+                return commit
+            answer = []
+            for item in files:
+                stored = commit.files.get(item["path"])
+                answer.append(
+                    {
+                        "path": item["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        # What the client computes for a "regular" file: git blob sha1 of the
+                        # content (for LFS-like files that is not ``blob_oid``, the pointer's).
+                        "oid": None if stored is None else _git_blob_oid(stored.data),
+                    }
+                )
+        return _json_response(200, {"files": answer, "commitOid": commit.sha})
+
+    def _stored_by_sha256(self, sha256: str) -> bytes | None:
+        with self._lock:
+            for repo in self._repos.values():
+                for commit in repo.commits.values():
+                    for entry in commit.files.values():
+                        if entry.sha256 == sha256:
+                            return entry.data
+        return None
+
+    def _commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        repo: HubRepo | None,
+        revision: str,
+        create_pr: bool,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> _Response:
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        if repo is None:
+            return _hub_error(404, "RepoNotFound", "Repository not found")
+        parsed = _parse_commit_payload(body)
+        if isinstance(parsed, _Response):
+            return parsed
+        header, operations = parsed
+        branch = _normalize_ref(revision)
+        summary = str(header.get("summary") or "").strip()
+        if not summary:
+            return _hub_error(400, None, "The commit summary (title) must not be empty")
+        description = str(header.get("description") or "").strip()
+        message = f"{summary}\n\n{description}" if description else summary
+        parent_commit = header.get("parentCommit")
+        with self._lock:
+            if self._repos.get((repo_type, repo_id)) is not repo:  # deleted meanwhile
+                return _hub_error(404, "RepoNotFound", "Repository not found")
+            if branch not in repo.branches or (create_pr and branch.startswith("refs/")):
+                return _hub_error(
+                    404, "RevisionNotFound", f"Invalid rev id: {revision} (not a branch)"
+                )
+            base = repo.branches[branch]
+            if parent_commit is not None:
+                parent = repo.resolve(str(parent_commit)) if parent_commit else None
+                if create_pr:
+                    if parent is None:
+                        return _hub_error(
+                            404, "RevisionNotFound", f"Invalid rev id: {parent_commit}"
+                        )
+                    base = parent.sha
+                elif parent is None or parent.sha != base:
+                    return _hub_error(
+                        412,
+                        None,
+                        f"A commit has happened since {parent_commit}: {branch!r} is at {base}."
+                        " Please refresh and try again.",
+                    )
+            present = set(repo.commits[base].files)
+            additions: dict[str, bytes] = {}
+            deletions: set[str] = set()
+            for key, value in operations:
+                path = value["path"]
+                if key in ("file", "lfsFile"):
+                    problem = _path_problem(path)
+                    if problem:
+                        return _hub_error(400, None, problem)
+                    if key == "file":
+                        data = value["data"]
+                    else:
+                        data = self._stored_by_sha256(str(value.get("oid", "")).lower())
+                        if data is None:
+                            return _hub_error(
+                                400,
+                                None,
+                                f"lfsFile {path!r}: LFS object {value.get('oid')!r} was never"
+                                " uploaded (LoopbackHub only answers uploadMode 'regular', so"
+                                " lfsFile can only reference content it already stores)",
+                            )
+                    additions[path] = data
+                    deletions.discard(path)
+                    present.add(path)
+                    continue
+                if key == "deletedFile":
+                    gone = {path} & present
+                else:  # deletedFolder
+                    prefix = path.strip("/") + "/"
+                    gone = {p for p in present if p.startswith(prefix)}
+                if not gone:
+                    return _hub_error(
+                        404,
+                        "EntryNotFound",
+                        f"A file with this name doesn't exist: {path!r}"
+                        if key == "deletedFile"
+                        else f"A folder with this name doesn't exist: {path!r}",
+                    )
+                present -= gone
+                deletions |= gone
+                for p in gone:
+                    additions.pop(p, None)
+            target = branch
+            if create_pr:
+                repo.pull_requests += 1
+                target = f"refs/pr/{repo.pull_requests}"
+                repo.branches[target] = base
+            sha = self._create_commit(
+                repo_id, repo_type, additions, deletions, message, branch=target, author=token.user
+            )
+        web = self._web_url(repo_type, repo_id)
+        answer: dict[str, Any] = {
+            "success": True,
+            "commitOid": sha,
+            "commitUrl": f"{web}/commit/{sha}",
+            "hookOutput": "",
+        }
+        if create_pr:
+            answer["pullRequestUrl"] = f"{web}/discussions/{repo.pull_requests}"
+        return _json_response(200, answer)
+
 
 # --------------------------------------------------------------------------------------------
 # Response builders
@@ -732,6 +1183,92 @@ class LoopbackHub:
 
 def _truthy(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _repo_oid(repo: HubRepo) -> str:
+    return hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24]
+
+
+_COMMIT_KEYS = ("file", "lfsFile", "deletedFile", "deletedFolder")
+
+
+def _parse_commit_payload(body: bytes) -> tuple[dict[str, Any], list[tuple[str, dict]]] | _Response:
+    """NDJSON ``{"key": ..., "value": ...}`` lines: one ``header``, then operations.
+
+    ``file`` values get their decoded bytes under ``"data"``.
+    """
+    header: dict[str, Any] | None = None
+    operations: list[tuple[str, dict]] = []
+    for number, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        item = _json_or_none(line)
+        key = item.get("key") if isinstance(item, dict) else None
+        value = item.get("value") if isinstance(item, dict) else None
+        if not isinstance(value, dict):
+            return _hub_error(400, None, f"commit payload line {number}: not a key/value object")
+        if key == "header":
+            header = value
+            continue
+        if key not in _COMMIT_KEYS:
+            return _hub_error(400, None, f"commit payload line {number}: unknown key {key!r}")
+        if not isinstance(value.get("path"), str) or not value["path"]:
+            return _hub_error(400, None, f"commit payload line {number}: missing path")
+        if key == "file":
+            encoding = str(value.get("encoding", "utf-8")).lower()
+            content = value.get("content")
+            if not isinstance(content, str) or encoding not in ("base64", "utf-8"):
+                return _hub_error(400, None, f"commit payload line {number}: bad file content")
+            try:
+                data = (
+                    base64.b64decode(content, validate=True)
+                    if encoding == "base64"
+                    else content.encode("utf-8")
+                )
+            except (binascii.Error, ValueError):
+                return _hub_error(400, None, f"commit payload line {number}: bad base64")
+            value = {**value, "data": data}
+        operations.append((key, value))
+    if header is None:
+        return _hub_error(400, None, "commit payload: no header line")
+    return header, operations
+
+
+def _validate_yaml(body: bytes) -> _Response:
+    """``POST /api/validate-yaml``: 400 if the README's YAML front matter does not parse."""
+    payload = _json_or_none(body)
+    content = payload.get("content") if isinstance(payload, dict) else None
+    if not isinstance(content, str):
+        return _hub_error(400, None, "Expected {'content': ..., 'repoType': ...}")
+    errors: list[dict[str, str]] = []
+    lines = content.replace("\r\n", "\n").split("\n")
+    if lines and lines[0].strip() == "---":
+        end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), None)
+        if end is None:
+            errors.append({"message": "YAML front matter is not closed with '---'"})
+        else:
+            try:
+                import yaml
+            except ImportError:  # pragma: no cover - PyYAML comes with huggingface_hub
+                yaml = None
+            if yaml is not None:
+                try:
+                    meta = yaml.safe_load("\n".join(lines[1:end]))
+                except yaml.YAMLError as exc:
+                    errors.append({"message": f"Invalid YAML: {exc}"})
+                else:
+                    if meta is not None and not isinstance(meta, dict):
+                        errors.append({"message": "YAML front matter must be a mapping"})
+    if errors:
+        return _json_response(400, {"errors": errors, "warnings": []})
+    return _json_response(200, {"errors": [], "warnings": []})
 
 
 def _file_response(
@@ -775,7 +1312,7 @@ def _repo_info(repo: HubRepo, commit: HubCommit, query: dict[str, list[str]]) ->
         siblings.append(sibling)
     author = repo.repo_id.split("/")[0] if "/" in repo.repo_id else None
     info: dict[str, Any] = {
-        "_id": hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24],
+        "_id": _repo_oid(repo),
         "id": repo.repo_id,
         "author": author,
         "sha": commit.sha,

@@ -25,8 +25,7 @@ from mimcli.publish import (
     eval_columns,
     scrub,
 )
-from mimcli.refine import RefineConfig, run_refine
-from tests.conftest import TINY_ARGS, make_tiny_vit, write_image_folder
+from tests.conftest import TINY_ARGS, make_tiny_vit
 
 
 def card_meta(folder):
@@ -34,36 +33,6 @@ def card_meta(folder):
     assert text.startswith("---\n")
     head, body = text[4:].split("\n---\n", 1)
     return yaml.safe_load(head), body
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished tiny refine run, its base model folder and image folders."""
-    from timm.models import save_for_hf
-
-    root = tmp_path_factory.mktemp("publish")
-    base = root / "base"
-    vit = make_tiny_vit(seed=4)
-    vit.pretrained_cfg = dict(vit.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
-    save_for_hf(vit, str(base), model_args=dict(TINY_ARGS), safe_serialization=True)
-    train = write_image_folder(root / "data" / "train", per_class=8, classes=3, seed=1)
-    val = write_image_folder(root / "data" / "val", per_class=4, classes=3, seed=2)
-    out = root / "run"
-    cfg = RefineConfig(
-        model=str(base),
-        data=train,
-        out=out,
-        blocks="last2",
-        head_steps=2,
-        steps=2,
-        batch_size=8,
-        local_crops=1,
-        head_width="32",
-        num_workers=0,
-        seed=0,
-    )
-    run_refine(cfg)
-    return {"run": out, "base": base, "train": train, "val": val, "root": root}
 
 
 def test_folder_holds_exactly_the_timm_encoder(tiny_run, tmp_path):
@@ -323,3 +292,38 @@ def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     assert re.search(r"license: mit", (dest / "README.md").read_text())
+
+
+def test_safetensors_bytes_are_reproducible_and_readable(tmp_path):
+    from safetensors.torch import load_file as load
+
+    from mimcli.publish import safetensors_bytes
+
+    tensors = {
+        "b": torch.randn(3, 2),
+        "a": torch.arange(5, dtype=torch.int64),
+        "h": torch.randn(4).to(torch.bfloat16),
+        "s": torch.tensor(2.5),
+    }
+    meta = {"z": "1", "format": "pt", "a": "x"}
+    blob = safetensors_bytes(tensors, meta)
+    assert blob == safetensors_bytes(dict(reversed(tensors.items())), dict(reversed(meta.items())))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(blob)
+    loaded = load(str(path))
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == meta
+    # and across processes (the safetensors writer's metadata order is not)
+    code = (
+        "import torch, sys; from mimcli.publish import safetensors_bytes; "
+        "sys.stdout.buffer.write(safetensors_bytes({'w': torch.ones(2)}, "
+        "{'format': 'pt', 'mimcli_version': '1', 'base_model': 'b', 'objective': 'nna'}))"
+    )
+    import subprocess
+    import sys
+
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True).stdout for _ in "ab"}
+    assert len(runs) == 1

@@ -1,0 +1,206 @@
+"""`mimcli push` through the real huggingface_hub client to the loopback Hub: the round trip to
+timm, retries of transient failures, re-runs, and the token never showing up anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from mimcli.cli.app import app
+
+runner = CliRunner()
+TOKEN = "hf_LoopbackSecretToken0123456789"
+
+
+def mimcli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command in a subprocess: every byte it prints is captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mimcli.cli.app", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def files_under(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def logged_in(hub, monkeypatch):
+    hub.add_token(TOKEN, user="alice")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return hub
+
+
+def test_round_trip_to_timm_and_probe(logged_in, tiny_run, tmp_path, fresh_hf_cache):
+    hub = logged_in
+    run = tiny_run["run"]
+    keep = tmp_path / "keep"
+    done = mimcli("push", str(run), "--repo", "alice/tiny-refined", "--to", str(keep))
+    assert done.returncode == 0, done.stderr
+    assert "Pushed" in done.stdout and "hf-hub:alice/tiny-refined" in done.stdout
+    repo = hub.get_repo("alice/tiny-refined")
+    head = repo.commits[repo.branches["main"]]
+    assert {"model.safetensors", "config.json", "README.md", "mimcli_run.json"} <= set(head.files)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert head.files[name].data == (keep / name).read_bytes()
+    assert not (run / ".push").exists()
+
+    # stock timm, through the Hub, computes exactly what the run's exported encoder computes
+    model = timm.create_model(
+        "hf-hub:alice/tiny-refined", pretrained=True, cache_dir=fresh_hf_cache
+    ).eval()
+    export = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), export(x))
+        assert torch.equal(model.forward_features(x), export.forward_features(x))
+
+    # mimcli itself pulls the pushed model through the same Hub path
+    probes = {}
+    for name, spec in (("hub", "hf-hub:alice/tiny-refined"), ("local", str(run / "export"))):
+        result = runner.invoke(
+            app,
+            [
+                "probe",
+                spec,
+                "--train",
+                str(tiny_run["train"]),
+                "--val",
+                str(tiny_run["val"]),
+                "--k",
+                "3",
+                "--num-workers",
+                "0",
+                "--json",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        probes[name] = json.loads(result.stdout)["blocks"]
+    assert probes["hub"] == probes["local"]
+
+    # the same push again is safe: nothing changed, so no new commit
+    again = mimcli("push", str(run), "--repo", "alice/tiny-refined")
+    assert again.returncode == 0, again.stderr
+    assert "nothing to commit" in again.stdout
+    assert hub.get_repo("alice/tiny-refined").branches["main"] == head.sha
+
+    # the token is never printed nor written
+    for proc in (done, again):
+        assert TOKEN not in proc.stdout + proc.stderr
+    for path in files_under(keep, run, tmp_path):
+        assert TOKEN.encode() not in path.read_bytes(), path
+    for recorded in hub.requests:  # ... while the client did send it to the Hub
+        if recorded.method == "POST" and "/commit/" in recorded.path:
+            assert recorded.headers.get("authorization") == f"Bearer {TOKEN}"
+
+
+def test_transient_failures_are_retried(logged_in, tiny_run):
+    hub = logged_in
+    hub.fail_next(2, 500, path_contains="/commit/")
+    hub.fail_next(1, 429, path_contains="/api/repos/create")
+    done = mimcli("push", str(tiny_run["run"]), "--repo", "alice/retry", "--retry-wait", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("retry:") >= 3, done.stderr
+    assert "HTTP 500" in done.stderr and "HTTP 429" in done.stderr
+    repo = hub.get_repo("alice/retry")
+    assert "model.safetensors" in repo.commits[repo.branches["main"]].files
+    assert hub.count("POST", "/commit/") == 3
+
+
+def test_persistent_failure_keeps_the_folder_and_a_rerun_succeeds(logged_in, tiny_run, tmp_path):
+    hub = logged_in
+    run = tiny_run["run"]
+    hub.fail_next(3, 503, path_contains="/commit/")
+    failed = mimcli(
+        "push", str(run), "--repo", "alice/flaky", "--retries", "2", "--retry-wait", "0"
+    )
+    assert failed.returncode == 1
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "failed after 3 attempts (HTTP 503)" in lines[0]
+    assert "Traceback" not in failed.stderr
+    staged = run / ".push" / "repo"
+    assert str(staged) in failed.stderr.replace("\n", "")
+    assert (staged / "model.safetensors").is_file() and (staged / "README.md").is_file()
+    repo = hub.get_repo("alice/flaky")
+    assert repo is not None and "model.safetensors" not in repo.commits[repo.branches["main"]].files
+
+    rerun = mimcli("push", str(run), "--repo", "alice/flaky")
+    assert rerun.returncode == 0, rerun.stderr
+    repo = hub.get_repo("alice/flaky")
+    assert "model.safetensors" in repo.commits[repo.branches["main"]].files
+    assert not (run / ".push").exists()
+    assert TOKEN not in failed.stderr + failed.stdout + rerun.stdout + rerun.stderr
+
+
+def test_branch_pull_request_and_bare_name(logged_in, tiny_run):
+    hub = logged_in
+    run = str(tiny_run["run"])
+    first = runner.invoke(app, ["push", run, "--repo", "tiny", "--commit-message", "first"])
+    assert first.exit_code == 0, first.output
+    repo = hub.get_repo("alice/tiny")  # a bare name goes to the token's owner (whoami)
+    main = repo.branches["main"]
+    assert repo.commits[main].title == "first"
+
+    dev = runner.invoke(
+        app, ["push", run, "--repo", "alice/tiny", "--revision", "dev", "--license", "mit"]
+    )
+    assert dev.exit_code == 0, dev.output
+    repo = hub.get_repo("alice/tiny")
+    assert repo.branches["main"] == main
+    assert "license: mit" in repo.commits[repo.branches["dev"]].files["README.md"].data.decode()
+
+    pr = runner.invoke(app, ["push", run, "--repo", "alice/tiny", "--create-pr", "--tag", "pr"])
+    assert pr.exit_code == 0, pr.output
+    assert "Opened" in pr.stdout and "/discussions/" in pr.stdout
+    repo = hub.get_repo("alice/tiny")
+    assert repo.branches["main"] == main
+    pr_readme = repo.commits[repo.branches["refs/pr/1"]].files["README.md"].data.decode()
+    assert "- pr\n" in pr_readme
+
+
+@pytest.mark.parametrize(
+    "args, token, expect, code",
+    [
+        (["--repo", "alice/x"], None, "no Hugging Face token", 2),
+        (["--repo", "alice/x"], "hf_wrong_token_123456", "refused the token (HTTP 401)", 2),
+        (["--repo", "alice/x", "--create-pr", "--revision", "dev"], TOKEN, "--create-pr", 2),
+        (["--dry-run"], TOKEN, "--to DIR", 2),
+        ([], TOKEN, "--repo OWNER/NAME", 2),
+        (["--repo", "a/b/c"], TOKEN, "expected OWNER/NAME", 2),
+    ],
+)
+def test_bad_push_requests_are_one_line(hub, tiny_run, monkeypatch, args, token, expect, code):
+    hub.add_token(TOKEN, user="alice")
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    result = runner.invoke(app, ["push", str(tiny_run["run"]), *args])
+    assert result.exit_code == code, result.output
+    assert expect in result.output
+    assert "Traceback" not in result.output
+    assert hub.get_repo("alice/x") is None
+    if token:
+        assert token not in result.output
+
+
+def test_push_help_and_dry_run(tiny_run, tmp_path):
+    result = runner.invoke(app, ["push", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "--dry-run" in result.output
+    out = tmp_path / "dry"
+    result = runner.invoke(app, ["push", str(tiny_run["run"]), "--dry-run", "--to", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "nothing uploaded" in result.output
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: timm\n")
