@@ -10,7 +10,6 @@ from typing import Any
 
 import mimcli
 from mimcli.evaluate import EvalResult
-from mimcli.report import eval_rows
 
 PIPELINE_TAG = "image-feature-extraction"
 
@@ -32,34 +31,73 @@ class CardInputs:
     probe_plot: str | None = None  # path inside the repo
     probe_model: str = ""  # the model the probe plot is of
     plots: list[str] = field(default_factory=list)  # other plots, paths inside the repo
+    num_params: int = 0
 
 
-def _num(value: Any) -> float | None:
-    try:
-        return float(str(value).split(" ±")[0])
-    except ValueError:
-        return None
+def _rows(result: EvalResult) -> list[tuple[str, Any]]:
+    """(label, getter(model) -> (value, spread) or None) in the paper's order."""
+    rows: list[tuple[str, Any]] = []
+    if "knn" in result.protocols:
+        for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
+            for k in result.ks:
+                rows.append(
+                    (f"k-NN {label} k={k} %", lambda m, c=kind, k=k: (m.knn[c][str(k)], None))
+                )
+    if "linear" in result.protocols:
+        rows.append(
+            ("linear probe % (best grid cell)", lambda m: (m.linear["best"]["val_acc"], None))
+        )
+    if "lowshot" in result.protocols and result.models and result.models[0].lowshot:
+        for key in result.models[0].lowshot:
+            label = "1% of labels %" if key == "1%" else f"{key} %"
+            rows.append((label, lambda m, k=key: (m.lowshot[k]["mean"], m.lowshot[k]["std"])))
+    if "cluster" in result.protocols:
+        for key, label in (
+            ("acc", "k-means ACC %"),
+            ("nmi", "k-means NMI"),
+            ("ami", "k-means AMI"),
+            ("ari", "k-means ARI"),
+            ("silhouette", "silhouette"),
+            ("davies_bouldin", "Davies-Bouldin (lower is better)"),
+        ):
+            rows.append((label, lambda m, k=key: (m.cluster[k], None)))
+    return rows
 
 
 def results_table(result: EvalResult, base: int | None, refined: int) -> str:
-    """Markdown table metric | base | refined | change, from ``mimcli eval`` results."""
-    names = ["refined (this repo)"]
-    idx = [refined]
-    if base is not None:
-        names.insert(0, f"base ({result.models[base].name})")
-        idx.insert(0, base)
+    """Markdown table metric | base | refined | change (from unrounded values)."""
+    idx = [refined] if base is None else [base, refined]
+    names = [f"base ({result.models[base].name})"] if base is not None else []
+    names.append("refined (this repo)")
     header = "| metric | " + " | ".join(names) + (" | change |" if base is not None else " |")
     lines = [header, "|---" * (len(names) + 1 + (base is not None)) + "|"]
-    for metric, values in eval_rows(result):
-        if metric.strip() == "chosen cell":
+    digits = 2
+    for label, get in _rows(result):
+        values = []
+        for i in idx:
+            try:
+                values.append(get(result.models[i]))
+            except (KeyError, TypeError):
+                values.append(None)
+        if all(v is None for v in values):
             continue
-        cells = [values[i] for i in idx]
-        metric = metric.replace("1% %", "1% of labels %")
-        row = f"| {metric} | " + " | ".join(cells)
+        precision = (
+            4
+            if label.startswith(
+                ("k-means NMI", "k-means AMI", "k-means ARI", "silhouette", "Davies")
+            )
+            else digits
+        )
+        cells = [
+            "-"
+            if v is None
+            else f"{v[0]:.{precision}f}" + (f" ± {v[1]:.2f}" if v[1] is not None else "")
+            for v in values
+        ]
+        row = f"| {label} | " + " | ".join(cells)
         if base is not None:
-            a, b = _num(cells[0]), _num(cells[1])
-            delta = "" if a is None or b is None else f"{b - a:+.2f}"
-            row += f" | {delta}"
+            a, b = values
+            row += " | " + ("" if a is None or b is None else f"{b[0] - a[0]:+.{precision}f}")
         lines.append(row + " |")
     return "\n".join(lines)
 
@@ -73,9 +111,10 @@ def _model_index(inputs: CardInputs) -> list[Any]:
         return []
     m = result.models[inputs.eval_columns[1]]
     train = Path(result.train) if result.train else None
-    dataset_name = train.parent.name if train is not None and train.parent.name else "imagefolder"
-    dataset_type = inputs.datasets[0] if inputs.datasets else dataset_name
-    split = Path(result.val).name if result.val else None
+    folder = train.parent.name if train is not None and train.parent.name else "imagefolder"
+    dataset_type = inputs.datasets[0] if inputs.datasets else folder
+    dataset_name = inputs.datasets[0] if inputs.datasets else folder
+    split = f"{Path(result.val).name if result.val else 'val'} ({result.val_images} images)"
     metrics: list[tuple[str, str, float]] = []
     for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
         for k, value in m.knn.get(kind, {}).items():
@@ -145,7 +184,8 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
         + f", then {steps.get('refine', '?')} refinement steps"
         + (f" ({epochs:.2f} epochs)" if epochs is not None else "")
         + f" of batch {cfg.get('batch_size', '?')} x {world} process(es) on "
-        f"{res.get('images', '?')} images",
+        f"{res.get('images', '?')} images"
+        + (f" of `{_short(cfg['data'])}`" if cfg.get("data") else ""),
         f"- lr {res.get('lr', cfg.get('lr'))}, head lr {res.get('head_lr', cfg.get('head_lr'))}, "
         f"layer decay {cfg.get('layer_decay')}, weight decay {cfg.get('weight_decay')}",
         f"- neighbour queue {res.get('queue_size', '?')} entries, top-{cfg.get('topk', '?')}, "
@@ -154,6 +194,15 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
         f"{res.get('precision', '?')}, mimcli {env.get('mimcli', mimcli.__version__)}",
     ]
     return lines
+
+
+def _short(path: Any) -> str:
+    """The last two parts of a local path (``fmnist/train``): enough to say what it was."""
+    return "/".join(Path(str(path)).parts[-2:])
+
+
+def _data_name(result: EvalResult) -> str:
+    return f", `{Path(result.train).parent.name}`" if result.train else ""
 
 
 def usage(inputs: CardInputs) -> str:
@@ -173,8 +222,30 @@ def usage(inputs: CardInputs) -> str:
         "    tokens = model.forward_features(transform(image).unsqueeze(0))\n"
         "    cls = model.forward_head(tokens, pre_logits=True)  # image embedding\n"
         "    patches = tokens[:, model.num_prefix_tokens :].mean(1)  # mean-patch embedding\n"
-        "```\n"
+        "```\n\n"
+        "`forward_features` ends with the final norm; the results above read the last block "
+        "before it: `[(patches, prefix)] = model.forward_intermediates(x, indices=1, "
+        "norm=False, return_prefix_tokens=True, output_fmt='NLC', intermediates_only=True)`, "
+        "CLS = `prefix[:, 0]`, mean patch = `patches.mean(1)`.\n"
     )
+
+
+def _shape(inputs: CardInputs) -> str:
+    args = inputs.run.get("resolved", {}).get("model_args") or {}
+    parts = []
+    if "embed_dim" in args:
+        parts.append(f"width {args['embed_dim']}")
+    if "depth" in args:
+        parts.append(f"{args['depth']} blocks")
+    if "patch_size" in args:
+        parts.append(f"patch {args['patch_size']}")
+    size = args.get("img_size")
+    if size:
+        parts.append(f"{size[0] if isinstance(size, list | tuple) else size} px")
+    if inputs.num_params:
+        parts.append(f"{inputs.num_params / 1e6:.1f} M parameters")
+    parts.append(f"timm architecture `{inputs.arch}`")
+    return ", ".join(parts)
 
 
 def render_card(inputs: CardInputs) -> str:
@@ -183,7 +254,7 @@ def render_card(inputs: CardInputs) -> str:
     parts = [
         "---\n" + front_matter(inputs) + "---\n",
         f"# {name}\n",
-        f"A `{inputs.arch}` encoder refined from `{base}` with "
+        f"A ViT encoder ({_shape(inputs)}) refined from `{base}` with "
         "mimcli (MIM-Refiner recipe): ID heads on intermediate blocks were trained "
         "so that the frozen encoder gives stronger off-the-shelf features (k-NN, low-shot, "
         "clustering) than the masked-image-modeling model it started from.\n",
@@ -202,8 +273,11 @@ def render_card(inputs: CardInputs) -> str:
         r = inputs.eval
         parts += [
             "## Results\n",
-            f"`mimcli eval` on {r.train_images} train / {r.val_images} val images "
-            f"({r.num_classes} classes), frozen features of the last block:\n",
+            f"`mimcli eval` with frozen features on {r.train_images} train / {r.val_images} "
+            f"val images ({r.num_classes} classes{_data_name(r)}): k-NN, low-shot and k-means "
+            "use the last block's CLS token (or mean patch token) before the final norm; the "
+            "linear probe reports the best cell of its grid (CLS or CLS + mean patch, last or "
+            "last 4 blocks). Changes are computed before rounding.\n",
             results_table(r, *inputs.eval_columns) + "\n",
         ]
     else:

@@ -39,8 +39,15 @@ from mimcli.models.postnorm import POSTNORM_ARCH
 
 MARKER = "mimcli_run.json"  # present in every folder ``build_repo_folder`` wrote
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-_SECRET_KEY = re.compile(r"token|secret|passw|api[_-]?key|authori[sz]ation|credential", re.I)
+_SECRET_KEY = re.compile(
+    r"token|secret|passw|^pass$|api[_-]?key|_key$|^key$|auth|credential|signature", re.I
+)
 _TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+_SECRET_WORDS = r"(?:token|secret|passw\w*|pass|key|auth\w*|credential\w*|signature)"
+_SECRET_FLAG = re.compile(rf"(--[\w-]*{_SECRET_WORDS}[\w-]*[ =])\S+", re.I)
+_SECRET_ASSIGN = re.compile(rf"(\b[\w-]*{_SECRET_WORDS}[\w-]*=)[^\s&;,]+", re.I)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.I)
+_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#]+)\?[^\s#]*", re.I)
 REDACTED = "<redacted>"
 
 
@@ -192,7 +199,9 @@ def scrub(obj: Any, secrets: Iterable[str] = ()) -> Any:
     secrets = [s for s in secrets if s]
     if isinstance(obj, dict):
         return {
-            k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else scrub(v, secrets)
+            k: REDACTED
+            if _SECRET_KEY.search(str(k)) and v is not None and not isinstance(v, dict | list)
+            else scrub(v, secrets)
             for k, v in obj.items()
         }
     if isinstance(obj, list | tuple):
@@ -200,7 +209,10 @@ def scrub(obj: Any, secrets: Iterable[str] = ()) -> Any:
     if isinstance(obj, str):
         for secret in secrets:
             obj = obj.replace(secret, REDACTED)
-        obj = re.sub(r"(--[\w-]*token[\w-]*[ =])\S+", r"\1" + REDACTED, obj)
+        obj = _SECRET_FLAG.sub(r"\1" + REDACTED, obj)
+        obj = _SECRET_ASSIGN.sub(r"\1" + REDACTED, obj)
+        obj = _URL_USERINFO.sub(r"\1" + REDACTED + "@", obj)
+        obj = _URL_QUERY.sub(r"\1?" + REDACTED, obj)
         return _TOKEN_VALUE.sub(REDACTED, obj)
     return obj
 
@@ -216,9 +228,13 @@ def load_eval(path: Path) -> tuple[EvalResult, Path]:
         ) from exc
 
 
-def eval_columns(result: EvalResult, run_dir: Path, base_spec: str) -> tuple[int | None, int]:
-    """(base, refined) model indices in eval results: the refined one is this run (or its
-    export), the base one is the MODEL the run started from (or the only other model)."""
+def eval_columns(
+    result: EvalResult, run_dir: Path, base_spec: str, warnings: list[str] | None = None
+) -> tuple[int | None, int]:
+    """(base, refined) model indices in eval results. The refined one is this run (its path or
+    its export's, else its folder name); the base one is the MODEL the run started from. When
+    the run has moved since the eval, the last model that is not the base is taken, with a
+    warning (``mimcli eval BASE RUN_DIR`` lists the run last)."""
 
     def same(source: str, target: Path) -> bool:
         path = source.split(" (refined")[0]
@@ -227,26 +243,31 @@ def eval_columns(result: EvalResult, run_dir: Path, base_spec: str) -> tuple[int
         except OSError:
             return False
 
-    names = [m.name for m in result.models]
+    def is_base(m: Any) -> bool:
+        return m.source == base_spec or same(m.source, Path(base_spec))
+
+    models = result.models
     refined = [
         i
-        for i, m in enumerate(result.models)
+        for i, m in enumerate(models)
         if same(m.source, run_dir) or same(m.source, run_dir / "export")
-    ]
+    ] or [i for i, m in enumerate(models) if m.name == run_dir.name]
     if not refined:
-        refined = [i for i, m in enumerate(result.models) if m.name == run_dir.name]
-    if not refined:
-        raise MimcliError(
-            f"--eval: none of the evaluated models ({', '.join(names)}) is {run_dir}; evaluate "
-            f"it with `mimcli eval BASE {run_dir} --train ... --val ... --out {run_dir}/eval`"
-        )
+        candidates = [i for i, m in enumerate(models) if not is_base(m)]
+        if not candidates:
+            raise MimcliError(
+                f"--eval: every evaluated model is the base model; evaluate the run with "
+                f"`mimcli eval BASE {run_dir} --train ... --val ... --out {run_dir}/eval`"
+            )
+        refined = [candidates[-1]]
+        if warnings is not None:
+            warnings.append(
+                f"eval results name no model at {run_dir}; taking {models[refined[0]].name!r} "
+                "(the last one that is not the base model) as this run"
+            )
     r = refined[0]
-    base = [
-        i
-        for i, m in enumerate(result.models)
-        if i != r and (m.source == base_spec or same(m.source, Path(base_spec)))
-    ]
-    others = [i for i in range(len(result.models)) if i != r]
+    base = [i for i, m in enumerate(models) if i != r and is_base(m)]
+    others = [i for i in range(len(models)) if i != r]
     if base:
         return base[0], r
     return (others[0] if len(others) == 1 else None), r
@@ -313,6 +334,7 @@ def build_repo_folder(
     from huggingface_hub import get_token
 
     secrets = [get_token() or ""]
+    run = scrub(run, secrets)
     tmp = dest.with_name(f".{dest.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -321,13 +343,13 @@ def build_repo_folder(
         metadata = {
             "format": "pt",
             "mimcli_version": mimcli.__version__,
-            "base_model": hub_id or base_spec,
+            "base_model": scrub(hub_id or base_spec, secrets),
             "architecture": arch,
             "objective": str(run.get("config", {}).get("objective", "nna")),
         }
         write_bytes(tmp / "model.safetensors", safetensors_bytes(tensors, metadata))
         write_json(tmp / "config.json", _timm_config(timm_cfg))
-        write_json(tmp / MARKER, scrub(run, secrets))
+        write_json(tmp / MARKER, run)
         plots: list[str] = []
         probe_plot, probe_model = None, ""
         if evaluation is not None:
@@ -340,6 +362,8 @@ def build_repo_folder(
         if probe_file is not None:
             probe_data = scrub(load_probe(probe_file), secrets)
             probe_model = str(probe_data.get("model", ""))
+            if Path(probe_model).exists():  # a local path says nothing to readers of the card
+                probe_model = "/".join(Path(probe_model).resolve().parts[-2:])
             write_json(tmp / "probe.json", probe_data)
             if (probe_file.parent / "probe.png").is_file():
                 shutil.copyfile(probe_file.parent / "probe.png", tmp / "plots" / "probe.png")
@@ -349,7 +373,7 @@ def build_repo_folder(
             arch=arch,
             stock_timm=stock,
             run=run,
-            base_spec=base_spec,
+            base_spec=scrub(base_spec, secrets),
             base_hub_id=hub_id,
             license=lic,
             license_note=note,
@@ -357,10 +381,13 @@ def build_repo_folder(
             tags=list(tags),
             eval=evaluation[0] if evaluation else None,
             eval_columns=(
-                eval_columns(evaluation[0], run_dir, base_spec) if evaluation else (None, 0)
+                eval_columns(evaluation[0], run_dir, base_spec, warnings)
+                if evaluation
+                else (None, 0)
             ),
             probe_plot=probe_plot,
             probe_model=probe_model,
+            num_params=sum(t.numel() for t in tensors.values()),
             plots=plots,
         )
         write_text(tmp / "README.md", scrub(render_card(inputs), secrets))
@@ -490,16 +517,42 @@ def _require_token() -> None:
         )
 
 
-def full_repo_id(repo: str, retries: int = 4, retry_wait: float = 2.0) -> str:
-    """``OWNER/NAME`` for ``repo``; a bare ``NAME`` gets the token owner's name (whoami)."""
-    from huggingface_hub import HfApi
+def normalize_repo_id(repo: str) -> str:
+    """``repo`` checked by huggingface_hub's own rules; a pasted ``hf-hub:`` prefix is dropped."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    parts = repo.split("/")
-    if len(parts) > 2 or not all(parts) or any(c.isspace() for c in repo):
+    repo = repo.strip()
+    if repo.startswith("hf-hub:"):
+        repo = repo[len("hf-hub:") :]
+    if repo.count("/") > 1 or repo.startswith("/") or repo.endswith("/"):
         raise MimcliError(f"--repo {repo!r}: expected OWNER/NAME or NAME")
-    if len(parts) == 2:
-        return repo
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise MimcliError(f"--repo {repo!r}: not a valid Hub repo id ({_one_line(exc)})") from exc
+    return repo
+
+
+def preflight(repo: str, retries: int = 4, retry_wait: float = 2.0) -> str:
+    """Everything checkable before the folder is built: the repo id, offline mode, a token,
+    that the endpoint answers; returns ``OWNER/NAME`` (a bare NAME gets the token's owner)."""
+    from huggingface_hub import HfApi, constants
+
+    from mimcli.hub import endpoint_reachable
+
+    repo = normalize_repo_id(repo)
+    if constants.HF_HUB_OFFLINE:
+        raise MimcliError(
+            "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or use --dry-run --to DIR"
+        )
     _require_token()
+    if not endpoint_reachable():
+        raise RemoteError(
+            f"cannot reach the Hub at {constants.ENDPOINT} (offline? check the network or "
+            "HF_ENDPOINT), or use --dry-run --to DIR to only write the folder"
+        )
+    if "/" in repo:
+        return repo
     who, _ = with_retries("asking the Hub who you are", HfApi().whoami, retries, retry_wait)
     return f"{who['name']}/{repo}"
 

@@ -139,10 +139,11 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
     # the before/after table: base and refined columns with their values and the change
     base_cls, new_cls = result.models[0].knn["cls"]["3"], refined.knn["cls"]["3"]
     row = next(line for line in body.splitlines() if line.startswith("| k-NN CLS k=3 %"))
-    assert row == (
-        f"| k-NN CLS k=3 % | {base_cls:.2f} | {new_cls:.2f} | "
-        f"{float(f'{new_cls:.2f}') - float(f'{base_cls:.2f}'):+.2f} |"
-    )
+    assert row == f"| k-NN CLS k=3 % | {base_cls:.2f} | {new_cls:.2f} | {new_cls - base_cls:+.2f} |"
+    nmi = next(line for line in body.splitlines() if line.startswith("| k-means NMI"))
+    base_nmi, new_nmi = result.models[0].cluster["nmi"], refined.cluster["nmi"]
+    assert nmi.endswith(f"| {new_nmi - base_nmi:+.4f} |")
+    assert "Davies-Bouldin (lower is better)" in body
     assert "base (base)" in body and "](plots/probe.png)" in body
     # the card's YAML is what huggingface_hub itself parses
     from huggingface_hub import ModelCard
@@ -175,8 +176,11 @@ def test_eval_columns_pick_this_run_and_its_base(tiny_run, tmp_path):
     assert eval_columns(result(label, "x", "b"), run, "b") == (2, 0)
     assert eval_columns(result(label, "x", "y"), run, "b") == (None, 0)
     assert eval_columns(result(str(run / "export")), run, "b") == (None, 0)
-    with pytest.raises(MimcliError, match="none of the evaluated models"):
-        eval_columns(result("x", "y"), run, "b")
+    warnings = []  # a moved run: the last model that is not the base, with a warning
+    assert eval_columns(result("b", "/elsewhere/rA"), run, "b", warnings) == (0, 1)
+    assert "taking 'rA'" in warnings[0]
+    with pytest.raises(MimcliError, match="every evaluated model is the base"):
+        eval_columns(result("b"), run, "b")
 
 
 def test_license_and_base_model_are_inherited():
@@ -216,6 +220,28 @@ def test_scrub_removes_secrets():
     assert "hf_abcdefghijk" not in text and "hf_ZZZZ" not in text
     assert "my-secret-value" not in text
     assert clean["environment"]["argv"] == f"mimcli refine m --token {REDACTED} --out r"
+    leaky = [
+        "https://bucket.s3.amazonaws.com/w.pth?X-Amz-Signature=abc&X-Amz-Security-Token=def",
+        "https://user:hunter2@example.com/w.pth",
+        "login password=hunter2 now",
+        "--wandb-key abcdef123",
+        {"auth": {"pass": "hunter2"}},
+    ]
+    text = json.dumps(scrub(leaky))
+    for secret in ("X-Amz-Signature=abc", "def", "hunter2", "abcdef123"):
+        assert secret not in text, secret
+    assert "https://bucket.s3.amazonaws.com/w.pth?<redacted>" in text
+
+
+def test_repo_ids_follow_the_hub_rules():
+    from mimcli.publish import normalize_repo_id
+
+    assert normalize_repo_id("hf-hub:alice/x") == "alice/x"
+    assert normalize_repo_id(" alice/x ") == "alice/x"
+    assert normalize_repo_id("tiny") == "tiny"
+    for bad in ("alice/x..", "-x/y", "a/b/c", "alice/", "x" * 97, "alice/my model"):
+        with pytest.raises(MimcliError, match="--repo"):
+            normalize_repo_id(bad)
 
 
 def test_token_never_reaches_the_folder(tiny_run, tmp_path, monkeypatch):

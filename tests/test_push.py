@@ -178,6 +178,7 @@ def test_branch_pull_request_and_bare_name(logged_in, tiny_run):
         (["--dry-run"], TOKEN, "--to DIR", 2),
         ([], TOKEN, "--repo OWNER/NAME", 2),
         (["--repo", "a/b/c"], TOKEN, "expected OWNER/NAME", 2),
+        (["--repo", "alice/x.."], TOKEN, "not a valid Hub repo id", 2),
     ],
 )
 def test_bad_push_requests_are_one_line(hub, tiny_run, monkeypatch, args, token, expect, code):
@@ -191,6 +192,7 @@ def test_bad_push_requests_are_one_line(hub, tiny_run, monkeypatch, args, token,
     assert expect in result.output
     assert "Traceback" not in result.output
     assert hub.get_repo("alice/x") is None
+    assert not (tiny_run["run"] / ".push").exists()
     if token:
         assert token not in result.output
 
@@ -204,3 +206,25 @@ def test_push_help_and_dry_run(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "nothing uploaded" in result.output
     assert (out / "README.md").read_text().startswith("---\nlibrary_name: timm\n")
+
+
+def test_offline_or_unreachable_hub_fails_fast(tiny_run):
+    offline = mimcli(
+        "push",
+        str(tiny_run["run"]),
+        "--repo",
+        "alice/x",
+        env={"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"},
+    )
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr
+    down = mimcli(
+        "push",
+        str(tiny_run["run"]),
+        "--repo",
+        "alice/x",
+        env={"HF_TOKEN": TOKEN, "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    assert down.returncode == 1, down.stderr
+    assert "cannot reach the Hub at http://127.0.0.1:9" in down.stderr
+    assert "Traceback" not in down.stderr and TOKEN not in down.stderr + down.stdout
+    assert not (tiny_run["run"] / ".push").exists()

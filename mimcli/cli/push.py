@@ -22,16 +22,23 @@ HELP = (
 EPILOG = """\
 Examples:
 
-  mimcli eval vit_large_patch16_224.mae runs/mae-l --train in1k/train --val in1k/val \\
-      --out runs/mae-l/eval
+  mimcli eval vit_large_patch16_224.mae runs/mae-l \\
+      --train in1k/train --val in1k/val --out runs/mae-l/eval
   mimcli push runs/mae-l --repo my-name/vit-large-mae-refined
 
   mimcli push runs/tiny --dry-run --to runs/tiny/hub     (write the folder, upload nothing)
 
   mimcli push runs/mae-l --repo my-org/mae-l-refined --private --create-pr
 
-RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present.
+RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present. Without
+--to, the folder is staged in RUN_DIR/.push and removed after the upload; it is rebuilt from the
+run each time (edit the card after pushing, or pass --to and upload it yourself).
 """
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Repeated and/or comma-separated option values."""
+    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
 
 
 @handle_errors
@@ -55,7 +62,10 @@ def push(
         str | None, typer.Option("--commit-message", help="Commit title.")
     ] = None,
     create_pr: Annotated[
-        bool, typer.Option("--create-pr", help="Open a pull request against main instead.")
+        bool,
+        typer.Option(
+            "--create-pr", help="Open a pull request against main instead of committing to it."
+        ),
     ] = False,
     eval_path: Annotated[
         Path | None,
@@ -70,9 +80,13 @@ def push(
     ] = None,
     dataset: Annotated[
         list[str] | None,
-        typer.Option("--dataset", help="Hub dataset id(s) the run used, e.g. imagenet-1k."),
+        typer.Option(
+            "--dataset", help="Hub dataset id(s) the run used (repeat or comma-separate)."
+        ),
     ] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Extra card tag(s).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Extra card tags (repeat or comma-separate).")
+    ] = None,
     retries: Annotated[
         int, typer.Option("--retries", min=0, help="Retries of transient Hub failures.")
     ] = 4,
@@ -81,11 +95,12 @@ def push(
     ] = 2.0,
     as_json: JsonOpt = False,
 ) -> None:
-    from mimcli.errors import MimcliError
+    from mimcli.errors import MimcliError, RemoteError
     from mimcli.publish import (
         build_repo_folder,
         check_push_options,
-        full_repo_id,
+        normalize_repo_id,
+        preflight,
         upload_folder,
     )
 
@@ -96,10 +111,12 @@ def push(
     if not run_dir.is_dir():
         raise MimcliError(f"{run_dir}: no such run folder")
     check_push_options(revision, create_pr)
-    if repo and not dry_run:
-        repo_id = full_repo_id(repo, retries=retries, retry_wait=retry_wait)
+    if not dry_run:
+        repo_id = preflight(repo, retries=retries, retry_wait=retry_wait)  # type: ignore[arg-type]
     else:
-        repo_id = repo or f"your-name/{run_dir.resolve().name}"
+        repo_id = normalize_repo_id(repo) if repo else run_dir.resolve().name
+        if "/" not in repo_id:
+            repo_id = f"your-name/{repo_id}"  # the card's usage line needs an owner
     staging = to if to is not None else run_dir / ".push" / "repo"
     built = build_repo_folder(
         run_dir,
@@ -108,8 +125,8 @@ def push(
         eval_path=eval_path,
         probe_path=probe_path,
         license=license,
-        datasets=dataset or (),
-        tags=tag or (),
+        datasets=_split(dataset),
+        tags=_split(tag),
     )
     for warning in built.warnings:
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -135,8 +152,12 @@ def push(
             retry_wait=retry_wait,
             on_retry=lambda msg: stderr.print(f"[yellow]retry:[/] {msg}", highlight=False),
         )
-    except MimcliError as err:
-        raise type(err)(f"{err} [repo folder: {built.path}]") from err
+    except RemoteError as err:  # transient failures: keep the folder for the re-run
+        raise RemoteError(f"{err} [repo folder: {built.path}]") from err
+    except MimcliError:
+        if to is None:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+        raise
     if to is None:  # uploaded: the temporary copy is not needed (on failure it stays, see error)
         shutil.rmtree(staging.parent, ignore_errors=True)
         summary["folder"] = None
