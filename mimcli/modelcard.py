@@ -209,7 +209,7 @@ def usage(inputs: CardInputs) -> str:
     setup = (
         "import timm\n"
         if inputs.stock_timm
-        else "import timm\nimport mimcli.models  # registers the mimcli_vit_postnorm architecture\n"
+        else "import timm\nimport mimcli.models.postnorm  # registers the architecture\n"
     )
     return (
         "```python\n"
@@ -263,9 +263,9 @@ def render_card(inputs: CardInputs) -> str:
         parts.append(
             "> **Needs mimcli to load.** This is a data2vec 2.0 style *post-norm* ViT; no stock "
             "timm architecture computes the same function, so the weights use the "
-            "`mimcli_vit_postnorm` architecture that `pip install mimcli` registers with timm on "
-            "`import mimcli.models`. Without it, `timm.create_model` fails with an unknown "
-            "architecture.\n"
+            "`mimcli_vit_postnorm` architecture that `pip install mimcli` registers with timm "
+            "on `import mimcli.models.postnorm`. Without it, `timm.create_model` fails with an "
+            "unknown architecture.\n"
         )
     parts += ["## How it was refined\n", "\n".join(_refine_summary(inputs.run)) + "\n"]
     parts.append(f"License: `{inputs.license}` ({inputs.license_note}).\n")

@@ -14,7 +14,7 @@ Two steps, so nothing remote happens until the folder is complete:
 
 Data2vec 2.0 encoders use mimcli's ``mimcli_vit_postnorm`` (post-norm blocks); no stock timm
 architecture computes that function, so such repos keep the architecture name, the card says that
-``import mimcli.models`` must run before ``timm.create_model``, and ``push`` warns.
+``import mimcli.models.postnorm`` must run before ``timm.create_model``, and ``push`` warns.
 """
 
 from __future__ import annotations
@@ -327,8 +327,8 @@ def build_repo_folder(
     if not stock:
         warnings.append(
             f"{arch} (data2vec 2.0 post-norm) is not a stock timm architecture: loading the repo "
-            "needs `pip install mimcli` and `import mimcli.models` before timm.create_model "
-            "(the model card says so)"
+            "needs `pip install mimcli` and `import mimcli.models.postnorm` before "
+            "timm.create_model (the model card says so)"
         )
 
     from huggingface_hub import get_token

@@ -264,7 +264,6 @@ def test_token_never_reaches_the_folder(tiny_run, tmp_path, monkeypatch):
 def test_postnorm_encoder_is_published_with_a_loading_note(tmp_path):
     from timm.models import save_for_hf
 
-    import mimcli.models  # noqa: F401  (registers mimcli_vit_postnorm)
     from mimcli.models.postnorm import POSTNORM_ARCH
 
     args = dict(TINY_ARGS)
@@ -279,7 +278,19 @@ def test_postnorm_encoder_is_published_with_a_loading_note(tmp_path):
     assert not built.stock_timm
     assert any("not a stock timm architecture" in w for w in built.warnings)
     _, body = card_meta(built.path)
-    assert "Needs mimcli to load" in body and "import mimcli.models" in body
+    assert "Needs mimcli to load" in body and "import mimcli.models.postnorm" in body
+    # what the card tells a reader to run, in a fresh interpreter
+    import subprocess
+    import sys
+
+    code = (
+        "import timm, torch\n"
+        "import mimcli.models.postnorm\n"
+        f"m = timm.create_model('local-dir:{built.path}', pretrained=True)\n"
+        "print(m(torch.zeros(1, 3, 32, 32)).shape[-1])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(TINY_ARGS["embed_dim"]), done.stderr
     loaded = timm.create_model(f"local-dir:{built.path}", pretrained=True).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

@@ -22,8 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mimcli.blocks import parse_blocks  # noqa: F401  (re-exported for the commands)
 from mimcli.errors import MimcliError
-from mimcli.models.taps import parse_blocks  # noqa: F401  (re-exported for the commands)
 
 stdout = Console()
 stderr = Console(stderr=True)

@@ -172,6 +172,6 @@ def push(
         stdout.print(f"Pushed {result.commit_url}", markup=False)
     stdout.print(
         f'Load it with timm.create_model("hf-hub:{result.repo_id}", pretrained=True)'
-        + ("" if built.stock_timm else " after `import mimcli.models`"),
+        + ("" if built.stock_timm else " after `import mimcli.models.postnorm`"),
         markup=False,
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mimcli.errors import MimcliError
+from mimcli.blocks import parse_blocks  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -88,27 +88,3 @@ def tap_blocks(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) ->
             cls_norm = norm(last_prefix[:, 0])
             patch_norm = norm(last_tokens.mean(dim=1))
     return BlockTaps(cls=cls, patch=patch, cls_norm=cls_norm, patch_norm=patch_norm)
-
-
-def parse_blocks(text: str | None) -> list[int] | None:
-    """``"1,4,8-12"`` -> [1, 4, 8, 9, 10, 11, 12] (1-based block numbers)."""
-    if text is None or text.strip() in ("", "all"):
-        return None
-    blocks: set[int] = set()
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                blocks.update(range(lo, hi + 1))
-            else:
-                blocks.add(int(part))
-            if "-" in part and lo > hi:
-                raise ValueError(part)
-    except ValueError as exc:
-        raise MimcliError(
-            f"--blocks {text!r}: expected block numbers like 9,10,12 or 17-24 (counted from 1)"
-        ) from exc
-    if not blocks:
-        raise MimcliError(f"--blocks {text!r}: no blocks selected")
-    return sorted(blocks)
