@@ -11,7 +11,7 @@ DATA ?= data/fmnist
 DEMO_OUT ?= runs/demo
 MODEL ?= examples/models/fmnist-mae-tiny
 
-.PHONY: venv test test-slow test-ci demo fmnist fmnist-idx fmnist-try lint clean
+.PHONY: venv test test-slow test-ci demo bench fmnist fmnist-idx fmnist-try lint clean
 
 venv: $(STAMP)
 
@@ -62,8 +62,12 @@ demo: venv fmnist-try
 	$(PY) examples/demo.py --model $(MODEL) --out $(DEMO_OUT) --data $(DATA) \
 	  --idx-dir $(FMNIST_IDX)
 
+## Speed and memory benchmarks (ratios measured in one run; see BENCHMARKS.md). ~30 min on 2 cores.
+bench: venv
+	$(PY) -m benchmarks
+
 lint: venv
-	$(VENV)/bin/ruff check mimcli tests examples
+	$(VENV)/bin/ruff check mimcli tests examples benchmarks
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,5 +1,6 @@
-"""Exact inner-product nearest-neighbour search: FAISS (IndexFlatIP, GPU index when available)
-or chunked torch matmul + topk. Both return the same neighbours; ``auto`` picks per device.
+"""Exact inner-product nearest-neighbour search: FAISS (``faiss.knn`` on the CPU, a GPU flat index
+when GPU FAISS is installed) or chunked torch matmul + topk. Both return the same neighbours;
+``auto`` picks per device (see :func:`resolve_backend`).
 
 Optional per-query exclusion by id (a sample must never retrieve its own earlier entry from the
 MIM-Refiner queue): excluded slots never appear, and missing results are padded with index -1 and
@@ -21,6 +22,10 @@ BACKENDS = ("auto", "faiss", "torch")
 MAX_BLOCK_ELEMENTS = 64 * 1024 * 1024
 # Database rows per torch chunk; the running top-k is merged across chunks.
 DATABASE_CHUNK = 262_144
+# Database rows per FAISS BLAS block: N / 32, within [1,024 (FAISS's default), 8,192]; see
+# _faiss_database_block.
+FAISS_DATABASE_BLOCKS = 32
+FAISS_DATABASE_BLOCK_RANGE = (1_024, 8_192)
 
 
 def faiss_available() -> bool:
@@ -40,10 +45,19 @@ def faiss_gpu_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """Choose ``faiss`` or ``torch``.
+    """Choose ``faiss`` or ``torch``; both return the same neighbours, so this is speed only.
 
-    ``auto``: on CPU FAISS when installed; on CUDA FAISS only with GPU support, otherwise torch
-    (a CPU FAISS search would copy everything back to the host).
+    ``auto``, per device and independent of size:
+
+    * CPU (and MPS, searched from host memory): FAISS when installed, otherwise torch. Measured
+      on 2 Xeon cores (``benchmarks/queue_lookup.py``, ``benchmarks/knn_search.py``), FAISS's
+      in-place ``faiss.knn`` runs at ~90% of the float32 GEMM rate on large searches and torch's
+      matmul + topk at ~60% (topk is a second pass over every similarity block): FAISS is
+      1.4-1.8x faster for queues of 16k-1M entries and 10k-250k train sets, and level with torch
+      on a 4k-entry queue, so there is no size below which torch should take over.
+    * CUDA: FAISS only with GPU support; otherwise torch on the GPU, since a CPU FAISS search
+      would copy the database (the whole queue, every refinement step) to the host and give up
+      the GPU's matmul. GPU FAISS is not measured (no GPU FAISS wheels on the machines used).
     """
     if backend not in BACKENDS:
         raise MimcliError(f"unknown --knn-backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -66,93 +80,121 @@ def _as_float32_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _topk_torch(
-    queries: torch.Tensor,
-    database: torch.Tensor,
-    k: int,
-    query_ids: torch.Tensor | None = None,
-    database_ids: torch.Tensor | None = None,
+    queries: torch.Tensor, database: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain top-k: blocks of at most ``MAX_BLOCK_ELEMENTS`` similarities, computed into one
+    reused buffer (a fresh 256 MB tensor per block costs page faults), running top-k merged across
+    database chunks."""
     n_query, n_db = queries.shape[0], database.shape[0]
     db_chunk = min(n_db, DATABASE_CHUNK)
     q_chunk = max(1, min(n_query, MAX_BLOCK_ELEMENTS // max(db_chunk, 1)))
+    buffer = torch.empty(q_chunk * db_chunk, dtype=torch.float32, device=queries.device)
     out_scores = torch.empty(n_query, k, dtype=torch.float32, device=queries.device)
     out_index = torch.empty(n_query, k, dtype=torch.int64, device=queries.device)
-    exclude = query_ids is not None and database_ids is not None
     for q0 in range(0, n_query, q_chunk):
         q = queries[q0 : q0 + q_chunk]
         best_s: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for d0 in range(0, n_db, db_chunk):
-            sims = q @ database[d0 : d0 + db_chunk].T
-            if exclude:
-                qid = query_ids[q0 : q0 + q_chunk, None]  # type: ignore[index]
-                dbid = database_ids[None, d0 : d0 + db_chunk]  # type: ignore[index]
-                sims = sims.masked_fill((qid == dbid) & (dbid != -1), float("-inf"))
-            s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+            block = database[d0 : d0 + db_chunk]
+            sims = buffer[: q.shape[0] * block.shape[0]].view(q.shape[0], block.shape[0])
+            torch.mm(q, block.T, out=sims)
+            if k == 1:  # a max is cheaper than topk(1)
+                s, i = sims.max(dim=1, keepdim=True)
+            else:
+                s, i = sims.topk(min(k, block.shape[0]), dim=1)
             i = i + d0
-            if best_s is None:
+            if best_s is None or best_i is None:
                 best_s, best_i = s, i
             else:
                 cat_s = torch.cat([best_s, s], dim=1)
-                cat_i = torch.cat([best_i, i], dim=1)  # type: ignore[list-item]
+                cat_i = torch.cat([best_i, i], dim=1)
                 best_s, pick = cat_s.topk(k, dim=1)
                 best_i = cat_i.gather(1, pick)
-        if exclude:
-            # Only masked slots score -inf (features are finite): they are padding, not results.
-            best_i = best_i.masked_fill(best_s == float("-inf"), -1)  # type: ignore[union-attr]
         out_scores[q0 : q0 + q.shape[0]] = best_s  # type: ignore[assignment]
         out_index[q0 : q0 + q.shape[0]] = best_i  # type: ignore[assignment]
     return out_scores, out_index
 
 
+def _faiss_database_block(n_db: int) -> int:
+    """Database rows per FAISS BLAS block: ``n_db / 32`` within [1,024, 8,192].
+
+    FAISS runs one BLAS call and one OpenMP reduction per block of (up to 4,096 queries) x
+    (1,024 database rows by default): hundreds of fork/joins per search of a large queue. On an
+    idle machine that costs little, but when another process wants a core (data-loader workers,
+    a second job) every fork/join waits for a descheduled thread, and a 262k-entry queue lookup
+    took 5x as long as on an idle machine (torch: 2x). Capping the blocks per search at 32 makes
+    it 2x faster under that contention and no slower idle; small databases keep the default
+    (a block buffer they would only page-fault in), and 8,192 rows keep the buffer <= 128 MB.
+    """
+    low, high = FAISS_DATABASE_BLOCK_RANGE
+    return int(min(high, max(low, n_db // FAISS_DATABASE_BLOCKS)))
+
+
 def _topk_faiss(
-    queries: torch.Tensor,
-    database: torch.Tensor,
-    k: int,
-    query_ids: torch.Tensor | None = None,
-    database_ids: torch.Tensor | None = None,
+    queries: torch.Tensor, database: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain top-k with FAISS, answered as CPU tensors: a GPU flat index on CUDA with GPU FAISS,
+    else ``faiss.knn`` on the CPU, which searches the array in place (building an ``IndexFlatIP``
+    would first copy the whole database, on every call: a new queue every refinement step)."""
     import faiss
 
     device = queries.device
+    q_np = queries.detach().cpu().numpy()
     # Below this many queries FAISS skips BLAS for a scalar loop that is much slower for wide
     # features; queries arrive in batches, so always take the BLAS path.
     faiss.cvar.distance_compute_blas_threshold = 1
-    d = database.shape[1]
-    if device.type == "cuda" and faiss_gpu_available():
-        res = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatIP(res, d)
-    else:
-        index = faiss.IndexFlatIP(d)
-    index.add(database.detach().cpu().numpy())
-    if query_ids is None or database_ids is None:
-        scores, idx = index.search(queries.detach().cpu().numpy(), k)
-        return torch.from_numpy(scores).to(device), torch.from_numpy(idx).to(device)
-    qid, dbid = query_ids.cpu(), database_ids.cpu()
-    # A query loses at most as many hits as the database holds entries with its id, so searching
-    # k + that maximum and dropping excluded hits leaves exactly the top k valid entries.
-    extra = _max_excluded(qid, dbid)
-    wide = min(k + extra, database.shape[0])
-    scores_np, idx_np = index.search(queries.detach().cpu().numpy(), wide)
-    scores_w, idx_w = torch.from_numpy(scores_np), torch.from_numpy(idx_np)
-    hit_ids = dbid[idx_w.clamp_min(0)]
-    valid = (idx_w >= 0) & ((hit_ids != qid[:, None]) | (hit_ids == -1))
-    # Stable sort on "invalid" moves valid hits to the front in their original (descending) order.
-    order = (~valid).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
-    keep = valid.gather(1, order)
-    scores_k = scores_w.gather(1, order).masked_fill(~keep, float("-inf"))
-    idx_k = idx_w.gather(1, order).masked_fill(~keep, -1)
-    return scores_k.to(device), idx_k.to(device)
+    # For this search only (a FAISS global).
+    cvar = faiss.cvar
+    saved = cvar.distance_compute_blas_database_bs
+    cvar.distance_compute_blas_database_bs = _faiss_database_block(database.shape[0])
+    try:
+        if device.type == "cuda" and faiss_gpu_available():
+            res = faiss.StandardGpuResources()
+            index = faiss.GpuIndexFlatIP(res, database.shape[1])
+            index.add(database.detach().cpu().numpy())
+            scores, idx = index.search(q_np, k)
+        else:
+            scores, idx = faiss.knn(
+                q_np, database.detach().cpu().numpy(), k, metric=faiss.METRIC_INNER_PRODUCT
+            )
+    finally:
+        cvar.distance_compute_blas_database_bs = saved
+    return torch.from_numpy(scores), torch.from_numpy(idx)
 
 
 def _max_excluded(query_ids: torch.Tensor, database_ids: torch.Tensor) -> int:
-    """Largest number of database entries any one query must skip (ids of -1 never count)."""
-    real = database_ids[database_ids != -1]
-    if real.numel() == 0:
+    """Largest number of database entries any one query must skip (ids of -1 never count).
+
+    One binary search per database entry into the sorted query ids: O(N log Q), no sort of N."""
+    wanted = torch.unique(query_ids[query_ids != -1])  # sorted
+    if wanted.numel() == 0:
         return 0
-    values, counts = torch.unique(real, return_counts=True)
-    counts = counts[torch.isin(values, query_ids)]
-    return int(counts.max()) if counts.numel() else 0
+    pos = torch.searchsorted(wanted, database_ids).clamp_max_(wanted.numel() - 1)
+    hit = wanted[pos] == database_ids
+    if not bool(hit.any()):
+        return 0
+    return int(torch.bincount(pos[hit], minlength=wanted.numel()).max())
+
+
+def _drop_excluded(
+    scores: torch.Tensor,
+    index: torch.Tensor,
+    query_ids: torch.Tensor,
+    database_ids: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop hits that share the query's id from a wide top list, keep the first ``k`` valid ones
+    in order, pad with index -1 / score -inf."""
+    hit_ids = database_ids[index.clamp_min(0)]
+    valid = (index >= 0) & ((hit_ids != query_ids[:, None]) | (hit_ids == -1))
+    # Stable sort on "invalid" moves valid hits to the front in their original (descending) order.
+    order = (~valid).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+    keep = valid.gather(1, order)
+    return (
+        scores.gather(1, order).masked_fill(~keep, float("-inf")),
+        index.gather(1, order).masked_fill(~keep, -1),
+    )
 
 
 def _as_ids(ids: torch.Tensor | np.ndarray, length: int, name: str) -> torch.Tensor:
@@ -204,7 +246,19 @@ def topk_inner_product(
         dbid = _as_ids(database_ids, db.shape[0], "database_ids")
     k = min(k, db.shape[0])
     if resolve_backend(backend, q.device) == "faiss":
-        return _topk_faiss(q, db, k, qid, dbid)
-    if qid is not None and dbid is not None:
-        qid, dbid = qid.to(q.device), dbid.to(q.device)
-    return _topk_torch(q, db.to(q.device), k, qid, dbid)
+        search, where = _topk_faiss, torch.device("cpu")  # FAISS answers in host memory
+    else:
+        search, where = _topk_torch, q.device
+        db = db.to(where)
+    if qid is None or dbid is None:
+        scores, idx = search(q, db, k)
+    else:
+        # A query loses at most as many hits as the database holds entries with its id, so
+        # searching k + that maximum and dropping excluded hits leaves exactly the top k valid
+        # entries; both backends share this (no (Q, N) mask).
+        qid, dbid = qid.to(where), dbid.to(where)
+        extra = _max_excluded(qid, dbid)
+        scores, idx = search(q, db, min(k + extra, db.shape[0]))
+        if extra:
+            scores, idx = _drop_excluded(scores, idx, qid, dbid, k)
+    return scores.to(q.device), idx.to(q.device)

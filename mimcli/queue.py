@@ -135,7 +135,9 @@ class NeighbourQueue(nn.Module):
             topk: size of the candidate set to draw from.
             generator: CPU generator for the draw (only used when ``topk > 1``); pass a seeded
                 one and checkpoint its state for reproducible, resumable runs.
-            backend: ``auto``, ``faiss`` or ``torch`` (see :mod:`mimcli.index`).
+            backend: ``auto``, ``faiss`` or ``torch``; ``auto`` is FAISS on the CPU (searching
+                the queue in place, no index is built) and torch on CUDA unless FAISS has GPU
+                support (:func:`mimcli.index.resolve_backend`).
 
         Returns:
             the chosen entries, see :class:`NeighbourResult`.

@@ -129,3 +129,83 @@ def test_exclusion_argument_errors():
     ids = np.arange(5)
     _, i = topk_inner_product(q, db, 5, "faiss", query_ids=np.array([0, 1]), database_ids=ids)
     assert (i[0] != 0).all() and (i[1] != 1).all() and (i[:, -1] == -1).all()
+
+
+def test_auto_backend_rule(monkeypatch):
+    """auto: FAISS on CPU (and MPS) when installed, at every size; on CUDA only GPU FAISS."""
+    monkeypatch.setattr(index, "faiss_available", lambda: True)
+    monkeypatch.setattr(index, "faiss_gpu_available", lambda: False)
+    assert resolve_backend("auto", "cpu") == "faiss"
+    assert resolve_backend("auto", "mps") == "faiss"
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("auto", torch.device("cuda", 1)) == "torch"
+    monkeypatch.setattr(index, "faiss_gpu_available", lambda: True)
+    assert resolve_backend("auto", "cuda") == "faiss"
+    monkeypatch.setattr(index, "faiss_available", lambda: False)
+    monkeypatch.setattr(index, "faiss_gpu_available", lambda: False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(MimcliError, match="not installed"):
+        resolve_backend("faiss", "cpu")
+
+
+def test_faiss_search_restores_block_sizes():
+    import faiss
+
+    before = (
+        faiss.cvar.distance_compute_blas_query_bs,
+        faiss.cvar.distance_compute_blas_database_bs,
+    )
+    db = torch.nn.functional.normalize(torch.randn(100_000, 4), dim=1)  # blocks of 3,125 rows
+    q = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    assert index._faiss_database_block(db.shape[0]) == 3_125
+    _, i = topk_inner_product(q, db, 3, "faiss")
+    assert torch.equal(i, (q @ db.T).topk(3, dim=1).indices)
+    after = (
+        faiss.cvar.distance_compute_blas_query_bs,
+        faiss.cvar.distance_compute_blas_database_bs,
+    )
+    assert after == before
+
+
+def test_faiss_database_block_rule():
+    """N / 32 database rows per FAISS BLAS block, never below FAISS's 1,024 nor above 8,192."""
+    sizes = (10, 32_768, 65_536, 262_144, 10**7)
+    assert [index._faiss_database_block(n) for n in sizes] == [1_024, 1_024, 2_048, 8_192, 8_192]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_top1_over_chunks_is_argmax(monkeypatch, backend):
+    monkeypatch.setattr(index, "DATABASE_CHUNK", 64)
+    monkeypatch.setattr(index, "MAX_BLOCK_ELEMENTS", 64 * 5)
+    gen = torch.Generator().manual_seed(3)
+    db, q = torch.randn(1000, 8, generator=gen), torch.randn(33, 8, generator=gen)
+    s, i = topk_inner_product(q, db, 1, backend)
+    full = q @ db.T
+    assert i.shape == (33, 1) and torch.equal(i[:, 0], full.argmax(dim=1))
+    torch.testing.assert_close(s[:, 0], full.max(dim=1).values)
+
+
+def test_max_excluded_matches_counting():
+    gen = torch.Generator().manual_seed(11)
+    for n_db, n_ids in [(500, 40), (500, 5000), (3, 2)]:
+        db_ids = torch.randint(-1, n_ids, (n_db,), generator=gen)
+        q_ids = torch.cat([torch.randint(-1, n_ids, (30,), generator=gen), torch.tensor([-1])])
+        expected = max(
+            [int(((db_ids == qi) & (db_ids != -1)).sum()) for qi in q_ids.tolist()], default=0
+        )
+        assert index._max_excluded(q_ids, db_ids) == expected
+    assert index._max_excluded(torch.tensor([-1, -1]), torch.tensor([-1, 3])) == 0
+    assert index._max_excluded(torch.tensor([7]), torch.tensor([1, 2, 3])) == 0
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_exclusion_without_shared_ids_is_plain_search(backend):
+    gen = torch.Generator().manual_seed(5)
+    db, q = torch.randn(300, 16, generator=gen), torch.randn(20, 16, generator=gen)
+    plain_s, plain_i = topk_inner_product(q, db, 7, backend)
+    s, i = topk_inner_product(
+        q, db, 7, backend, query_ids=torch.arange(1000, 1020), database_ids=torch.arange(300)
+    )
+    assert torch.equal(i, plain_i)
+    torch.testing.assert_close(s, plain_s)

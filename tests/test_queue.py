@@ -163,6 +163,9 @@ def test_faiss_and_torch_backends_agree(seed):
     assert torch.equal(via_faiss.ids, via_torch.ids)
     torch.testing.assert_close(via_faiss.similarity, via_torch.similarity)
     assert (via_torch.ids != query_ids).all()
+    # auto (FAISS on CPU when installed, see mimcli.index.resolve_backend) picks the same slots
+    via_auto = queue.lookup(queries, query_ids)
+    assert torch.equal(via_auto.positions, via_torch.positions)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
