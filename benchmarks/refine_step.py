@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from benchmarks._common import parser, save, setup_threads, sync, table, timeit
-from mimcli.objectives.nna import multiview_loss
+from mimcli.objectives.nna import block_features, multiview_loss
 from mimcli.optim import apply_lr, encoder_param_groups, make_optimizer
 from mimcli.refine import RefineConfig, Refiner
 from mimcli.views import ViewBatch
@@ -73,7 +73,7 @@ def make_refiner(
     refiner = Refiner(cfg)
     refiner.save = lambda stage, done: None  # type: ignore[method-assign]
     gen = torch.Generator().manual_seed(0)
-    refiner.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)
+    refiner.objective.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)
     return refiner
 
 
@@ -140,38 +140,48 @@ def breakdown(refiner: Refiner, views: list[torch.Tensor], repeat: int) -> dict[
     ids = torch.arange(b, device=dev)
     _, bare_fb, bare_opt = bare_step_fn(refiner, views)
     with torch.no_grad(), autocast:
-        feats = [refiner.head_inputs(x) for x in inputs]
+        feats = [
+            block_features(refiner.encoder, x, refiner.blocks, refiner.cfg.head_input)
+            for x in inputs
+        ]
     feats_d = {k: torch.cat([f[k] for f in feats]).float() for k in refiner.blocks}
-    z_glob = {k: torch.randn(2, b, refiner.widths.out, device=dev) for k in refiner.blocks}
+    z_glob = {
+        k: torch.randn(2, b, refiner.objective.widths.out, device=dev) for k in refiner.blocks
+    }
     nn_glob = {k: torch.nn.functional.normalize(z_glob[k], dim=-1) for k in refiner.blocks}
 
     def taps_fb() -> None:
         refiner.encoder.zero_grad(set_to_none=True)
         with autocast:
-            outs = [refiner.head_inputs(x) for x in inputs]
+            outs = [
+                block_features(refiner.encoder, x, refiner.blocks, refiner.cfg.head_input)
+                for x in inputs
+            ]
             loss = sum(o.float().pow(2).mean() for f in outs for o in f.values())
         loss.backward()  # type: ignore[union-attr]
 
     def heads_fb() -> None:
-        refiner.heads.zero_grad(set_to_none=True)
+        refiner.objective.heads.zero_grad(set_to_none=True)
         total = torch.zeros((), device=dev)
         for k in refiner.blocks:
             with autocast:
-                z, p = refiner.heads.head(k)(feats_d[k])
+                z, p = refiner.objective.heads.head(k)(feats_d[k])
             z, p = z.float(), p.float()
             p_views = [p[i * b : (i + 1) * b] for i in range(len(views))]
             z_g = [z[:b], z[b : 2 * b]]
-            total = total + multiview_loss(z_g, list(nn_glob[k]), p_views, refiner.tau)[0]
+            total = total + multiview_loss(z_g, list(nn_glob[k]), p_views, refiner.objective.tau)[0]
         total.backward()
 
     def lookups(backend: str) -> None:
         for k in refiner.blocks:
             for zg in z_glob[k]:
-                refiner.queues[str(k)].lookup(zg, ids, cfg.topk, refiner.lookup_gen, backend)
+                refiner.objective.queues[str(k)].lookup(
+                    zg, ids, cfg.topk, refiner.objective.lookup_gen, backend
+                )
 
     def enqueue() -> None:
         for k in refiner.blocks:
-            refiner.queues[str(k)].enqueue(z_glob[k][0], ids)  # type: ignore[operator]
+            refiner.objective.queues[str(k)].enqueue(z_glob[k][0], ids)  # type: ignore[operator]
 
     bare_fb()  # leaves gradients for the optimiser steps below
     taps_fb()
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             views = make_views(refiner, b)
             res = measure(refiner, views, *((rounds, steps) if heads == 8 else short))
             res.update(model=label, batch=b, queue=queue, local_crops=locals_, device=device)
-            res["head_widths"] = vars(refiner.widths)
+            res["head_widths"] = vars(refiner.objective.widths)
             if heads == 8:
                 warm = refine_steps(refiner, views, steps, "heads")
                 res["head_warmup_median_s"] = float(np.median(warm))

@@ -3,8 +3,9 @@ when GPU FAISS is installed) or chunked torch matmul + topk. Both return the sam
 ``auto`` picks per device (see :func:`resolve_backend`).
 
 Optional per-query exclusion by id (a sample must never retrieve its own earlier entry from the
-MIM-Refiner queue): excluded slots never appear, and missing results are padded with index -1 and
-score -inf."""
+MIM-Refiner queue): the search asks for k plus the largest number of entries any one query must
+skip, drops the excluded hits and keeps the first k that remain; a query left with fewer than k
+valid entries is padded with index -1 and score -inf at the end of its row."""
 
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """``mimcli refine``: MIM-Refiner (arXiv 2402.10093) — ID heads with Nearest Neighbour Alignment
-on late blocks of a MIM encoder, a head warm-up with the encoder frozen, then full refinement.
+on late blocks of a MIM encoder, a head warm-up with the encoder frozen, then full refinement —
+and the other objectives of the family (``--objective``, :mod:`mimcli.objectives`), which share
+this loop, its runs, resume and DDP.
 
-The training loop (``train_stage``) reads top to bottom: schedules -> forward -> losses ->
-backward/step -> queue/EMA update -> log -> checkpoint. Setup, resume and export live around it.
+The training loop (``train_stage``) reads top to bottom: schedules -> forward + losses (the
+objective) -> backward/step -> objective update (queues, momentum networks) and encoder EMA ->
+log -> checkpoint. Setup, resume and export live around it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,13 @@ from mimcli import distributed as dist
 from mimcli.data import ImageList, eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
 from mimcli.features import extract_features
-from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.knn import knn_accuracy
 from mimcli.models.build import build_model
 from mimcli.models.sources import LoadedModel, load_model
-from mimcli.models.taps import parse_blocks, tap_blocks
-from mimcli.objectives.nna import alignment, multiview_loss
+from mimcli.models.taps import parse_blocks
+from mimcli.objectives import OBJECTIVES, objective_class
+from mimcli.objectives.base import Objective, ObjectiveContext
+from mimcli.objectives.nna import default_temperature  # noqa: F401  (re-exported)
 from mimcli.optim import (
     apply_lr,
     encoder_param_groups,
@@ -40,12 +44,10 @@ from mimcli.optim import (
     make_optimizer,
     scaled_lr,
 )
-from mimcli.queue import NeighbourQueue, neighbour_label_agreement, queue_size
 from mimcli.runs import RunFolder, environment, load_checkpoint, save_checkpoint
 from mimcli.runtime import configure_threads, seed_everything, select_device
 from mimcli.views import (
     MultiCropDataset,
-    MultiCropTransform,
     ViewBatch,
     check_local_crops_supported,
     collate_views,
@@ -54,6 +56,15 @@ from mimcli.views import (
 
 Progress = Callable[[str, int, int, dict[str, float]], None]
 STAGES = ("heads", "refine")
+# What options left at None mean when the objective has no default of its own (NNA's values).
+FALLBACK_DEFAULTS: dict[str, Any] = {
+    "blocks": "auto",
+    "head_input": "cls",
+    "local_crops": 10,
+    "photometric": True,
+    "freeze_blocks": 0,
+    "lr": 4e-4,
+}
 
 
 @dataclass
@@ -63,7 +74,8 @@ class RefineConfig:
     model: str
     data: Path
     out: Path
-    blocks: str = "auto"
+    objective: str = "nna"
+    blocks: str | None = None  # None: the objective's default (NNA: auto)
     probe: Path | None = None
     head_epochs: float = 20.0
     head_steps: int | None = None
@@ -71,24 +83,24 @@ class RefineConfig:
     steps: int | None = None
     limit: int | None = None
     batch_size: int = 256
-    lr: float = 4e-4
+    lr: float | None = None  # None: the objective's default (NNA 4e-4)
     head_lr: float = 2e-4
     head_warmup: float = 0.2
     warmup: float = 0.2
     weight_decay: float = 0.05
     head_weight_decay: float = 1e-5
     layer_decay: float = 0.65
-    local_crops: int = 10
+    local_crops: int | None = None  # None: the objective's default (NNA 10)
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
     head_width: str = "auto"
-    head_input: str = "cls"
+    head_input: str | None = None  # None: the objective's default (NNA cls)
     queue_size: str = "auto"
     topk: int = 20
     temperature: float | None = None
     ema: float = 0.9999
     export: str = "ema"
-    freeze_blocks: int = 0
+    freeze_blocks: int | None = None  # None: the objective's default (NNA 0)
     val: Path | None = None
     val_every: int = 0
     val_limit: int | None = 5000
@@ -103,6 +115,15 @@ class RefineConfig:
     probe_train: Path | None = None
     probe_val: Path | None = None
     threads: int | None = None
+    # objective options (None: the objective's documented default)
+    photometric: bool | None = None
+    teacher: list[str] = field(default_factory=list)
+    mask_ratio: float | None = None
+    momentum: float | None = None
+    image_weight: float | None = None
+    mimic_weight: float | None = None
+    reconstruction: bool = True
+    decoder: Path | None = None
 
 
 @dataclass
@@ -121,11 +142,11 @@ class RefineResult:
 # --- setup -----------------------------------------------------------------------------------
 
 
-def default_temperature(embed_dim: int) -> float:
-    """METHOD §1.2: 0.2 for ViT-L and smaller, 0.3 for ViT-H (1280), 0.35 for wider models."""
-    if embed_dim > 1280:
-        return 0.35
-    return 0.3 if embed_dim == 1280 else 0.2
+def fill_defaults(cfg: RefineConfig, depth: int, embed_dim: int) -> RefineConfig:
+    """A copy of ``cfg`` with options left at None set from the objective's defaults, then NNA's."""
+    defaults = {**FALLBACK_DEFAULTS, **objective_class(cfg.objective).defaults(depth, embed_dim)}
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k, None) is None}
+    return replace(cfg, **filled)
 
 
 def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int], str]:
@@ -299,40 +320,43 @@ class Refiner:
             )
         self.loaded = load_model(cfg.model)
         depth = self.loaded.num_blocks
+        dim = self.loaded.embed_dim
+        self.cfg = cfg = fill_defaults(cfg, depth, dim)
         probe = cfg.probe
         if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val:
             probe = self.probe_now()
-        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks, depth, probe)
-        self.encoder = trainable_encoder(self.loaded, cfg.freeze_blocks).to(self.device)
+        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks or "auto", depth, probe)
+        self.encoder = trainable_encoder(self.loaded, int(cfg.freeze_blocks or 0)).to(self.device)
         if cfg.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
-        dim = self.loaded.embed_dim
-        self.widths = head_widths(
-            dim, int(cfg.head_width) if cfg.head_width.isdigit() else cfg.head_width
-        )
-        self.heads = HeadEnsemble(self.blocks, dim, self.widths, sync_bn=dist.is_distributed()).to(
-            self.device
-        )
-        self.tau = cfg.temperature or default_temperature(dim)
-        self.qsize = queue_size(
-            int(cfg.queue_size) if cfg.queue_size.isdigit() else cfg.queue_size, len(self.images)
-        )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.queues = nn.ModuleDict(
-            {str(b): NeighbourQueue(self.qsize, self.widths.out, gen) for b in self.blocks}
-        ).to(self.device)
-        self.lookup_gen = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank())
         self.views = default_view_config(
-            self.loaded.pretrained_cfg, int(self.encoder.patch_embed.patch_size[0]), cfg.local_crops
+            self.loaded.pretrained_cfg,
+            int(self.encoder.patch_embed.patch_size[0]),
+            int(cfg.local_crops or 0),
+            photometric=bool(cfg.photometric),
         )
         check_local_crops_supported(self.encoder, self.views, self.loaded.arch)
+        self.labels_by_id = torch.tensor(self.images.labels, dtype=torch.int64)
+        self.objective: Objective = objective_class(cfg.objective)(
+            ObjectiveContext(
+                cfg=cfg,
+                encoder=self.encoder,
+                loaded=self.loaded,
+                blocks=self.blocks,
+                views=self.views,
+                device=self.device,
+                dataset_size=len(self.images),
+                seed=cfg.seed,
+                sync_bn=dist.is_distributed(),
+                extra={"labels_by_id": self.labels_by_id if self.images.labelled else None},
+            )
+        ).to(self.device)
         self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         self.per_epoch = len(self.images) // cfg.batch_size
         self.totals = {
             "heads": stage_steps(cfg.head_epochs, cfg.head_steps, self.per_epoch),
             "refine": stage_steps(cfg.epochs, cfg.steps, self.per_epoch),
         }
-        self.labels_by_id = torch.tensor(self.images.labels, dtype=torch.int64)
         self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
         self.knn_log: list[dict[str, Any]] = []
         self.stage, self.stage_step, self.last_loss = "heads", 0, float("nan")
@@ -362,13 +386,17 @@ class Refiner:
 
     def _validate(self) -> None:
         cfg = self.cfg
+        if cfg.objective not in OBJECTIVES:
+            raise MimcliError(
+                f"--objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}"
+            )
         if cfg.batch_size < 2:
             raise MimcliError("--batch-size must be at least 2 (in-batch negatives)")
         if cfg.batch_size % dist.world_size():
             raise MimcliError("--batch-size must be divisible by the number of processes")
         if cfg.export not in ("ema", "raw"):
             raise MimcliError("--export must be ema or raw")
-        if cfg.head_input not in ("cls", "patch"):
+        if cfg.head_input not in (None, "cls", "patch"):
             raise MimcliError("--head-input must be cls or patch")
         if not 0 <= cfg.ema < 1:
             raise MimcliError("--ema must lie in [0, 1)")
@@ -390,12 +418,11 @@ class Refiner:
             "resolved": {
                 "blocks": self.blocks,
                 "blocks_reason": self.blocks_reason,
-                "head_widths": asdict(self.widths),
-                "temperature": self.tau,
-                "queue_size": self.qsize,
+                **self.objective.describe(),
+                "freeze_blocks": self.cfg.freeze_blocks,
                 "steps": self.totals,
                 "steps_per_epoch": self.per_epoch,
-                "lr": scaled_lr(self.cfg.lr, self.cfg.batch_size),
+                "lr": scaled_lr(self.peak_base("refine"), self.cfg.batch_size),
                 "head_lr": scaled_lr(self.cfg.head_lr, self.cfg.batch_size),
                 "views": asdict(self.views),
                 "images": len(self.images),
@@ -411,16 +438,18 @@ class Refiner:
 
     # -- optimiser per stage --
     def make_optimizer(self, stage: str) -> torch.optim.Optimizer:
-        heads = head_param_groups(self.heads, self.cfg.head_weight_decay)
+        heads = head_param_groups(self.objective, self.cfg.head_weight_decay)
         if stage == "heads":
             return make_optimizer(heads)
         return make_optimizer(
             encoder_param_groups(self.encoder, self.cfg.weight_decay, self.cfg.layer_decay) + heads
         )
 
+    def peak_base(self, stage: str) -> float:
+        return float(self.cfg.head_lr if stage == "heads" else self.cfg.lr)  # type: ignore[arg-type]
+
     def peak_lr(self, stage: str) -> float:
-        base = self.cfg.head_lr if stage == "heads" else self.cfg.lr
-        return scaled_lr(base, self.cfg.batch_size)
+        return scaled_lr(self.peak_base(stage), self.cfg.batch_size)
 
     def warmup_steps(self, stage: str) -> int:
         frac = self.cfg.head_warmup if stage == "heads" else self.cfg.warmup
@@ -432,81 +461,16 @@ class Refiner:
         return min(self.cfg.ema, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
 
     # -- forward --
-    def head_inputs(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """(B, D) head inputs per block: CLS (raw residual; the last block after the final
-        norm) or the mean patch token."""
-        depth = len(self.encoder.blocks)
-        taps = tap_blocks(self.encoder, images, [b - 1 for b in self.blocks])
-        source = taps.cls if self.cfg.head_input == "cls" else taps.patch
-        normed = taps.cls_norm if self.cfg.head_input == "cls" else taps.patch_norm
-        out = {b: source[:, k] for k, b in enumerate(self.blocks)}
-        if self.blocks[-1] == depth and normed is not None:
-            out[depth] = normed
-        return out
-
     def step_losses(
-        self, batch: ViewBatch, warmup: bool
-    ) -> tuple[torch.Tensor, dict[str, float], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """Sum over heads of the multi-view NNA loss; also the per-head metrics and what each
-        queue will receive once the step is taken (global view 0's projections and ids)."""
-        views = [v.to(self.device, non_blocking=True) for v in batch.views]
-        b = views[0].shape[0]
-        ids = batch.indices.to(self.device)
-        autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-        )
-        with autocast, torch.set_grad_enabled(not warmup):
-            feats = self.head_inputs(torch.cat(views[:2]))
-            if len(views) > 2:
-                local = self.head_inputs(torch.cat(views[2:]))
-                feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
-        if warmup:
-            feats = {k: v.detach() for k, v in feats.items()}
-        total = torch.zeros((), device=self.device)
-        metrics: dict[str, float] = {}
-        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        offset = dist.rank() * b
-        gids = dist.gather(ids)
-        for block in self.blocks:
-            with autocast:
-                z, p = self.heads.head(block)(feats[block])
-            z, p = z.float(), p.float()
-            z_globals = [z[:b], z[b : 2 * b]]
-            queue: NeighbourQueue = self.queues[str(block)]  # type: ignore[assignment]
-            with torch.no_grad():
-                found = [
-                    queue.lookup(
-                        zg.detach(),
-                        ids,
-                        topk=1 if warmup else self.cfg.topk,
-                        generator=self.lookup_gen,
-                        backend=self.cfg.knn_backend,
-                    )
-                    for zg in z_globals
-                ]
-            p_views = [dist.gather_with_grad(p[i * b : (i + 1) * b]) for i in range(len(views))]
-            loss, _ = multiview_loss(
-                z_globals,
-                [f.neighbours for f in found],
-                p_views,
-                self.tau,
-                offset=offset,
-                kind="nna",
-            )
-            total = total + loss
-            pending[block] = (dist.gather(z_globals[0].detach()), gids)
-            metrics[f"loss/{block}"] = float(loss.detach())
-            metrics[f"align/{block}"] = float(alignment(z_globals[0].detach(), p[b : 2 * b]))
-            metrics[f"nn_sim/{block}"] = float(found[0].similarity.mean())
-            if self.images.labelled:
-                metrics[f"nn_agree/{block}"] = neighbour_label_agreement(
-                    found[0].ids.cpu(), batch.labels, self.labels_by_id
-                )
-        return total, metrics, pending
+        self, batch: ViewBatch, stage: str = "refine", step: int = 0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective's loss and metrics for one batch (its queue/momentum updates wait for
+        :meth:`Objective.after_step`)."""
+        return self.objective.step(self.encoder, batch, stage, step)
 
     # -- the loop --
     def loader(self, stage: str, start: int) -> DataLoader:
-        dataset = KeyedDataset(self.images, MultiCropTransform(self.views), seed=self.cfg.seed)
+        dataset = KeyedDataset(self.images, self.objective.transform(), seed=self.cfg.seed)
         plan = BatchPlan(
             len(self.images),
             self.cfg.batch_size,
@@ -528,7 +492,7 @@ class Refiner:
         warmup = stage == "heads"
         total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
         self.encoder.train(not warmup)
-        self.heads.train()
+        self.objective.train()
         tick = time.perf_counter()
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
             self.stage, self.stage_step = stage, step
@@ -536,7 +500,7 @@ class Refiner:
             lr = lr_at(step, total, peak, warm)
             apply_lr(self.optimizer, lr)  # type: ignore[arg-type]
             # forward + losses
-            loss, metrics, pending = self.step_losses(batch, warmup)
+            loss, metrics = self.step_losses(batch, stage, step)
             if not torch.isfinite(loss):
                 raise MimcliError(
                     f"loss became non-finite at {stage} step {step}; stopped. The last good "
@@ -550,9 +514,8 @@ class Refiner:
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.optimizer.step()  # type: ignore[union-attr]
-            # queue / EMA update
-            for block, (feats, ids) in pending.items():
-                self.queues[str(block)].enqueue(feats, ids)  # type: ignore[operator]
+            # objective update (queues, momentum networks) / encoder EMA
+            self.objective.after_step(self.encoder, stage, step)
             if not warmup:
                 self.update_ema(step)
             # log
@@ -611,14 +574,12 @@ class Refiner:
             "totals": self.totals,
             "encoder": self.encoder.state_dict(),
             "ema": self.ema.state_dict(),
-            "heads": self.heads.state_dict(),
-            "queues": self.queues.state_dict(),
+            "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),  # type: ignore[union-attr]
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
-                "lookup": self.lookup_gen.get_state(),
             },
             "knn_log": self.knn_log,
             "last_loss": self.last_loss,
@@ -634,15 +595,19 @@ class Refiner:
             )
         self.encoder.load_state_dict(state["encoder"])
         self.ema.load_state_dict(state["ema"])
-        self.heads.load_state_dict(state["heads"])
-        self.queues.load_state_dict(state["queues"])
+        if "objective" not in state:  # written before objectives: NNA heads and queues apart
+            state["objective"] = {
+                **{f"heads.{k}": v for k, v in state["heads"].items()},
+                **{f"queues.{k}": v for k, v in state["queues"].items()},
+                "_extra_state": {"lookup_gen": state["rng"]["lookup"]},
+            }
+        self.objective.load_state_dict(state["objective"])
         stage = state["stage"]
         self.optimizer = self.make_optimizer(stage)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        self.lookup_gen.set_state(state["rng"]["lookup"])
         self.knn_log = list(state["knn_log"])
         self.last_loss = state["last_loss"]
         self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
@@ -685,8 +650,8 @@ class Refiner:
             self.optimizer = None
         dist.check_identical(
             list(self.encoder.parameters())
-            + list(self.heads.parameters())
-            + [q.features for q in self.queues.values()],
+            + list(self.objective.parameters())
+            + list(self.objective.buffers()),
             "weights",
         )
         export_dir = self.export() if dist.rank() == 0 else self.run.export_dir

@@ -93,7 +93,7 @@ def first_batch(refiner, stage="refine"):
 @pytest.mark.parametrize("freeze", [0, 2])
 def test_gradients_reach_trainable_parameters_only(tiny_model_dir, data_dir, tmp_path, freeze):
     refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run", freeze_blocks=freeze))
-    loss, metrics, _ = refiner.step_losses(first_batch(refiner), warmup=False)
+    loss, metrics = refiner.step_losses(first_batch(refiner), "refine")
     assert torch.isfinite(loss) and set(metrics) >= {"loss/3", "loss/4", "nn_sim/4"}
     loss.backward()
     for name, p in refiner.encoder.named_parameters():
@@ -119,16 +119,16 @@ def test_gradients_reach_trainable_parameters_only(tiny_model_dir, data_dir, tmp
             )
         ):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for name, p in refiner.heads.named_parameters():
+    for name, p in refiner.objective.heads.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_head_warmup_leaves_the_encoder_alone(tiny_model_dir, data_dir, tmp_path):
     refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run"))
-    loss, _, _ = refiner.step_losses(first_batch(refiner, "heads"), warmup=True)
+    loss, _ = refiner.step_losses(first_batch(refiner, "heads"), "heads")
     loss.backward()
     assert all(p.grad is None for p in refiner.encoder.parameters())
-    assert all(p.grad is not None for p in refiner.heads.parameters())
+    assert all(p.grad is not None for p in refiner.objective.heads.parameters())
 
 
 def test_cli_end_to_end(tiny_model_dir, data_dir, tmp_path, image_folders, tiny_vit):
@@ -404,7 +404,7 @@ def test_grad_checkpointing_changes_nothing_but_memory(tiny_model_dir, data_dir,
         refiner = Refiner(
             small_cfg(tiny_model_dir, data_dir, tmp_path / f"run{flag}", grad_checkpointing=flag)
         )
-        loss, _, _ = refiner.step_losses(first_batch(refiner), warmup=False)
+        loss, _ = refiner.step_losses(first_batch(refiner), "refine")
         loss.backward()
         grads.append(refiner.encoder.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
@@ -415,10 +415,10 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_di
     real = refiner.step_losses
     calls = []
 
-    def poisoned(batch, warmup):
-        loss, metrics, pending = real(batch, warmup)
+    def poisoned(batch, stage, step):
+        loss, metrics = real(batch, stage, step)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 3 else loss), metrics, pending
+        return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
     refiner.step_losses = poisoned
     with pytest.raises(MimcliError, match="non-finite at heads step 2"):

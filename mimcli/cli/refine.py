@@ -1,4 +1,5 @@
-"""``mimcli refine``: MIM-Refiner with NNA heads, neighbour queues, head warm-up and EMA."""
+"""``mimcli refine``: MIM-Refiner with NNA heads, neighbour queues, head warm-up and EMA, or one
+of the other objectives of the family (``--objective``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ HELP = (
     "Neighbour Alignment against per-head neighbour queues; a head warm-up with the encoder "
     "frozen, then full refinement with layer-wise lr decay; the EMA encoder is exported in "
     "timm's layout to RUN_DIR/export.\n\n"
+    "Other objectives (--objective): nnclr (MAE-CT: one NNCLR head on the last block, EMA "
+    "projector queue, first half frozen), mimco (MimCo: masked student vs a frozen contrastive "
+    "--teacher, patch + image InfoNCE), conmim (ConMIM: masked weak view vs a momentum encoder's "
+    "strong view, per-patch InfoNCE), mrmae (MR-MAE: visible tokens mimic frozen --teacher "
+    "features + MAE pixel reconstruction through the model's decoder). Options left unset take "
+    "the objective's documented defaults (recorded in RUN_DIR/config.json).\n\n"
     "Steps override epochs. Learning rates are base rates × batch/256. Run under `torchrun "
     "--nproc_per_node N` for several processes (NCCL on GPU, gloo on CPU)."
 )
@@ -37,6 +44,12 @@ Examples:
       --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
 
   mimcli refine ... --out runs/tiny --resume     (continue from the last checkpoint)
+
+  mimcli refine examples/models/fmnist-mae-tiny --objective nnclr --data data/fmnist/train \
+      --out runs/tiny-nnclr --head-steps 30 --steps 90
+
+  mimcli refine examples/models/fmnist-mae-tiny --objective mrmae --teacher runs/tiny/export \
+      --data data/fmnist/train --out runs/tiny-mrmae --head-steps 30 --steps 90
 """
 
 
@@ -45,9 +58,20 @@ def refine(
     model: Annotated[str, typer.Argument(help="Model to refine (same forms as probe).")],
     data: Annotated[Path, typer.Option("--data", help="Training images (ImageFolder or flat).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, checkpoint).")],
+    objective: Annotated[
+        str, typer.Option("--objective", help="nna, nnclr, mimco, conmim or mrmae.")
+    ] = "nna",
+    teacher: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--teacher",
+            help="Frozen teacher MODEL (mimco: one; mrmae: repeatable). Any MODEL form.",
+        ),
+    ] = None,
     blocks: Annotated[
-        str, typer.Option("--blocks", help="auto (probe.json or last third), lastN, or 17,20,24.")
-    ] = "auto",
+        str | None,
+        typer.Option("--blocks", help="auto (probe.json or last third), lastN, or 17,20,24."),
+    ] = None,
     probe: Annotated[
         Path | None, typer.Option("--probe", help="probe.json whose recommendation auto uses.")
     ] = None,
@@ -65,7 +89,10 @@ def refine(
         int | None, typer.Option("--limit", min=1, help="Use a seeded subset of --data.")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.")] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Refinement base lr (× batch/256).")] = 4e-4,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Refinement base lr (× batch/256); nna 4e-4, nnclr 2e-4."),
+    ] = None,
     head_lr: Annotated[
         float, typer.Option("--head-lr", help="Warm-up base lr (× batch/256).")
     ] = 2e-4,
@@ -80,8 +107,16 @@ def refine(
     ] = 0.65,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Encoder wd.")] = 0.05,
     local_crops: Annotated[
-        int, typer.Option("--local-crops", min=0, help="Local crops per image (paper: 10).")
-    ] = 10,
+        int | None,
+        typer.Option("--local-crops", min=0, help="Local crops per image (nna: 10, nnclr: 0)."),
+    ] = None,
+    photometric: Annotated[
+        bool | None,
+        typer.Option(
+            "--photometric/--no-photometric",
+            help="Colour jitter/blur/grayscale/solarize on the views (nnclr: off).",
+        ),
+    ] = None,
     global_scale: Annotated[
         str, typer.Option("--global-scale", help="Area range of global crops, lo,hi.")
     ] = "0.25,1.0",
@@ -92,20 +127,50 @@ def refine(
         str, typer.Option("--head-width", help="auto (paper sizes for wide models) or N.")
     ] = "auto",
     head_input: Annotated[
-        str, typer.Option("--head-input", help="cls or patch (mean patch token).")
-    ] = "cls",
+        str | None,
+        typer.Option("--head-input", help="cls or patch (mean patch token); nnclr: patch."),
+    ] = None,
     queue_size: Annotated[
         str, typer.Option("--queue-size", help="auto = min(65536, images) or N.")
     ] = "auto",
     topk: Annotated[int, typer.Option("--topk", help="Refinement samples among top-k NNs.")] = 20,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="NNA tau (default by width).")
+        float | None, typer.Option("--temperature", help="Loss tau (default by objective/width).")
+    ] = None,
+    mask_ratio: Annotated[
+        float | None,
+        typer.Option("--mask-ratio", help="Masked patch fraction (mimco/conmim/mrmae)."),
+    ] = None,
+    momentum: Annotated[
+        float | None,
+        typer.Option(
+            "--momentum", help="Momentum of EMA targets (nnclr projector, conmim encoder)."
+        ),
+    ] = None,
+    image_weight: Annotated[
+        float | None, typer.Option("--image-weight", help="mimco: weight of the image-level loss.")
+    ] = None,
+    mimic_weight: Annotated[
+        float | None, typer.Option("--mimic-weight", help="mrmae: weight of the mimic loss.")
+    ] = None,
+    reconstruction: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruction/--no-reconstruction", help="mrmae: keep the MAE pixel loss."
+        ),
+    ] = True,
+    decoder: Annotated[
+        Path | None,
+        typer.Option("--decoder", help="mrmae: MAE decoder weights (default: shipped with MODEL)."),
     ] = None,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay of the encoder.")] = 0.9999,
     export: Annotated[str, typer.Option("--export", help="Export ema or raw weights.")] = "ema",
     freeze_blocks: Annotated[
-        int, typer.Option("--freeze-blocks", min=0, help="Freeze the stem and first K blocks.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--freeze-blocks", min=0, help="Freeze the stem and first K blocks (nnclr: half)."
+        ),
+    ] = None,
     val: Annotated[
         Path | None, typer.Option("--val", help="Labelled folder: k-NN monitoring.")
     ] = None,
@@ -143,6 +208,8 @@ def refine(
         model=model,
         data=data,
         out=out,
+        objective=objective,
+        teacher=list(teacher or []),
         blocks=blocks,
         probe=probe,
         head_epochs=head_epochs,
@@ -158,6 +225,7 @@ def refine(
         layer_decay=layer_decay,
         weight_decay=weight_decay,
         local_crops=local_crops,
+        photometric=photometric,
         global_scale=parse_scale(global_scale, "--global-scale"),
         local_scale=parse_scale(local_scale, "--local-scale"),
         head_width=head_width,
@@ -165,6 +233,12 @@ def refine(
         queue_size=queue_size,
         topk=topk,
         temperature=temperature,
+        mask_ratio=mask_ratio,
+        momentum=momentum,
+        image_weight=image_weight,
+        mimic_weight=mimic_weight,
+        reconstruction=reconstruction,
+        decoder=decoder,
         ema=ema,
         export=export,
         freeze_blocks=freeze_blocks,
@@ -185,10 +259,9 @@ def refine(
     bar = ImageProgress(show_loss=True)
     refiner = Refiner(cfg, progress=bar)
     r = refiner.resolved()["resolved"]
-    w = r["head_widths"]
     stderr.print(
-        f"blocks {r['blocks']} ({r['blocks_reason']}); heads {w['hidden']}/{w['out']}/"
-        f"{w['predictor_hidden']}; tau {r['temperature']}; queue {r['queue_size']}; steps "
+        f"{r['objective']}: {refiner.objective.summary()}; blocks {r['blocks']} "
+        f"({r['blocks_reason']}); steps "
         f"{r['steps']} ({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr "
         f"{r['head_lr']:.2e}; views 2x{r['views']['global_size']}px + "
         f"{r['views']['local_crops']}x{r['views']['local_size']}px; {r['device']}, "

@@ -9,10 +9,19 @@ pairing (each global target against the other global view and every local view).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from mimcli import distributed as dist
+from mimcli.heads import HeadEnsemble, head_widths
+from mimcli.models.taps import tap_blocks
+from mimcli.objectives.base import Objective, ObjectiveContext
+from mimcli.queue import NeighbourQueue, neighbour_label_agreement, queue_size
+from mimcli.views import ViewBatch
 
 LOSS_KINDS = ("nna", "nnclr")
 
@@ -144,3 +153,170 @@ def alignment(z: Tensor, p: Tensor) -> Tensor:
             f"z and p must have the same shape; got {tuple(z.shape)}, {tuple(p.shape)}"
         )
     return F.cosine_similarity(z.detach().float(), p.detach().float(), dim=-1).mean()
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+def default_temperature(embed_dim: int) -> float:
+    """METHOD §1.2: 0.2 for ViT-L and smaller, 0.3 for ViT-H (1280), 0.35 for wider models."""
+    if embed_dim > 1280:
+        return 0.35
+    return 0.3 if embed_dim == 1280 else 0.2
+
+
+def block_features(
+    encoder: nn.Module, images: Tensor, blocks: Sequence[int], head_input: str
+) -> dict[int, Tensor]:
+    """(B, D) head inputs per 1-based block from one pass: the CLS token (raw residual stream;
+    the last block after the final norm) or the mean patch token."""
+    depth = len(encoder.blocks)  # type: ignore[arg-type]
+    taps = tap_blocks(encoder, images, [b - 1 for b in blocks])
+    source = taps.cls if head_input == "cls" else taps.patch
+    normed = taps.cls_norm if head_input == "cls" else taps.patch_norm
+    out = {b: source[:, k] for k, b in enumerate(blocks)}
+    if blocks[-1] == depth and normed is not None:
+        out[depth] = normed
+    return out
+
+
+class NNAObjective(Objective):
+    """MIM-Refiner: an ID head (projector + predictor) per chosen block, each with a neighbour
+    queue; NNA loss over 2 global + N local views; heads warm up on the frozen encoder with the
+    nearest neighbour, refinement draws among the top-k."""
+
+    name = "nna"
+    loss_kind = "nna"
+    activation = "gelu"
+    predictor_final_bn = True
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        dim = int(ctx.loaded.embed_dim)
+        self.blocks = list(ctx.blocks)
+        self.head_input = cfg.head_input
+        self.widths = head_widths(
+            dim, int(cfg.head_width) if str(cfg.head_width).isdigit() else cfg.head_width
+        )
+        self.heads = HeadEnsemble(
+            self.blocks,
+            dim,
+            self.widths,
+            act=self.activation,
+            predictor_final_bn=self.predictor_final_bn,
+            sync_bn=ctx.sync_bn,
+        )
+        self.tau = float(cfg.temperature)
+        self.topk = int(cfg.topk)
+        self.knn_backend = cfg.knn_backend
+        spec = cfg.queue_size
+        self.qsize = queue_size(int(spec) if str(spec).isdigit() else spec, ctx.dataset_size)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        self.queues = nn.ModuleDict(
+            {str(b): NeighbourQueue(self.qsize, self.widths.out, gen) for b in self.blocks}
+        )
+        self.lookup_gen = torch.Generator().manual_seed(ctx.seed + 1 + dist.rank())
+        self.labels_by_id: Tensor | None = ctx.extra.get("labels_by_id")
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def defaults(cls, depth: int, embed_dim: int) -> dict[str, Any]:
+        return {"temperature": default_temperature(embed_dim)}
+
+    # the lookup generator rides in state_dict so a resumed run draws the same neighbours
+    def get_extra_state(self) -> Any:
+        return {"lookup_gen": self.lookup_gen.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.lookup_gen.set_state(state["lookup_gen"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "objective": self.name,
+            "loss": self.loss_kind,
+            "head_widths": asdict(self.widths),
+            "head_input": self.head_input,
+            "temperature": self.tau,
+            "queue_size": self.qsize,
+            "topk": self.topk,
+        }
+
+    def summary(self) -> str:
+        w = self.widths
+        return (
+            f"heads {w.hidden}/{w.out}/{w.predictor_hidden} on blocks {self.blocks} "
+            f"({self.head_input}); tau {self.tau}; queue {self.qsize}"
+        )
+
+    def targets(self, block: int, z: Tensor, x: Tensor) -> Tensor:
+        """What is looked up in, and enqueued into, the queue (NNA: the projection itself)."""
+        return z.detach()
+
+    def step(
+        self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Sum over heads of the multi-view loss; remembers what each queue receives after the
+        optimiser step (global view 0's targets and ids, gathered over ranks)."""
+        warmup = stage == "heads"
+        device = self.ctx.device
+        views = [v.to(device, non_blocking=True) for v in batch.views]
+        b = views[0].shape[0]
+        ids = batch.indices.to(device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast, torch.set_grad_enabled(not warmup):
+            feats = block_features(encoder, torch.cat(views[:2]), self.blocks, self.head_input)
+            if len(views) > 2:
+                local = block_features(encoder, torch.cat(views[2:]), self.blocks, self.head_input)
+                feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
+        if warmup:
+            feats = {k: v.detach() for k, v in feats.items()}
+        total = torch.zeros((), device=device)
+        metrics: dict[str, float] = {}
+        self._pending = {}
+        offset = dist.rank() * b
+        gids = dist.gather(ids)
+        for block in self.blocks:
+            with autocast:
+                z, p = self.heads.head(block)(feats[block])
+            z, p = z.float(), p.float()
+            with torch.no_grad():
+                target = self.targets(block, z, feats[block]).float()
+            z_globals = [z[:b], z[b : 2 * b]]
+            t_globals = [target[:b], target[b : 2 * b]]
+            queue: NeighbourQueue = self.queues[str(block)]  # type: ignore[assignment]
+            with torch.no_grad():
+                found = [
+                    queue.lookup(
+                        t,
+                        ids,
+                        topk=1 if warmup else self.topk,
+                        generator=self.lookup_gen,
+                        backend=self.knn_backend,
+                    )
+                    for t in t_globals
+                ]
+            p_views = [dist.gather_with_grad(p[i * b : (i + 1) * b]) for i in range(len(views))]
+            loss, _ = multiview_loss(
+                z_globals,
+                [f.neighbours for f in found],
+                p_views,
+                self.tau,
+                offset=offset,
+                kind=self.loss_kind,
+            )
+            total = total + loss
+            self._pending[block] = (dist.gather(t_globals[0]), gids)
+            metrics[f"loss/{block}"] = float(loss.detach())
+            metrics[f"align/{block}"] = float(alignment(t_globals[0], p[b : 2 * b]))
+            metrics[f"nn_sim/{block}"] = float(found[0].similarity.mean())
+            if self.labels_by_id is not None:
+                metrics[f"nn_agree/{block}"] = neighbour_label_agreement(
+                    found[0].ids.cpu(), batch.labels, self.labels_by_id
+                )
+        return total, metrics
+
+    def after_step(self, encoder: nn.Module, stage: str, step: int) -> None:
+        for block, (feats, ids) in self._pending.items():
+            self.queues[str(block)].enqueue(feats, ids)  # type: ignore[operator]
+        self._pending = {}
