@@ -336,6 +336,11 @@ class Refiner:
             photometric=bool(cfg.photometric),
         )
         check_local_crops_supported(self.encoder, self.views, self.loaded.arch)
+        self.per_epoch = len(self.images) // cfg.batch_size
+        self.totals = {
+            "heads": stage_steps(cfg.head_epochs, cfg.head_steps, self.per_epoch),
+            "refine": stage_steps(cfg.epochs, cfg.steps, self.per_epoch),
+        }
         self.labels_by_id = torch.tensor(self.images.labels, dtype=torch.int64)
         self.objective: Objective = objective_class(cfg.objective)(
             ObjectiveContext(
@@ -348,15 +353,11 @@ class Refiner:
                 dataset_size=len(self.images),
                 seed=cfg.seed,
                 sync_bn=dist.is_distributed(),
+                totals=dict(self.totals),
                 extra={"labels_by_id": self.labels_by_id if self.images.labelled else None},
             )
         ).to(self.device)
         self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
-        self.per_epoch = len(self.images) // cfg.batch_size
-        self.totals = {
-            "heads": stage_steps(cfg.head_epochs, cfg.head_steps, self.per_epoch),
-            "refine": stage_steps(cfg.epochs, cfg.steps, self.per_epoch),
-        }
         self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
         self.knn_log: list[dict[str, Any]] = []
         self.stage, self.stage_step, self.last_loss = "heads", 0, float("nan")

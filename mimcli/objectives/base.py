@@ -48,6 +48,9 @@ class ObjectiveContext:
         dataset_size: number of training images (queue sizing).
         seed: run seed (objectives seed their own generators from it).
         sync_bn: build BatchNorms synchronised across ranks (True under DDP).
+        totals: steps of each stage, ``{"heads": H, "refine": R}`` (momentum schedules).
+        extra: loop-provided extras (``labels_by_id``: labels of the dataset ids, monitoring
+            only, or None for unlabelled data).
     """
 
     cfg: Any
@@ -59,6 +62,7 @@ class ObjectiveContext:
     dataset_size: int
     seed: int
     sync_bn: bool = False
+    totals: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
