@@ -106,9 +106,12 @@ def check_resume(
     assert metric_steps(tmp_path / "full") == metric_steps(tmp_path / "cut")
 
 
-def losses_on_fixed_batch(refiner: Refiner, stage: str, steps: int) -> list[float]:
+def losses_on_fixed_batch(
+    refiner: Refiner, stage: str, steps: int, update: bool = True
+) -> list[float]:
     """Train ``steps`` optimiser steps of ``stage`` on one fixed batch (the loop's own optimiser,
-    lr held at the stage's peak); returns the loss before each step."""
+    lr held at the stage's peak); returns the loss before each step. ``update=False`` skips the
+    objective's ``after_step`` (queues and momentum targets stay as they are)."""
     batch = first_batch(refiner, stage)
     refiner.optimizer = refiner.make_optimizer(stage)
     refiner.encoder.train(stage != "heads")
@@ -122,6 +125,7 @@ def losses_on_fixed_batch(refiner: Refiner, stage: str, steps: int) -> list[floa
         refiner.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         refiner.optimizer.step()
-        refiner.objective.after_step(refiner.encoder, stage, step)
+        if update:
+            refiner.objective.after_step(refiner.encoder, stage, step)
         losses.append(float(loss.detach()))
     return losses
