@@ -172,13 +172,15 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
     head_epochs = (steps.get("heads", 0) / per_epoch) if per_epoch else None
     blocks = res.get("blocks", [])
     views = res.get("views", {})
+    objective = cfg.get("objective", "nna")
     lines = [
-        f"- objective: **{cfg.get('objective', 'nna')}** "
-        "(Nearest Neighbour Alignment, MIM-Refiner, arXiv 2402.10093)"
-        if cfg.get("objective", "nna") == "nna"
-        else f"- objective: **{cfg.get('objective')}**",
-        f"- ID heads on blocks {', '.join(map(str, blocks)) or '?'} "
-        f"({res.get('blocks_reason', '')})",
+        f"- objective: **{objective}** ({OBJECTIVE_TITLES.get(objective, 'see mimcli')})",
+        (
+            f"- ID heads on blocks {', '.join(map(str, blocks)) or '?'} "
+            f"({res.get('blocks_reason', '')})"
+            if "queue_size" in res
+            else f"- objective settings: {_objective_settings(res)}"
+        ),
         f"- {steps.get('heads', '?')} head warm-up steps"
         + (f" ({head_epochs:.2f} epochs)" if head_epochs is not None else "")
         + f", then {steps.get('refine', '?')} refinement steps"
@@ -188,12 +190,47 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
         + (f" of `{_short(cfg['data'])}`" if cfg.get("data") else ""),
         f"- lr {res.get('lr', cfg.get('lr'))}, head lr {res.get('head_lr', cfg.get('head_lr'))}, "
         f"layer decay {cfg.get('layer_decay')}, weight decay {cfg.get('weight_decay')}",
-        f"- neighbour queue {res.get('queue_size', '?')} entries, top-{cfg.get('topk', '?')}, "
-        f"temperature {res.get('temperature', '?')}; {views.get('local_crops', 0)} local crops",
-        f"- exported weights: {cfg.get('export', 'ema')} encoder; {res.get('device', '?')}, "
-        f"{res.get('precision', '?')}, mimcli {env.get('mimcli', mimcli.__version__)}",
     ]
+    if "queue_size" in res:
+        lines.append(
+            f"- neighbour queue {res.get('queue_size', '?')} entries, top-{cfg.get('topk', '?')}, "
+            f"temperature {res.get('temperature', '?')}; {views.get('local_crops', 0)} local crops"
+        )
+    lines.append(
+        f"- exported weights: {cfg.get('export', 'ema')} encoder; {res.get('device', '?')}, "
+        f"{res.get('precision', '?')}, mimcli {env.get('mimcli', mimcli.__version__)}"
+    )
     return lines
+
+
+OBJECTIVE_TITLES = {
+    "nna": "Nearest Neighbour Alignment, MIM-Refiner, arXiv 2402.10093",
+    "nnclr": "NNCLR contrastive tuning, MAE-CT, arXiv 2304.10520",
+    "mimco": "contrastive teacher, MimCo, arXiv 2209.03063",
+    "conmim": "intra-image patch contrast, ConMIM, arXiv 2205.09616",
+    "mrmae": "mimic before reconstruct, MR-MAE, arXiv 2303.05475",
+}
+# resolved config keys that are bookkeeping, not objective settings
+_LOOP_KEYS = {
+    "blocks", "blocks_reason", "freeze_blocks", "steps", "steps_per_epoch", "lr", "head_lr",
+    "views", "images", "device", "world_size", "precision", "arch", "model_args", "format",
+    "objective",
+}  # fmt: skip
+
+
+def _objective_settings(res: dict[str, Any]) -> str:
+    parts = []
+    for key, value in res.items():
+        if key in _LOOP_KEYS:
+            continue
+        if isinstance(value, list | tuple):
+            value = ", ".join(
+                str(v.get("source", v)) if isinstance(v, dict) else str(v) for v in value
+            )
+        elif isinstance(value, dict):
+            value = value.get("source", value)
+        parts.append(f"{key.replace('_', ' ')} {value}")
+    return "; ".join(parts) or "defaults"
 
 
 def _short(path: Any) -> str:

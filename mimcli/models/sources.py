@@ -55,7 +55,10 @@ class LoadedModel:
         pretrained_cfg: input size, mean/std, crop and interpolation for evaluation.
         source: the MODEL argument as given; ``source_kind`` says how it was read.
         format: checkpoint format (``timm``, ``mae``, ``data2vec2``, ``data2vec-vision``, ...).
-        decoder: MAE decoder weights when the source carried them, else None.
+        decoder: MAE decoder weights when the source carried them (an MAE ``_full`` checkpoint,
+            or ``decoder.safetensors`` beside the weights of a folder), else None.
+        decoder_metadata: that ``decoder.safetensors``'s metadata (``decoder_num_heads``,
+            ``layer_norm_eps``, ``norm_pix_loss``, ``patch_size``), else None.
     """
 
     model: nn.Module
@@ -67,6 +70,7 @@ class LoadedModel:
     format: str
     decoder: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    decoder_metadata: dict[str, str] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -221,8 +225,24 @@ def _load_layout(spec: str, kind: str) -> LoadedModel:
             and not (folder / "pytorch_model.bin").is_file()
         ):
             raise MimcliError(f"{spec}: timm layout folder without model.safetensors")
-        return _load_timm(spec, f"local-dir:{folder}", kind)
+        loaded = _load_timm(spec, f"local-dir:{folder}", kind)
+        _attach_folder_decoder(loaded, folder)
+        return loaded
     return _load_timm(spec, spec, kind)
+
+
+DECODER_FILE = "decoder.safetensors"
+
+
+def _attach_folder_decoder(loaded: LoadedModel, folder: Path) -> None:
+    """An MAE decoder saved beside the encoder (``decoder.safetensors``, official ``_full`` key
+    names, e.g. examples/models/fmnist-mae-tiny) fills ``loaded.decoder`` for MR-MAE."""
+    path = folder / DECODER_FILE
+    if not path.is_file():
+        return
+    loaded.decoder = tensors_only(read_checkpoint(path))
+    with safe_open(str(path), framework="pt") as fh:
+        loaded.decoder_metadata = fh.metadata()
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -245,8 +245,8 @@ class NNAObjective(Objective):
     def summary(self) -> str:
         w = self.widths
         return (
-            f"heads {w.hidden}/{w.out}/{w.predictor_hidden} on blocks {self.blocks} "
-            f"({self.head_input}); tau {self.tau}; queue {self.qsize}"
+            f"heads {w.hidden}/{w.out}/{w.predictor_hidden} on {self.head_input} tokens; "
+            f"tau {self.tau}; queue {self.qsize}"
         )
 
     def targets(self, block: int, z: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,342 @@
+"""ConMIM (Yi et al., 2023, "Masked Image Modeling with Denoising Contrast", arXiv 2205.09616) as
+a refinement objective: masked patches of a weak view must find, among the patch features of a
+strong view of the same crop from a momentum encoder, the one at their own position (intra-image
+patch InfoNCE).
+
+What is implemented (METHOD §3):
+
+- views: one RandomResizedCrop + horizontal flip shared by two photometric versions; weak = crop
+  + flip only, strong = + colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8), grayscale (p 0.2), Gaussian
+  blur (p 0.5, sigma 0.1-2, kernel ~10% of the crop) and solarize (threshold 128, p 0.2). The blur
+  and solarize probabilities are BYOL-like choices (unverified for ConMIM). No local crops;
+  ``--photometric`` and ``--local-crops`` are refused (the objective makes its own views).
+- online branch: the trainable encoder on the weak view, a random ``--mask-ratio`` of the patch
+  embeddings replaced by a learned mask token (width D, trunc-normal 0.02) before the position
+  embeddings, all tokens through the encoder (:func:`encode_masked`). Masks are drawn uniformly at
+  random (BEiT/ConMIM use block-wise masking; not reproduced) from a generator seeded by (seed,
+  stage, step, rank), so a resumed run repeats them.
+- momentum branch: an EMA copy of the encoder on the strong view, unmasked, no gradient; momentum
+  ``--momentum`` (0.996) rising to 1 by a cosine over the refine stage. During the head warm-up
+  the encoder is frozen and the momentum encoder stays equal to it.
+- a per-token projector Linear(D->H) -> BN -> GELU -> Linear(H->O) -> BN (no biases, BN over all
+  tokens of the batch), with H, O = the ``--head-width`` predictor-hidden and output widths:
+  4096 -> 256 for ViT-B and wider, as METHOD §3 gives for ConMIM. A momentum copy of it embeds
+  the strong view; it follows the online projector with the scheduled momentum during
+  refinement and with the base momentum during the head warm-up (our choice, so its targets are
+  not left at a random projection).
+- loss: :func:`conmim_loss`, tau 0.1 (``--temperature``), negatives only from the same image (no
+  cross-rank gather); patch tokens only (no CLS).
+- stages: ``heads`` warms up the projector and mask token with the encoder frozen (gradient flows
+  through the encoder to the mask token, but the encoder's parameters get no ``.grad``);
+  ``refine`` trains everything.
+- other defaults: ``--mask-ratio`` 0.4 (BEiT's 40%, which ConMIM's recipe follows; unverified),
+  ``--lr`` 4e-4 (MIM-Refiner's refinement rate; ConMIM itself is a pre-training recipe), no
+  frozen blocks, features of the last block after the final norm (blocks ``last1``).
+
+Position-only finding (``tests/test_objective_conmim.py::test_content_free_images``): on
+constant grey images the two views carry no content, the momentum features differ only through
+the absolute position embeddings, and the online masked slots hold the mask token plus the
+position embedding of their slot. On the tiny test ViT (16 patches, chance 1/16, ln 16 = 2.77)
+the positive already wins for about a third of the masked patches at initialisation, and after 15
+head-warm-up steps on such a batch (encoder frozen, only mask token and projector trained) it wins
+for every masked patch with a loss near 0.3, far below ln N. So the InfoNCE task can be solved
+from position alone: part of what the loss rewards on real images is matching position codes
+rather than content. Cross-image negatives at the same position, or removing each position's
+batch mean from the momentum features, would take this shortcut away (not done here: neither is
+in ConMIM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms as T
+
+from mimcli import distributed as dist
+from mimcli.errors import MimcliError
+from mimcli.heads import batch_norm, head_widths
+from mimcli.objectives.base import (
+    Objective,
+    ObjectiveContext,
+    check_maskable,
+    ema_update,
+    encode_masked,
+    momentum_copy,
+    patch_grid,
+    random_mask,
+    step_generator,
+)
+from mimcli.views import ViewBatch, ViewConfig
+
+__all__ = [
+    "ConMIMObjective",
+    "WeakStrongTransform",
+    "conmim_loss",
+    "momentum_at",
+    "patch_logits",
+    "positive_accuracy",
+]
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+
+def patch_logits(pred: Tensor, target: Tensor, tau: float) -> Tensor:
+    """Cosine similarities of every online patch to every momentum patch of the same image.
+
+    Args:
+        pred: ``(B, N, D)`` online projector outputs.
+        target: ``(B, N, D)`` momentum projector outputs (detached here).
+        tau: temperature.
+
+    Returns:
+        ``(B, N, N)`` float32 logits, ``[b, i, j] = <pred[b, i], target[b, j]> / tau`` of
+        L2-normalised vectors.
+    """
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must both be (B, N, D); got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)}"
+        )
+    if tau <= 0:
+        raise ValueError(f"temperature must be positive, got {tau}")
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.detach().float(), dim=-1)
+    return torch.bmm(p, t.transpose(1, 2)) / tau
+
+
+def _masked_rows(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    if mask.shape != logits.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
+    if not bool(mask.any()):
+        raise ValueError("the mask selects no position")
+    b, n, _ = logits.shape
+    mask = mask.to(logits.device)
+    positions = torch.arange(n, device=logits.device).expand(b, n)
+    return logits[mask], positions[mask]
+
+
+def conmim_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """ConMIM's denoising patch InfoNCE.
+
+    For image ``b`` and masked position ``i``: cross-entropy of the logits
+    ``<pred[b, i], target[b, j]> / tau`` over the image's ``N`` positions ``j``, with target
+    ``j = i``; negatives are the other patches of the same image only.
+
+    Args:
+        pred: ``(B, N, D)`` online projector outputs of the masked weak view (receive gradient).
+        target: ``(B, N, D)`` momentum projector outputs of the strong view (detached here).
+        mask: ``(B, N)`` bool, True = masked; the loss covers these positions only.
+        tau: temperature.
+
+    Returns:
+        Scalar float32: mean over all masked positions of the batch.
+    """
+    rows, positions = _masked_rows(patch_logits(pred, target, tau), mask)
+    return F.cross_entropy(rows, positions)
+
+
+@torch.no_grad()
+def positive_accuracy(pred: Tensor, target: Tensor, mask: Tensor) -> float:
+    """Fraction of masked positions whose own-position key has the highest logit (chance 1/N).
+
+    Args:
+        pred: ``(B, N, D)``; target: ``(B, N, D)``; mask: ``(B, N)`` bool.
+    """
+    rows, positions = _masked_rows(patch_logits(pred, target, 1.0), mask)
+    return float((rows.argmax(dim=1) == positions).float().mean())
+
+
+def momentum_at(step: int, total: int, base: float) -> float:
+    """Momentum for refine step ``step`` of ``total``: ``base`` rising to 1 by a half cosine,
+    ``1 - (1 - base) * (1 + cos(pi * step / total)) / 2``."""
+    if total <= 0:
+        return base
+    progress = min(1.0, max(0.0, step / total))
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+class WeakStrongTransform:
+    """PIL image -> ``[weak, strong]``: two photometric versions of one crop (see the module
+    docstring). Randomness comes from torch's global generator, which the dataset reseeds per
+    sample, so the views repeat exactly when a run resumes."""
+
+    def __init__(self, views: ViewConfig, blur: float = 0.5, solarize: float = 0.2) -> None:
+        size = views.global_size
+        mode = T.InterpolationMode(views.interpolation)
+        kernel = max(3, int(size * 0.1) // 2 * 2 + 1)
+        self.crop = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=views.global_scale, interpolation=mode),
+                T.RandomHorizontalFlip(),
+            ]
+        )
+        self.strong = T.Compose(
+            [
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+                T.RandomSolarize(128, p=solarize),
+            ]
+        )
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(views.mean, views.std)])
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        crop = self.crop(img)
+        return [self.finish(crop), self.finish(self.strong(crop))]
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+def token_projector(dim: int, hidden: int, out: int, sync_bn: bool) -> nn.Sequential:
+    """Per-token MLP on ``(T, dim)`` rows; BN statistics over all ``T`` tokens passed."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden, bias=False),
+        batch_norm(hidden, sync=sync_bn),
+        nn.GELU(),
+        nn.Linear(hidden, out, bias=False),
+        batch_norm(out, sync=sync_bn),
+    )
+
+
+@contextmanager
+def frozen_parameters(module: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Run the block with ``module``'s trainable parameters out of autograd (gradient still flows
+    through it to inputs that need it), restoring their ``requires_grad`` afterwards."""
+    params = [p for p in module.parameters() if p.requires_grad] if frozen else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class ConMIMObjective(Objective):
+    """ConMIM: masked weak view (online) vs unmasked strong view (momentum), per-patch InfoNCE
+    within each image."""
+
+    name = "conmim"
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        check_maskable(ctx.encoder, self.name)
+        if cfg.photometric:
+            raise MimcliError(
+                "--objective conmim makes its own weak/strong views; drop --photometric"
+            )
+        if ctx.views.local_crops:
+            raise MimcliError("--objective conmim uses no local crops; drop --local-crops")
+        dim = int(ctx.loaded.embed_dim)
+        spec = cfg.head_width
+        widths = head_widths(dim, int(spec) if str(spec).isdigit() else spec)
+        self.hidden, self.out = widths.predictor_hidden, widths.out
+        self.tau = float(cfg.temperature)
+        self.mask_ratio = float(cfg.mask_ratio)
+        self.base_momentum = float(cfg.momentum)
+        if not 0 <= self.base_momentum <= 1:
+            raise MimcliError(f"--momentum must lie in [0, 1], got {self.base_momentum}")
+        random_mask(1, 2, self.mask_ratio, torch.Generator())  # fail early on a bad ratio
+        self.prefix = int(getattr(ctx.encoder, "num_prefix_tokens", 1))
+        self.refine_steps = int(ctx.totals.get("refine", 0))
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.projector = token_projector(dim, self.hidden, self.out, ctx.sync_bn)
+        self.momentum_encoder = momentum_copy(ctx.encoder)
+        self.momentum_projector = momentum_copy(self.projector)
+
+    @classmethod
+    def defaults(cls, depth: int, embed_dim: int) -> dict[str, Any]:
+        return {
+            "blocks": "last1",
+            "local_crops": 0,
+            "photometric": False,
+            "freeze_blocks": 0,
+            "lr": 4e-4,
+            "temperature": 0.1,
+            "mask_ratio": 0.4,
+            "momentum": 0.996,
+        }
+
+    def train(self, mode: bool = True) -> ConMIMObjective:
+        """The momentum encoder always runs in eval mode (no dropout / drop-path in targets); the
+        momentum projector's BN uses batch statistics in training, like the online one."""
+        super().train(mode)
+        self.momentum_encoder.eval()
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "objective": self.name,
+            "projector_widths": {"hidden": self.hidden, "out": self.out},
+            "temperature": self.tau,
+            "mask_ratio": self.mask_ratio,
+            "momentum": self.base_momentum,
+            "momentum_schedule": "cosine to 1 over the refine stage",
+            "views": "weak: crop+flip; strong: + jitter, grayscale, blur 0.5, solarize 0.2",
+        }
+
+    def summary(self) -> str:
+        return (
+            f"per-token projector {self.hidden}/{self.out} + mask token; tau {self.tau}; "
+            f"mask ratio {self.mask_ratio}; momentum {self.base_momentum} -> 1 (cosine); "
+            "weak/strong views"
+        )
+
+    def transform(self) -> WeakStrongTransform:
+        return WeakStrongTransform(self.ctx.views)
+
+    def momentum(self, stage: str, step: int) -> float:
+        """The EMA momentum applied after ``step`` of ``stage`` (warm-up: the base value)."""
+        if stage != "refine":
+            return self.base_momentum
+        return momentum_at(step, self.refine_steps, self.base_momentum)
+
+    def project(self, projector: nn.Module, tokens: Tensor) -> Tensor:
+        """``(B, N, D)`` tokens -> ``(B, N, O)`` through a per-token projector."""
+        b, n, d = tokens.shape
+        return projector(tokens.reshape(b * n, d)).reshape(b, n, -1)
+
+    def step(
+        self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        device = self.ctx.device
+        weak, strong = (v.to(device, non_blocking=True) for v in batch.views[:2])
+        rows, cols = patch_grid(encoder, weak)
+        generator = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
+        mask = random_mask(weak.shape[0], rows * cols, self.mask_ratio, generator).to(device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            # heads stage: gradient reaches the mask token through the frozen encoder
+            with frozen_parameters(encoder, stage == "heads"):
+                online = encode_masked(encoder, weak, mask, self.mask_token)[:, self.prefix :]
+            pred = self.project(self.projector, online)
+            with torch.no_grad():
+                keys = encode_masked(self.momentum_encoder, strong, None, None)[:, self.prefix :]
+                target = self.project(self.momentum_projector, keys)
+        pred, target = pred.float(), target.float()
+        loss = conmim_loss(pred, target, mask, self.tau)
+        metrics = {
+            "patch_acc": positive_accuracy(pred, target, mask),
+            "momentum": self.momentum(stage, step),
+        }
+        return loss, metrics
+
+    def after_step(self, encoder: nn.Module, stage: str, step: int) -> None:
+        m = self.momentum(stage, step)
+        if stage == "refine":  # frozen during the warm-up: the copy stays equal to it
+            ema_update(self.momentum_encoder, encoder, m)
+        ema_update(self.momentum_projector, self.projector, m)
