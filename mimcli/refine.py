@@ -334,6 +334,8 @@ class Refiner:
             int(self.encoder.patch_embed.patch_size[0]),
             int(cfg.local_crops or 0),
             photometric=bool(cfg.photometric),
+            global_scale=tuple(cfg.global_scale),
+            local_scale=tuple(cfg.local_scale),
         )
         check_local_crops_supported(self.encoder, self.views, self.loaded.arch)
         self.per_epoch = len(self.images) // cfg.batch_size

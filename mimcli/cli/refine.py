@@ -259,13 +259,12 @@ def refine(
     bar = ImageProgress(show_loss=True)
     refiner = Refiner(cfg, progress=bar)
     r = refiner.resolved()["resolved"]
+    obj = refiner.objective
+    blocks = f"blocks {r['blocks']} ({r['blocks_reason']}); " if obj.uses_blocks else ""
     stderr.print(
-        f"{r['objective']}: {refiner.objective.summary()}; blocks {r['blocks']} "
-        f"({r['blocks_reason']}); steps "
-        f"{r['steps']} ({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr "
-        f"{r['head_lr']:.2e}; views 2x{r['views']['global_size']}px + "
-        f"{r['views']['local_crops']}x{r['views']['local_size']}px; {r['device']}, "
-        f"{r['precision']}, {r['world_size']} process(es)",
+        f"{r['objective']}: {obj.summary()}; {blocks}steps {r['steps']} "
+        f"({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr {r['head_lr']:.2e}; views "
+        f"{obj.views_summary()}; {r['device']}, {r['precision']}, {r['world_size']} process(es)",
         markup=False,
         highlight=False,
     )
@@ -274,11 +273,12 @@ def refine(
     if as_json:
         print_json({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
         return
-    stdout.print(
-        f"Refined blocks {','.join(map(str, result.blocks))} ({result.blocks_reason})",
-        markup=False,
-        highlight=False,
+    what = (
+        f"blocks {','.join(map(str, result.blocks))} ({result.blocks_reason})"
+        if obj.uses_blocks
+        else "the whole encoder"
     )
+    stdout.print(f"Refined {what} with {r['objective']}", markup=False, highlight=False)
     stdout.print(
         f"steps {result.steps}, final loss {result.final_loss:.4f}, {result.seconds / 60:.1f} min",
         markup=False,

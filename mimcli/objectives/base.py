@@ -74,6 +74,8 @@ class Objective(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # whether --blocks means anything to this objective (per-block heads)
+    uses_blocks: ClassVar[bool] = False
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
@@ -124,6 +126,12 @@ class Objective(nn.Module):
     def describe(self) -> dict[str, Any]:
         """Resolved settings for ``config.json`` (key ``objective`` = the name)."""
         return {"objective": self.name}
+
+    def views_summary(self) -> str:
+        """How many views of which size each image gives (the refine banner)."""
+        v = self.ctx.views
+        text = f"2x{v.global_size}px"
+        return text + (f" + {v.local_crops}x{v.local_size}px" if v.local_crops else "")
 
     def summary(self) -> str:
         """One line for the refine banner: what was built (heads, teachers, decoder...)."""

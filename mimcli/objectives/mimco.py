@@ -237,6 +237,9 @@ class MimCoObjective(Objective):
     def transform(self) -> Transform:
         return SingleView(self.ctx.views)
 
+    def views_summary(self) -> str:
+        return f"1x{self.ctx.views.global_size}px (masked for the student, whole for the teacher)"
+
     def describe(self) -> dict[str, Any]:
         return {
             "objective": self.name,

@@ -186,6 +186,7 @@ class NNAObjective(Objective):
     nearest neighbour, refinement draws among the top-k."""
 
     name = "nna"
+    uses_blocks = True
     loss_kind = "nna"
     activation = "gelu"
     predictor_final_bn = True

@@ -1,0 +1,259 @@
+"""MR-MAE, "Mimic before Reconstruct" (Gao et al., 2023, arXiv 2303.05475), as a refinement
+objective: the encoder sees the visible 25% of the patches (MAE style, no mask token); a linear
+head per frozen teacher regresses the encoder's visible tokens onto the teacher's patch features
+at the same positions (mimic), and the MAE decoder rebuilds the hidden 75% from them
+(norm-pixel reconstruction, He et al., 2022).
+
+What is implemented (METHOD §5):
+
+- one crop + flip view per image (MAE's augmentation; ``--photometric`` adds colour jitter and
+  grayscale), ``--mask-ratio`` 0.75, masks drawn from (seed, stage, step, rank);
+- teachers (``--teacher``, repeatable; default CLIP ``vit_base_patch16_clip_224.openai`` and DINO
+  ``vit_base_patch16_224.dino``) see the whole unmasked view, normalised with their own mean/std,
+  and give patch features on the student's grid (resampled when the grids differ);
+- mimic loss per teacher: mean squared error between ``Linear(D -> Dt)(visible token)`` and the
+  teacher's feature at that position, layer-normalised per token (no affine). The normalisation
+  and the plain MSE are our choice (unverified): they put CLIP and DINO targets on one scale;
+- reconstruction: MAE's decoder on the visible latents, MSE against per-patch normalised pixels
+  on the masked patches. The decoder is ``--decoder PATH``, else the one shipped with MODEL
+  (MAE ``_full`` checkpoint or ``decoder.safetensors`` in the folder), else a fresh one
+  (:func:`mimcli.models.mae_decoder.fresh_spec`) warmed up in the ``heads`` stage;
+  ``--no-reconstruction`` drops it (mimic only);
+- loss = reconstruction + ``--mimic-weight`` (1.0, unverified) × mean over teachers of the mimic
+  losses. Stage ``heads``: mimic heads and decoder train on the frozen encoder; ``refine``:
+  everything trains.
+
+Not implemented: the paper's focused mimicking (teacher-attention token selection), multi-layer
+fusion and convolutional stem; the mimic target is the teacher's last-block patch output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms as T
+
+from mimcli import distributed as dist
+from mimcli.errors import MimcliError
+from mimcli.models.mae_decoder import (
+    MaeDecoder,
+    check_decoder_fits,
+    fresh_spec,
+    load_decoder,
+    read_decoder_file,
+    reconstruction_loss,
+)
+from mimcli.objectives.base import (
+    Objective,
+    ObjectiveContext,
+    Teacher,
+    check_maskable,
+    encode_visible,
+    load_teachers,
+    random_mask,
+    step_generator,
+)
+from mimcli.views import ViewBatch, ViewConfig
+
+DEFAULT_TEACHERS = ("vit_base_patch16_clip_224.openai", "vit_base_patch16_224.dino")
+TARGET_NORM_EPS = 1e-6
+
+
+def mimic_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error to per-token layer-normalised teacher features (float32).
+
+    Args:
+        pred: ``(B, K, Dt)`` mimic-head outputs on the visible tokens.
+        target: ``(B, K, Dt)`` teacher features at the same positions (detached here).
+
+    Returns:
+        Scalar: mean over images, tokens and channels.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    target = target.detach().float()
+    target = F.layer_norm(target, target.shape[-1:], eps=TARGET_NORM_EPS)
+    return F.mse_loss(pred.float(), target)
+
+
+def visible_positions(mask: Tensor) -> Tensor:
+    """``(B, K)`` int64 positions of the unmasked patches, ascending (same K for every row)."""
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    return order[:, : int((~mask[0]).sum())]
+
+
+def gather_tokens(tokens: Tensor, positions: Tensor) -> Tensor:
+    """``tokens`` (B, N, D) at ``positions`` (B, K) -> (B, K, D)."""
+    index = positions.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens, 1, index)
+
+
+def single_view_transform(cfg: ViewConfig) -> Callable[[Image.Image], list[Tensor]]:
+    """MAE's augmentation: one random-resized crop (``--global-scale``) + horizontal flip at the
+    global size; ``--photometric`` adds BYOL's colour jitter and grayscale."""
+    steps: list[Any] = [
+        T.RandomResizedCrop(
+            cfg.global_size,
+            scale=cfg.global_scale,
+            interpolation=T.InterpolationMode(cfg.interpolation),
+        ),
+        T.RandomHorizontalFlip(),
+    ]
+    if cfg.photometric:
+        steps += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+    pipeline = T.Compose([*steps, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    return lambda img: [pipeline(img)]
+
+
+class MRMAEObjective(Objective):
+    """MR-MAE: mimic heads (one ``Linear(D -> Dt)`` per teacher) on the visible tokens plus the
+    MAE decoder's norm-pixel reconstruction of the masked patches."""
+
+    name = "mrmae"
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        encoder = ctx.encoder
+        check_maskable(encoder, self.name)
+        self.mask_ratio = float(cfg.mask_ratio)
+        if not 0 < self.mask_ratio < 1:
+            raise MimcliError(
+                f"--mask-ratio must lie strictly between 0 and 1, got {cfg.mask_ratio}"
+            )
+        self.mimic_weight = float(cfg.mimic_weight)
+        if self.mimic_weight < 0:
+            raise MimcliError(f"--mimic-weight must be 0 or more, got {cfg.mimic_weight}")
+        self.reconstruction = bool(cfg.reconstruction)
+        if not self.reconstruction and cfg.decoder is not None:
+            raise MimcliError("--decoder has no use with --no-reconstruction; drop one of them")
+        self.prefix = int(getattr(encoder, "num_prefix_tokens", 1))
+        if self.prefix < 1:
+            raise MimcliError("--objective mrmae needs an encoder with a class token")
+        ph, pw = (int(s) for s in encoder.patch_embed.patch_size)  # type: ignore[union-attr]
+        if ph != pw:
+            raise MimcliError(f"--objective mrmae needs square patches, got {ph}x{pw}")
+        self.patch_size = ph
+        size = ctx.views.global_size
+        self.grid = (size // ph, size // ph)
+        dim = int(ctx.loaded.embed_dim)
+
+        # Teachers are a plain list, not modules: never in state_dict or the optimiser.
+        self.teacher_sources = list(cfg.teacher) or list(DEFAULT_TEACHERS)
+        self.teachers: list[Teacher] = load_teachers(self.teacher_sources, ctx.views, ctx.device)
+        self.mimic_heads = nn.ModuleList(nn.Linear(dim, t.dim) for t in self.teachers)
+        for head in self.mimic_heads:
+            nn.init.zeros_(head.bias)
+
+        self.decoder: MaeDecoder | None = None
+        self.decoder_origin = "none: mimic only"
+        if self.reconstruction:
+            self.decoder, self.decoder_origin = self._build_decoder(dim)
+            check_decoder_fits(self.decoder.spec, dim, self.grid, ph, self.decoder_origin)
+
+    def _build_decoder(self, dim: int) -> tuple[MaeDecoder, str]:
+        """``--decoder PATH``, else the model's own, else a fresh one (warmed up in ``heads``)."""
+        cfg, loaded = self.ctx.cfg, self.ctx.loaded
+        if cfg.decoder is not None:
+            origin = f"--decoder {cfg.decoder}"
+            state, metadata = read_decoder_file(cfg.decoder)
+            return load_decoder(state, metadata, origin), origin
+        if getattr(loaded, "decoder", None):
+            origin = "shipped with MODEL"
+            metadata = getattr(loaded, "decoder_metadata", None)
+            return load_decoder(loaded.decoder, metadata, f"{loaded.source} ({origin})"), origin
+        warm = self.ctx.totals.get("heads", 1)
+        origin = "fresh, warmed up" if warm else "fresh, not warmed up (no heads stage)"
+        return MaeDecoder(fresh_spec(dim, self.grid, self.patch_size)).initialise(), origin
+
+    @classmethod
+    def defaults(cls, depth: int, embed_dim: int) -> dict[str, Any]:
+        """One MAE-style view, 75% masked, mimic weight 1; the loss sits on the last block.
+        lr 1.5e-4 is MAE's pre-training base lr (unverified for refinement)."""
+        return {
+            "blocks": "last1",
+            "local_crops": 0,
+            "photometric": False,
+            "mask_ratio": 0.75,
+            "mimic_weight": 1.0,
+            "freeze_blocks": 0,
+            "lr": 1.5e-4,
+        }
+
+    def transform(self) -> Callable[[Image.Image], list[Tensor]]:
+        return single_view_transform(self.ctx.views)
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.decoder.spec.as_dict() if self.decoder is not None else None
+        return {
+            "objective": self.name,
+            "teachers": [t.describe() for t in self.teachers],
+            "decoder": self.decoder_origin,
+            "decoder_spec": spec,
+            "reconstruction": self.reconstruction,
+            "mask_ratio": self.mask_ratio,
+            "mimic_weight": self.mimic_weight,
+            "mimic_loss": "MSE of Linear(D->Dt)(visible token) to per-token layer-normed teacher",
+            "reconstruction_loss": (
+                ("norm-pixel" if spec and spec["norm_pix_loss"] else "pixel") + " MSE, masked"
+                if spec
+                else None
+            ),
+        }
+
+    def summary(self) -> str:
+        teachers = ", ".join(f"{t.source} ({t.loaded.arch}, {t.dim})" for t in self.teachers)
+        if self.decoder is None:
+            loss = f"{self.mimic_weight} x mimic (no reconstruction)"
+            decoder = self.decoder_origin
+        else:
+            s = self.decoder.spec
+            decoder = f"{self.decoder_origin} ({s.width} wide, {s.depth} blocks)"
+            loss = f"reconstruction + {self.mimic_weight} x mimic"
+        return (
+            f"teachers {teachers}; decoder {decoder}; mask ratio {self.mask_ratio}; loss = {loss}"
+        )
+
+    def step(
+        self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction of the masked patches plus the weighted mean mimic loss."""
+        warmup = stage == "heads"
+        device = self.ctx.device
+        images = batch.views[0].to(device, non_blocking=True)
+        b = images.shape[0]
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        gen = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
+        mask = random_mask(b, grid[0] * grid[1], self.mask_ratio, gen)
+        keep = visible_positions(mask).to(device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast, torch.set_grad_enabled(not warmup):
+            latent = encode_visible(encoder, images, keep)
+        if warmup:
+            latent = latent.detach()
+        visible = latent[:, self.prefix :]
+        metrics: dict[str, float] = {}
+        total = torch.zeros((), device=device)
+        if self.decoder is not None:
+            with autocast:
+                pred = self.decoder(torch.cat([latent[:, :1], visible], dim=1), keep)
+            rec = reconstruction_loss(
+                pred, images, mask, self.patch_size, self.decoder.spec.norm_pix_loss
+            )
+            total = total + rec
+            metrics["loss_rec"] = float(rec.detach())
+        terms = []
+        for i, (teacher, head) in enumerate(zip(self.teachers, self.mimic_heads, strict=True)):
+            with autocast:
+                target = gather_tokens(teacher.features(images, grid).patches, keep)
+                out = head(visible)
+            term = mimic_loss(out, target)
+            terms.append(term)
+            metrics[f"loss_mimic/{i}"] = float(term.detach())
+        total = total + self.mimic_weight * torch.stack(terms).mean()
+        return total, metrics
