@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from torch import Tensor, nn
 
@@ -192,6 +193,19 @@ def _embed_patches(encoder: nn.Module, images: Tensor) -> tuple[Tensor, tuple[in
     return x.reshape(x.shape[0], -1, x.shape[-1]), shape
 
 
+def run_blocks(encoder: nn.Module, x: Tensor) -> Tensor:
+    """The encoder's blocks in order; with ``encoder.set_grad_checkpointing(True)``
+    (``--grad-checkpointing``) each block is recomputed in backward (non-reentrant, so frozen
+    parameters still get no gradient)."""
+    checkpointing = bool(getattr(encoder, "grad_checkpointing", False)) and torch.is_grad_enabled()
+    for block in encoder.blocks:  # type: ignore[union-attr]
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
 def encode_masked(
     encoder: nn.Module, images: Tensor, mask: Tensor | None, mask_token: Tensor | None
 ) -> Tensor:
@@ -215,9 +229,7 @@ def encode_masked(
         x = torch.where(m, mask_token.reshape(1, 1, -1).to(x.dtype), x)
     x = encoder._pos_embed(x.reshape(shape))  # type: ignore[operator]
     x = encoder.norm_pre(x)  # type: ignore[operator]
-    for block in encoder.blocks:  # type: ignore[union-attr]
-        x = block(x)
-    return encoder.norm(x)  # type: ignore[operator]
+    return encoder.norm(run_blocks(encoder, x))  # type: ignore[operator]
 
 
 def encode_visible(encoder: nn.Module, images: Tensor, keep: Tensor) -> Tensor:
@@ -237,9 +249,7 @@ def encode_visible(encoder: nn.Module, images: Tensor, keep: Tensor) -> Tensor:
     index = keep.to(x.device)[..., None].expand(-1, -1, x.shape[-1])
     x = torch.cat([x[:, :prefix], torch.gather(x[:, prefix:], 1, index)], dim=1)
     x = encoder.norm_pre(x)  # type: ignore[operator]
-    for block in encoder.blocks:  # type: ignore[union-attr]
-        x = block(x)
-    return encoder.norm(x)  # type: ignore[operator]
+    return encoder.norm(run_blocks(encoder, x))  # type: ignore[operator]
 
 
 def check_maskable(encoder: nn.Module, objective: str) -> None:

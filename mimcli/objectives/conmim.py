@@ -304,6 +304,9 @@ class ConMIMObjective(Objective):
             "weak/strong views"
         )
 
+    def views_summary(self) -> str:
+        return f"weak + strong of one {self.ctx.views.global_size}px crop"
+
     def transform(self) -> WeakStrongTransform:
         return WeakStrongTransform(self.ctx.views)
 
