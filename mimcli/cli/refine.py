@@ -38,18 +38,24 @@ EPILOG = """\
 Examples:
 
   mimcli refine vit_large_patch16_224.mae --data in1k/train --out runs/mae-l \\
-      --blocks 17-24 --head-epochs 20 --epochs 20 --batch-size 1024
+    --blocks 17-24 --head-epochs 20 --epochs 20 --batch-size 1024
 
   mimcli refine examples/models/fmnist-mae-tiny --data data/fmnist/train \\
-      --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
+    --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
 
   mimcli refine ... --out runs/tiny --resume     (continue from the last checkpoint)
 
-  mimcli refine examples/models/fmnist-mae-tiny --objective nnclr --data data/fmnist/train \
-      --out runs/tiny-nnclr --head-steps 30 --steps 90
+  mimcli refine examples/models/fmnist-mae-tiny --objective nnclr \\
+    --data data/fmnist/train --out runs/tiny-nnclr --head-steps 30 --steps 90
 
-  mimcli refine examples/models/fmnist-mae-tiny --objective mrmae --teacher runs/tiny/export \
-      --data data/fmnist/train --out runs/tiny-mrmae --head-steps 30 --steps 90
+  mimcli refine examples/models/fmnist-mae-tiny --objective conmim \\
+    --data data/fmnist/train --out runs/tiny-conmim --head-steps 30 --steps 90
+
+  mimcli refine examples/models/fmnist-mae-tiny --objective mimco \\
+    --teacher runs/tiny/export --data data/fmnist/train --out runs/tiny-mimco
+
+  mimcli refine examples/models/fmnist-mae-tiny --objective mrmae \\
+    --teacher runs/tiny/export --data data/fmnist/train --out runs/tiny-mrmae
 """
 
 
@@ -91,7 +97,7 @@ def refine(
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.")] = 256,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Refinement base lr (× batch/256); nna 4e-4, nnclr 2e-4."),
+        typer.Option("--lr", help="Refinement base lr (× batch/256); nnclr 2e-4, others 4e-4."),
     ] = None,
     head_lr: Annotated[
         float, typer.Option("--head-lr", help="Warm-up base lr (× batch/256).")
@@ -135,16 +141,21 @@ def refine(
     ] = "auto",
     topk: Annotated[int, typer.Option("--topk", help="Refinement samples among top-k NNs.")] = 20,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Loss tau (default by objective/width).")
+        float | None,
+        typer.Option(
+            "--temperature",
+            help="Loss tau; nna 0.2/0.3 by width, nnclr 0.15-0.3, mimco 0.2, conmim 0.1.",
+        ),
     ] = None,
     mask_ratio: Annotated[
         float | None,
-        typer.Option("--mask-ratio", help="Masked patch fraction (mimco/conmim/mrmae)."),
+        typer.Option("--mask-ratio", help="Masked patches: mimco 0.6, conmim 0.4, mrmae 0.75."),
     ] = None,
     momentum: Annotated[
         float | None,
         typer.Option(
-            "--momentum", help="Momentum of EMA targets (nnclr projector, conmim encoder)."
+            "--momentum",
+            help="EMA target momentum: nnclr projector 0.99, conmim encoder 0.996 (-> 1).",
         ),
     ] = None,
     image_weight: Annotated[
