@@ -56,12 +56,15 @@ def encoder_param_groups(
 
 
 def head_param_groups(heads: nn.Module, weight_decay: float = 1e-5) -> list[dict]:
-    """Head parameters: weight decay on matrices only (not on BN weights/biases)."""
+    """Objective parameters (heads, projectors, decoders): weight decay on matrices only, not on
+    norm weights, biases, mask tokens or position tables."""
     decay, no_decay = [], []
-    for param in heads.parameters():
+    for name, param in heads.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
+        leaf = name.rsplit(".", 1)[-1]
+        exempt = param.ndim <= 1 or "token" in leaf or "pos_embed" in leaf
+        (no_decay if exempt else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},

@@ -97,7 +97,9 @@ def refine(
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.")] = 256,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Refinement base lr (× batch/256); nnclr 2e-4, others 4e-4."),
+        typer.Option(
+            "--lr", help="Refinement base lr (× batch/256); nnclr 2e-4, mrmae 1.5e-4, others 4e-4."
+        ),
     ] = None,
     head_lr: Annotated[
         float, typer.Option("--head-lr", help="Warm-up base lr (× batch/256).")

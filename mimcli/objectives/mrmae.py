@@ -30,6 +30,7 @@ fusion and convolutional stem; the mimic target is the teacher's last-block patc
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,21 +94,29 @@ def gather_tokens(tokens: Tensor, positions: Tensor) -> Tensor:
     return torch.gather(tokens, 1, index)
 
 
-def single_view_transform(cfg: ViewConfig) -> Callable[[Image.Image], list[Tensor]]:
-    """MAE's augmentation: one random-resized crop (``--global-scale``) + horizontal flip at the
-    global size; ``--photometric`` adds BYOL's colour jitter and grayscale."""
-    steps: list[Any] = [
-        T.RandomResizedCrop(
-            cfg.global_size,
-            scale=cfg.global_scale,
-            interpolation=T.InterpolationMode(cfg.interpolation),
-        ),
-        T.RandomHorizontalFlip(),
-    ]
-    if cfg.photometric:
-        steps += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
-    pipeline = T.Compose([*steps, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-    return lambda img: [pipeline(img)]
+class MaeView:
+    """PIL image -> ``[view]``: MAE's augmentation, one random-resized crop (``--global-scale``)
+    and a horizontal flip at the global size; ``--photometric`` adds BYOL's colour jitter and
+    grayscale. A class, not a closure, so DataLoader workers can pickle it."""
+
+    def __init__(self, cfg: ViewConfig) -> None:
+        steps: list[Any] = [
+            T.RandomResizedCrop(
+                cfg.global_size,
+                scale=cfg.global_scale,
+                interpolation=T.InterpolationMode(cfg.interpolation),
+            ),
+            T.RandomHorizontalFlip(),
+        ]
+        if cfg.photometric:
+            steps += [
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(0.2),
+            ]
+        self.pipeline = T.Compose([*steps, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [self.pipeline(img)]
 
 
 class MRMAEObjective(Objective):
@@ -161,7 +170,7 @@ class MRMAEObjective(Objective):
         cfg, loaded = self.ctx.cfg, self.ctx.loaded
         if cfg.decoder is not None:
             origin = f"--decoder {cfg.decoder}"
-            state, metadata = read_decoder_file(cfg.decoder)
+            state, metadata = read_decoder_file(Path(cfg.decoder))
             return load_decoder(state, metadata, origin), origin
         if getattr(loaded, "decoder", None):
             origin = "shipped with MODEL"
@@ -186,10 +195,18 @@ class MRMAEObjective(Objective):
         }
 
     def transform(self) -> Callable[[Image.Image], list[Tensor]]:
-        return single_view_transform(self.ctx.views)
+        return MaeView(self.ctx.views)
+
+    def views_summary(self) -> str:
+        size, visible = self.ctx.views.global_size, f"{1 - self.mask_ratio:.0%}"
+        return f"1x{size}px ({visible} visible to the encoder, whole to the teachers)"
 
     def describe(self) -> dict[str, Any]:
         spec = self.decoder.spec.as_dict() if self.decoder is not None else None
+        rec_loss = None
+        if spec is not None:
+            targets = "per-patch normalised pixels" if spec["norm_pix_loss"] else "pixels"
+            rec_loss = f"MSE to {targets} on the masked patches"
         return {
             "objective": self.name,
             "teachers": [t.describe() for t in self.teachers],
@@ -199,11 +216,7 @@ class MRMAEObjective(Objective):
             "mask_ratio": self.mask_ratio,
             "mimic_weight": self.mimic_weight,
             "mimic_loss": "MSE of Linear(D->Dt)(visible token) to per-token layer-normed teacher",
-            "reconstruction_loss": (
-                ("norm-pixel" if spec and spec["norm_pix_loss"] else "pixel") + " MSE, masked"
-                if spec
-                else None
-            ),
+            "reconstruction_loss": rec_loss,
         }
 
     def summary(self) -> str:
