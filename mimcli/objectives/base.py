@@ -16,7 +16,8 @@ resume, never written to checkpoints). Each step the loop calls::
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -140,6 +141,38 @@ class Objective(nn.Module):
 
 
 # --- building blocks -------------------------------------------------------------------------
+
+
+class SingleView:
+    """PIL image -> ``[view]``: global view 0 of the multi-crop pipeline (random-resized crop at
+    ``--global-scale`` + flip, plus BYOL's photometric augmentations when ``views.photometric``).
+    A class, not a closure, so DataLoader workers can pickle it."""
+
+    def __init__(self, views: ViewConfig) -> None:
+        self.pipeline = MultiCropTransform(views).global0
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [self.pipeline(img)]
+
+
+@contextmanager
+def outside_autograd(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run ``module`` with its parameters out of autograd (``requires_grad`` False) and restore
+    the flags afterwards. Inputs that need gradients (a mask token upstream) still get them; the
+    parameters get none, because autograd only records what required gradients at forward time.
+    Used for the head warm-up of objectives with a trainable mask token in front of the frozen
+    encoder."""
+    if not enabled:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

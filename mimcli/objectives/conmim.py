@@ -57,8 +57,6 @@ shortcut; neither is in ConMIM, so neither is done here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -77,6 +75,7 @@ from mimcli.objectives.base import (
     ema_update,
     encode_masked,
     momentum_copy,
+    outside_autograd,
     patch_grid,
     random_mask,
     step_generator,
@@ -218,20 +217,6 @@ def token_projector(dim: int, hidden: int, out: int, sync_bn: bool) -> nn.Sequen
     )
 
 
-@contextmanager
-def frozen_parameters(module: nn.Module, frozen: bool = True) -> Iterator[None]:
-    """Run the block with ``module``'s trainable parameters out of autograd (gradient still flows
-    through it to inputs that need it), restoring their ``requires_grad`` afterwards."""
-    params = [p for p in module.parameters() if p.requires_grad] if frozen else []
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class ConMIMObjective(Objective):
     """ConMIM: masked weak view (online) vs unmasked strong view (momentum), per-patch InfoNCE
     within each image."""
@@ -332,7 +317,7 @@ class ConMIMObjective(Objective):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         with autocast:
             # heads stage: gradient reaches the mask token through the frozen encoder
-            with frozen_parameters(encoder, stage == "heads"):
+            with outside_autograd(encoder, stage == "heads"):
                 online = encode_masked(encoder, weak, mask, self.mask_token)[:, self.prefix :]
             pred = self.project(self.projector, online)
             with torch.no_grad():

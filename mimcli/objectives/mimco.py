@@ -32,13 +32,10 @@ unverified), blocks ``last1`` (the loss only reads the last block).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from mimcli import distributed as dist
@@ -47,15 +44,17 @@ from mimcli.heads import head_widths
 from mimcli.objectives.base import (
     Objective,
     ObjectiveContext,
+    SingleView,
     Teacher,
     Transform,
     check_maskable,
     encode_masked,
+    outside_autograd,
     patch_grid,
     random_mask,
     step_generator,
 )
-from mimcli.views import MultiCropTransform, ViewBatch, ViewConfig
+from mimcli.views import ViewBatch
 
 DEFAULT_TEACHER = "vit_small_patch16_224.dino"
 
@@ -155,36 +154,6 @@ def feature_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
     return head
-
-
-@contextmanager
-def outside_autograd(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run ``module`` with its parameters out of autograd (``requires_grad`` False) and restore
-    the flags afterwards. Inputs that need gradients (a mask token upstream) still get them; the
-    parameters get none, because autograd only records what required gradients at forward time.
-    """
-    if not enabled:
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-class SingleView:
-    """PIL image -> ``[view]``: global view 0 of the multi-crop pipeline (crop + flip, plus its
-    photometric augmentations when ``views.photometric``)."""
-
-    def __init__(self, views: ViewConfig) -> None:
-        self.pipeline = MultiCropTransform(views).global0
-
-    def __call__(self, img: Image.Image) -> list[Tensor]:
-        return [self.pipeline(img)]
 
 
 class MimCoObjective(Objective):

@@ -6,8 +6,8 @@ at the same positions (mimic), and the MAE decoder rebuilds the hidden 75% from 
 
 What is implemented (METHOD §5):
 
-- one crop + flip view per image (MAE's augmentation; ``--photometric`` adds colour jitter and
-  grayscale), ``--mask-ratio`` 0.75, masks drawn from (seed, stage, step, rank);
+- one crop + flip view per image (MAE's augmentation; ``--photometric`` adds BYOL's colour
+  augmentations), ``--mask-ratio`` 0.75, masks drawn from (seed, stage, step, rank);
 - teachers (``--teacher``, repeatable; default CLIP ``vit_base_patch16_clip_224.openai`` and DINO
   ``vit_base_patch16_224.dino``) see the whole unmasked view, normalised with their own mean/std,
   and give patch features on the student's grid (resampled when the grids differ);
@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torchvision import transforms as T
 
 from mimcli import distributed as dist
 from mimcli.errors import MimcliError
@@ -52,6 +51,7 @@ from mimcli.models.mae_decoder import (
 from mimcli.objectives.base import (
     Objective,
     ObjectiveContext,
+    SingleView,
     Teacher,
     check_maskable,
     encode_visible,
@@ -59,7 +59,7 @@ from mimcli.objectives.base import (
     random_mask,
     step_generator,
 )
-from mimcli.views import ViewBatch, ViewConfig
+from mimcli.views import ViewBatch
 
 DEFAULT_TEACHERS = ("vit_base_patch16_clip_224.openai", "vit_base_patch16_224.dino")
 TARGET_NORM_EPS = 1e-6
@@ -92,31 +92,6 @@ def gather_tokens(tokens: Tensor, positions: Tensor) -> Tensor:
     """``tokens`` (B, N, D) at ``positions`` (B, K) -> (B, K, D)."""
     index = positions.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1])
     return torch.gather(tokens, 1, index)
-
-
-class MaeView:
-    """PIL image -> ``[view]``: MAE's augmentation, one random-resized crop (``--global-scale``)
-    and a horizontal flip at the global size; ``--photometric`` adds BYOL's colour jitter and
-    grayscale. A class, not a closure, so DataLoader workers can pickle it."""
-
-    def __init__(self, cfg: ViewConfig) -> None:
-        steps: list[Any] = [
-            T.RandomResizedCrop(
-                cfg.global_size,
-                scale=cfg.global_scale,
-                interpolation=T.InterpolationMode(cfg.interpolation),
-            ),
-            T.RandomHorizontalFlip(),
-        ]
-        if cfg.photometric:
-            steps += [
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                T.RandomGrayscale(0.2),
-            ]
-        self.pipeline = T.Compose([*steps, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-
-    def __call__(self, img: Image.Image) -> list[Tensor]:
-        return [self.pipeline(img)]
 
 
 class MRMAEObjective(Objective):
@@ -195,7 +170,7 @@ class MRMAEObjective(Objective):
         }
 
     def transform(self) -> Callable[[Image.Image], list[Tensor]]:
-        return MaeView(self.ctx.views)
+        return SingleView(self.ctx.views)
 
     def views_summary(self) -> str:
         size, visible = self.ctx.views.global_size, f"{1 - self.mask_ratio:.0%}"
