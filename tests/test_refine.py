@@ -430,3 +430,28 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_di
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1]
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_checkpoints_from_before_objectives_still_resume(tiny_model_dir, data_dir, tmp_path):
+    """Checkpoints that kept NNA heads, queues and the lookup generator under their own keys
+    restore into the objective exactly."""
+    from mimcli.runs import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    Refiner(small_cfg(tiny_model_dir, data_dir, out, head_steps=2, steps=1)).run_all()
+    state = load_checkpoint(out / "checkpoint.safetensors")
+    objective = state.pop("objective")
+    state["heads"] = {k[len("heads.") :]: v for k, v in objective.items() if k.startswith("heads.")}
+    state["queues"] = {
+        k[len("queues.") :]: v for k, v in objective.items() if k.startswith("queues.")
+    }
+    state["rng"]["lookup"] = objective["_extra_state"]["lookup_gen"]
+    save_checkpoint(out / "checkpoint.safetensors", state)
+    resumed = Refiner(small_cfg(tiny_model_dir, data_dir, out, head_steps=2, steps=1, resume=True))
+    resumed.restore()
+    now = resumed.objective.state_dict()
+    assert now.keys() == objective.keys()
+    for key, value in objective.items():
+        if key != "_extra_state":
+            assert torch.equal(now[key], value), key
+    assert torch.equal(resumed.objective.lookup_gen.get_state(), state["rng"]["lookup"])
