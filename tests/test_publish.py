@@ -364,3 +364,29 @@ def test_safetensors_bytes_are_reproducible_and_readable(tmp_path):
 
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True).stdout for _ in "ab"}
     assert len(runs) == 1
+
+
+def test_card_names_other_objectives_and_their_settings():
+    from mimcli.modelcard import _refine_summary
+
+    run = {
+        "config": {"objective": "mrmae", "batch_size": 8, "topk": 20},
+        "resolved": {
+            "objective": "mrmae",
+            "blocks": [4],
+            "steps": {"heads": 2, "refine": 3},
+            "teachers": [{"source": "runs/nna/export", "arch": "vit_base_patch16_224"}],
+            "decoder": {"source": "shipped with MODEL"},
+            "mask_ratio": 0.75,
+            "lr": 1e-3,
+        },
+    }
+    lines = _refine_summary(run)
+    text = "\n".join(lines)
+    assert lines[0] == "- objective: **mrmae** (mimic before reconstruct, MR-MAE, arXiv 2303.05475)"
+    assert "teachers runs/nna/export" in text and "decoder shipped with MODEL" in text
+    assert "mask ratio 0.75" in text
+    assert "neighbour queue" not in text and "ID heads" not in text
+    nna = _refine_summary({"config": {}, "resolved": {"queue_size": 24, "blocks": [3, 4]}})
+    assert "Nearest Neighbour Alignment" in nna[0] and "ID heads on blocks 3, 4" in nna[1]
+    assert any("neighbour queue 24 entries" in line for line in nna)
