@@ -218,17 +218,26 @@ _LOOP_KEYS = {
 }  # fmt: skip
 
 
+def _setting(value: Any) -> str:
+    """A teacher or decoder by its source; other dicts as ``(key value, ...)``."""
+    if not isinstance(value, dict):
+        return str(value)
+    if "source" in value:
+        return str(value["source"])
+    return "(" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items()) + ")"
+
+
 def _objective_settings(res: dict[str, Any]) -> str:
     parts = []
     for key, value in res.items():
         if key in _LOOP_KEYS:
             continue
+        if value is None:
+            continue
         if isinstance(value, list | tuple):
-            value = ", ".join(
-                str(v.get("source", v)) if isinstance(v, dict) else str(v) for v in value
-            )
-        elif isinstance(value, dict):
-            value = value.get("source", value)
+            value = ", ".join(_setting(v) for v in value)
+        else:
+            value = _setting(value)
         parts.append(f"{key.replace('_', ' ')} {value}")
     return "; ".join(parts) or "defaults"
 
