@@ -60,7 +60,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
@@ -80,6 +79,7 @@ from mimcli.objectives.base import (
     random_mask,
     step_generator,
 )
+from mimcli.objectives.mimco import patch_contrastive_loss
 from mimcli.views import ViewBatch, ViewConfig
 
 __all__ = [
@@ -87,7 +87,6 @@ __all__ = [
     "WeakStrongTransform",
     "conmim_loss",
     "momentum_at",
-    "patch_logits",
     "positive_accuracy",
 ]
 
@@ -95,47 +94,15 @@ __all__ = [
 # --- loss ------------------------------------------------------------------------------------
 
 
-def patch_logits(pred: Tensor, target: Tensor, tau: float) -> Tensor:
-    """Cosine similarities of every online patch to every momentum patch of the same image.
-
-    Args:
-        pred: ``(B, N, D)`` online projector outputs.
-        target: ``(B, N, D)`` momentum projector outputs (detached here).
-        tau: temperature.
-
-    Returns:
-        ``(B, N, N)`` float32 logits, ``[b, i, j] = <pred[b, i], target[b, j]> / tau`` of
-        L2-normalised vectors.
-    """
-    if pred.dim() != 3 or pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must both be (B, N, D); got {tuple(pred.shape)}, "
-            f"{tuple(target.shape)}"
-        )
-    if tau <= 0:
-        raise ValueError(f"temperature must be positive, got {tau}")
-    p = F.normalize(pred.float(), dim=-1)
-    t = F.normalize(target.detach().float(), dim=-1)
-    return torch.bmm(p, t.transpose(1, 2)) / tau
-
-
-def _masked_rows(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    if mask.shape != logits.shape[:2] or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
-    if not bool(mask.any()):
-        raise ValueError("the mask selects no position")
-    b, n, _ = logits.shape
-    mask = mask.to(logits.device)
-    positions = torch.arange(n, device=logits.device).expand(b, n)
-    return logits[mask], positions[mask]
-
-
 def conmim_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Tensor:
     """ConMIM's denoising patch InfoNCE.
 
     For image ``b`` and masked position ``i``: cross-entropy of the logits
-    ``<pred[b, i], target[b, j]> / tau`` over the image's ``N`` positions ``j``, with target
-    ``j = i``; negatives are the other patches of the same image only.
+    ``<pred[b, i], target[b, j]> / tau`` (L2-normalised, float32) over the image's ``N``
+    positions ``j``, with target ``j = i``; negatives are the other patches of the same image
+    only. The same intra-image contrast as MimCo's patch loss
+    (:func:`mimcli.objectives.mimco.patch_contrastive_loss`), with momentum-encoder keys instead
+    of a teacher's.
 
     Args:
         pred: ``(B, N, D)`` online projector outputs of the masked weak view (receive gradient).
@@ -146,8 +113,7 @@ def conmim_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Tenso
     Returns:
         Scalar float32: mean over all masked positions of the batch.
     """
-    rows, positions = _masked_rows(patch_logits(pred, target, tau), mask)
-    return F.cross_entropy(rows, positions)
+    return patch_contrastive_loss(pred, target, _bool_mask(mask, pred), tau).loss
 
 
 @torch.no_grad()
@@ -157,8 +123,13 @@ def positive_accuracy(pred: Tensor, target: Tensor, mask: Tensor) -> float:
     Args:
         pred: ``(B, N, D)``; target: ``(B, N, D)``; mask: ``(B, N)`` bool.
     """
-    rows, positions = _masked_rows(patch_logits(pred, target, 1.0), mask)
-    return float((rows.argmax(dim=1) == positions).float().mean())
+    return float(patch_contrastive_loss(pred, target, _bool_mask(mask, pred), 1.0).accuracy)
+
+
+def _bool_mask(mask: Tensor, pred: Tensor) -> Tensor:
+    if mask.dtype != torch.bool or mask.shape != pred.shape[:2]:
+        raise ValueError(f"mask must be bool {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
+    return mask
 
 
 def momentum_at(step: int, total: int, base: float) -> float:
