@@ -69,6 +69,20 @@ def image_folders(tmp_path):
 
 
 @pytest.fixture
+def data_dir(tmp_path):
+    """Unlabelled-use training folder for tiny refine runs: 3 classes x 8 images."""
+    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    """A tiny teacher on a coarser grid (patch 16: 2x2 on 32 px; the student has 4x4), width 48."""
+    from tests.objective_harness import save_tiny_vit
+
+    return save_tiny_vit(tmp_path / "teacher", seed=7, patch_size=16, embed_dim=48)
+
+
+@pytest.fixture
 def tiny_model_dir(tmp_path, tiny_vit):
     """A tiny ViT saved in timm's Hugging Face layout (config.json + model.safetensors)."""
     from timm.models import save_for_hf

@@ -50,6 +50,15 @@ def tiny_cfg(model_dir: Path, data_dir: Path, out: Path, objective: str, **kw) -
     return RefineConfig(**base)
 
 
+def tiny_run_args(data_dir: Path) -> list[str]:
+    """CLI options of a tiny run: 2 head steps + 3 steps of batch 8, 32-wide heads, a checkpoint
+    every step (so ``check_resume`` can cut anywhere)."""
+    return [
+        "--data", str(data_dir), "--head-steps", "2", "--steps", "3", "--batch-size", "8",
+        "--head-width", "32", "--num-workers", "0", "--checkpoint-every", "1",
+    ]  # fmt: skip
+
+
 def first_batch(refiner: Refiner, stage: str = "refine"):
     return next(iter(refiner.loader(stage, 0)))
 

@@ -22,7 +22,6 @@ from mimcli.objectives.conmim import (
 from mimcli.optim import apply_lr
 from mimcli.refine import Refiner
 from mimcli.views import ViewConfig
-from tests.conftest import write_image_folder
 from tests.objective_harness import (
     check_resume,
     export_tensors,
@@ -31,6 +30,7 @@ from tests.objective_harness import (
     metric_steps,
     refine_cli,
     tiny_cfg,
+    tiny_run_args,
 )
 
 
@@ -41,11 +41,6 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("MIMCLI_THREADS", "1")
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
 
 
 def naive_conmim(pred, target, mask, tau):
@@ -245,20 +240,7 @@ def test_cli_end_to_end_and_resume(tiny_model_dir, data_dir, tmp_path, monkeypat
         str(tiny_model_dir),
         "--objective",
         "conmim",
-        "--data",
-        str(data_dir),
-        "--head-steps",
-        "2",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--head-width",
-        "32",
-        "--num-workers",
-        "0",
-        "--checkpoint-every",
-        "1",
+        *tiny_run_args(data_dir),
         "--lr",
         "1e-3",
     ]

@@ -20,7 +20,6 @@ from mimcli.objectives.mimco import (
     patch_contrastive_loss,
 )
 from mimcli.refine import Refiner
-from tests.conftest import write_image_folder
 from tests.objective_harness import (
     check_resume,
     export_tensors,
@@ -28,20 +27,9 @@ from tests.objective_harness import (
     losses_on_fixed_batch,
     metric_steps,
     refine_cli,
-    save_tiny_vit,
     tiny_cfg,
+    tiny_run_args,
 )
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
-
-
-@pytest.fixture
-def teacher_dir(tmp_path):
-    """A tiny teacher on a coarser grid (patch 16: 2x2 on 32 px; the student has 4x4), width 48."""
-    return save_tiny_vit(tmp_path / "teacher", seed=7, patch_size=16, embed_dim=48)
 
 
 def mimco_cfg(model_dir, data_dir, out, teacher_dir, **kw):
@@ -303,20 +291,7 @@ def test_cli_end_to_end_and_resume(tiny_model_dir, data_dir, teacher_dir, tmp_pa
         "mimco",
         "--teacher",
         str(teacher_dir),
-        "--data",
-        str(data_dir),
-        "--head-steps",
-        "2",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--head-width",
-        "32",
-        "--num-workers",
-        "0",
-        "--checkpoint-every",
-        "1",
+        *tiny_run_args(data_dir),
         "--lr",
         "1e-2",
         "--mask-ratio",

@@ -48,17 +48,6 @@ SHIPPED = ROOT / "examples" / "models" / "fmnist-mae-tiny"
 FMNIST = ROOT / "examples" / "data" / "fashion-mnist-subset.npz"
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
-
-
-@pytest.fixture
-def teacher_dir(tmp_path):
-    """A tiny teacher on a coarser grid (patch 16: 2x2 on 32 px; the student has 4x4), width 48."""
-    return save_tiny_vit(tmp_path / "teacher", seed=7, patch_size=16, embed_dim=48)
-
-
 def mrmae_cfg(model_dir, data_dir, out, teachers, **kw):
     return tiny_cfg(model_dir, data_dir, out, "mrmae", teacher=[str(t) for t in teachers], **kw)
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from mimcli.objectives.nnclr import NNCLRObjective, default_nnclr_temperature, nnclr_loss
 from mimcli.optim import apply_lr
 from mimcli.refine import Refiner
-from tests.conftest import write_image_folder
 from tests.objective_harness import (
     check_resume,
     export_tensors,
@@ -21,12 +20,8 @@ from tests.objective_harness import (
     metric_steps,
     refine_cli,
     tiny_cfg,
+    tiny_run_args,
 )
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
 
 
 def test_defaults_follow_mae_ct(tiny_model_dir, data_dir, tmp_path):
@@ -163,20 +158,7 @@ def test_cli_end_to_end_and_resume(tiny_model_dir, data_dir, tmp_path, monkeypat
         str(tiny_model_dir),
         "--objective",
         "nnclr",
-        "--data",
-        str(data_dir),
-        "--head-steps",
-        "2",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--head-width",
-        "32",
-        "--num-workers",
-        "0",
-        "--checkpoint-every",
-        "1",
+        *tiny_run_args(data_dir),
         "--lr",
         "1e-3",
         "--topk",

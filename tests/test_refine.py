@@ -18,14 +18,9 @@ from mimcli.cli.app import app
 from mimcli.errors import MimcliError
 from mimcli.optim import encoder_param_groups, lr_at
 from mimcli.refine import RefineConfig, Refiner, resolve_blocks
-from tests.conftest import make_tiny_vit, write_image_folder
+from tests.conftest import make_tiny_vit
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=8, classes=3, seed=3)
 
 
 def small_cfg(model_dir, data_dir, out, **kw):
