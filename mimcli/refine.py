@@ -596,6 +596,12 @@ class Refiner:
                 f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
                 "resume with the same options"
             )
+        was = self.run.read_config().get("config", {}).get("objective", "nna")
+        if was != self.cfg.objective:
+            raise MimcliError(
+                f"--resume: {self.cfg.out} is a --objective {was} run; resume it with "
+                f"--objective {was}"
+            )
         self.encoder.load_state_dict(state["encoder"])
         self.ema.load_state_dict(state["ema"])
         if "objective" not in state:  # written before objectives: NNA heads and queues apart
