@@ -148,7 +148,9 @@ def front_matter(inputs: CardInputs) -> str:
     from huggingface_hub import ModelCardData
 
     objective = inputs.run.get("config", {}).get("objective", "nna")
-    tags = ["mimcli", "mim-refiner", objective, "image-feature-extraction", "timm"]
+    family = "mim-refiner" if objective == "nna" else OBJECTIVE_TAGS.get(objective, objective)
+    tags = ["mimcli", family, objective, "image-feature-extraction", "timm"]
+    tags = list(dict.fromkeys(tags))
     data = ModelCardData(
         library_name="timm",
         pipeline_tag=PIPELINE_TAG,
@@ -210,6 +212,26 @@ OBJECTIVE_TITLES = {
     "conmim": "intra-image patch contrast, ConMIM, arXiv 2205.09616",
     "mrmae": "mimic before reconstruct, MR-MAE, arXiv 2303.05475",
 }
+OBJECTIVE_TAGS = {"nnclr": "mae-ct", "mimco": "mimco", "conmim": "conmim", "mrmae": "mr-mae"}
+OBJECTIVE_SENTENCES = {
+    "nna": "MIM-Refiner recipe: ID heads on intermediate blocks were trained with Nearest "
+    "Neighbour Alignment",
+    "nnclr": "MAE-CT recipe: an NNCLR head on the last block was trained against a queue of "
+    "nearest neighbours",
+    "mimco": "MimCo objective: the masked encoder was trained to match a frozen contrastive "
+    "teacher, patch by patch and image by image",
+    "conmim": "ConMIM objective: masked patches were trained to find their own position among "
+    "a momentum encoder's patch features",
+    "mrmae": "MR-MAE objective: visible tokens were trained to mimic frozen teachers while the "
+    "MAE decoder reconstructs the masked pixels",
+}
+
+
+def _objective_sentence(inputs: CardInputs) -> str:
+    objective = inputs.run.get("config", {}).get("objective", "nna")
+    return OBJECTIVE_SENTENCES.get(objective, f"objective {objective}")
+
+
 # resolved config keys that are bookkeeping, not objective settings
 _LOOP_KEYS = {
     "blocks", "blocks_reason", "freeze_blocks", "steps", "steps_per_epoch", "lr", "head_lr",
@@ -301,9 +323,9 @@ def render_card(inputs: CardInputs) -> str:
         "---\n" + front_matter(inputs) + "---\n",
         f"# {name}\n",
         f"A ViT encoder ({_shape(inputs)}) refined from `{base}` with "
-        "mimcli (MIM-Refiner recipe): ID heads on intermediate blocks were trained "
-        "so that the frozen encoder gives stronger off-the-shelf features (k-NN, low-shot, "
-        "clustering) than the masked-image-modeling model it started from.\n",
+        f"mimcli ({_objective_sentence(inputs)}) so that the frozen encoder gives stronger "
+        "off-the-shelf features (k-NN, low-shot, clustering) than the masked-image-modeling "
+        "model it started from.\n",
     ]
     if not inputs.stock_timm:
         parts.append(

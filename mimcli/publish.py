@@ -217,6 +217,15 @@ def scrub(obj: Any, secrets: Iterable[str] = ()) -> Any:
     return obj
 
 
+def scrub_literals(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with each of ``secrets`` and any Hub token (``hf_...``) replaced by
+    ``<redacted>``; nothing else is touched."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _TOKEN_VALUE.sub(REDACTED, text)
+
+
 def load_eval(path: Path) -> tuple[EvalResult, Path]:
     """``results.json`` (or a folder holding it) from ``mimcli eval``."""
     file = path / "results.json" if path.is_dir() else path
@@ -390,7 +399,9 @@ def build_repo_folder(
             num_params=sum(t.numel() for t in tensors.values()),
             plots=plots,
         )
-        write_text(tmp / "README.md", scrub(render_card(inputs), secrets))
+        # the card is built from scrubbed inputs; a second pass only removes literal secrets
+        # (key patterns would mangle code such as ``return_prefix_tokens=True``)
+        write_text(tmp / "README.md", scrub_literals(render_card(inputs), secrets))
         if not any((tmp / "plots").iterdir()):
             (tmp / "plots").rmdir()
         _swap_into_place(tmp, dest)

@@ -123,6 +123,9 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
         "plots/probe.png",
     } <= set(built.files)
     meta, body = card_meta(folder)
+    # the usage snippet is code: the secret filter must leave `..._tokens=True` alone
+    assert "return_prefix_tokens=True" in body and "<redacted>" not in body
+    assert "MIM-Refiner recipe" in body and "mim-refiner" in meta["tags"]
     # inherited from the base folder's timm pretrained_cfg (timm's default for this arch)
     assert meta["license"] == "apache-2.0" and not built.warnings
     assert f"inherited from the base model {base}" in body
