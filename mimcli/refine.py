@@ -11,6 +11,7 @@ log -> checkpoint. Setup, resume and export live around it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import shutil
@@ -137,9 +138,50 @@ class RefineResult:
     seconds: float
     knn: list[dict[str, Any]] = field(default_factory=list)
     best_knn: dict[str, Any] | None = None
+    objective: str = "nna"
 
 
 # --- setup -----------------------------------------------------------------------------------
+
+
+# Objective options and the objectives that read them; setting one for another objective warns.
+OPTION_USERS: dict[str, tuple[str, ...]] = {
+    "teacher": ("mimco", "mrmae"),
+    "mask_ratio": ("mimco", "conmim", "mrmae"),
+    "momentum": ("nnclr", "conmim"),
+    "image_weight": ("mimco",),
+    "mimic_weight": ("mrmae",),
+    "decoder": ("mrmae",),
+    "reconstruction": ("mrmae",),
+    "temperature": ("nna", "nnclr", "mimco", "conmim"),
+    "blocks": ("nna", "nnclr"),
+    "head_input": ("nna", "nnclr"),
+    "local_crops": ("nna", "nnclr"),
+    "probe": ("nna", "nnclr"),
+}
+
+
+def ignored_options(cfg: RefineConfig) -> list[str]:
+    """Flags the user set that ``cfg.objective`` does not read (shown as warnings)."""
+    unset = {"teacher": [], "reconstruction": True}
+    out = []
+    for name, users in OPTION_USERS.items():
+        value = getattr(cfg, name)
+        if cfg.objective not in users and value != unset.get(name) and value is not None:
+            flag = (
+                "--no-reconstruction" if name == "reconstruction" else "--" + name.replace("_", "-")
+            )
+            out.append(flag)
+    return out
+
+
+# Options that shape a run; --resume must be given the same values.
+RESUME_KEYS = (
+    "objective", "batch_size", "seed", "blocks", "head_width", "head_input", "queue_size", "topk",
+    "temperature", "local_crops", "global_scale", "local_scale", "photometric", "freeze_blocks",
+    "teacher", "mask_ratio", "momentum", "image_weight", "mimic_weight", "reconstruction",
+    "decoder", "lr", "head_lr", "layer_decay", "weight_decay", "head_weight_decay", "ema",
+)  # fmt: skip
 
 
 def fill_defaults(cfg: RefineConfig, depth: int, embed_dim: int) -> RefineConfig:
@@ -321,6 +363,7 @@ class Refiner:
         self.loaded = load_model(cfg.model)
         depth = self.loaded.num_blocks
         dim = self.loaded.embed_dim
+        self.ignored_options = ignored_options(cfg)
         self.cfg = cfg = fill_defaults(cfg, depth, dim)
         probe = cfg.probe
         if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val:
@@ -405,6 +448,20 @@ class Refiner:
             raise MimcliError("--ema must lie in [0, 1)")
         if cfg.topk < 1:
             raise MimcliError("--topk must be at least 1")
+        if cfg.temperature is not None and not cfg.temperature > 0:
+            raise MimcliError(f"--temperature must be positive, got {cfg.temperature}")
+        if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
+            raise MimcliError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
+        if cfg.mask_ratio is not None and not 0 < cfg.mask_ratio < 1:
+            raise MimcliError(
+                f"--mask-ratio must lie strictly between 0 and 1, got {cfg.mask_ratio}"
+            )
+        for flag, value in (
+            ("--image-weight", cfg.image_weight),
+            ("--mimic-weight", cfg.mimic_weight),
+        ):
+            if value is not None and not value >= 0:
+                raise MimcliError(f"{flag} must be 0 or more, got {value}")
         if cfg.resume and not (self.run.checkpoint_path.exists()):
             raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
         if not cfg.resume and self.run.checkpoint_path.exists():
@@ -419,8 +476,8 @@ class Refiner:
         return {
             "config": cfg,
             "resolved": {
-                "blocks": self.blocks,
-                "blocks_reason": self.blocks_reason,
+                "blocks": self.blocks if self.objective.uses_blocks else None,
+                "blocks_reason": self.blocks_reason_shown(),
                 **self.objective.describe(),
                 "freeze_blocks": self.cfg.freeze_blocks,
                 "steps": self.totals,
@@ -438,6 +495,11 @@ class Refiner:
             },
             "environment": environment(),
         }
+
+    def blocks_reason_shown(self) -> str:
+        if self.objective.uses_blocks:
+            return self.blocks_reason
+        return f"not used: --objective {self.cfg.objective} trains the whole encoder"
 
     # -- optimiser per stage --
     def make_optimizer(self, stage: str) -> torch.optim.Optimizer:
@@ -596,11 +658,23 @@ class Refiner:
                 f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
                 "resume with the same options"
             )
-        was = self.run.read_config().get("config", {}).get("objective", "nna")
+        saved = self.run.read_config().get("config", {})
+        was = saved.get("objective", "nna")
         if was != self.cfg.objective:
             raise MimcliError(
                 f"--resume: {self.cfg.out} is a --objective {was} run; resume it with "
                 f"--objective {was}"
+            )
+        now = json.loads(json.dumps(asdict(self.cfg), default=str))
+        changed = [
+            f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}"
+            for k in RESUME_KEYS
+            if k in saved and saved[k] != now[k]
+        ]
+        if changed:
+            raise MimcliError(
+                f"--resume: options differ from the run in {self.cfg.out} ({'; '.join(changed)}); "
+                "resume with the run's options (see its config.json)"
             )
         self.encoder.load_state_dict(state["encoder"])
         self.ema.load_state_dict(state["ema"])
@@ -670,13 +744,14 @@ class Refiner:
         return RefineResult(
             out=self.cfg.out,
             export_dir=export_dir,
-            blocks=self.blocks,
-            blocks_reason=self.blocks_reason,
+            blocks=self.blocks if self.objective.uses_blocks else [],
+            blocks_reason=self.blocks_reason_shown(),
             steps=self.totals,
             final_loss=self.last_loss,
             seconds=time.perf_counter() - self.start_time,
             knn=self.knn_log,
             best_knn=best,
+            objective=self.cfg.objective,
         )
 
 

@@ -348,7 +348,7 @@ def test_cli_mimic_only_with_two_teachers(tiny_model_dir, data_dir, teacher_dir,
     assert result.exit_code == 0, result.output
     banner = result.output
     assert "decoder none: mimic only" in banner and "1x32px (25% visible" in banner
-    assert "1.0 x mimic (no reconstruction)" in banner
+    assert "1.0 x mean of 2 mimic losses (no reconstruction)" in banner
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     resolved = config["resolved"]
     assert resolved["decoder"] == "none: mimic only" and resolved["reconstruction"] is False

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
@@ -92,18 +93,33 @@ def transform_overrides(
     return out
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+    """mimcli's own warnings as one ``warning:`` line; others as Python prints them."""
+    if "mimcli" in str(filename):
+        stderr.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, *rest)
+
+
 def handle_errors(func: F) -> F:
     """User mistakes and remote failures become one line on stderr and an exit code, no trace."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except MimcliError as err:
             stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            stderr.print("interrupted")
+            stderr.print(
+                "interrupted (a refine run continues from its last checkpoint with --resume)"
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -71,7 +71,9 @@ def refine(
         list[str] | None,
         typer.Option(
             "--teacher",
-            help="Frozen teacher MODEL (mimco: one; mrmae: repeatable). Any MODEL form.",
+            help="Frozen teacher MODEL, any MODEL form (mimco: one, default "
+            "vit_small_patch16_224.dino; mrmae: repeatable, default "
+            "vit_base_patch16_clip_224.openai + vit_base_patch16_224.dino; downloads once).",
         ),
     ] = None,
     blocks: Annotated[
@@ -174,7 +176,11 @@ def refine(
     ] = True,
     decoder: Annotated[
         Path | None,
-        typer.Option("--decoder", help="mrmae: MAE decoder weights (default: shipped with MODEL)."),
+        typer.Option(
+            "--decoder",
+            help="mrmae: MAE decoder (decoder.safetensors, a folder holding one, or an MAE "
+            "_full .pth); default: shipped with MODEL, else a fresh one.",
+        ),
     ] = None,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay of the encoder.")] = 0.9999,
     export: Annotated[str, typer.Option("--export", help="Export ema or raw weights.")] = "ema",
@@ -271,6 +277,12 @@ def refine(
     )
     bar = ImageProgress(show_loss=True)
     refiner = Refiner(cfg, progress=bar)
+    for flag in refiner.ignored_options:
+        stderr.print(
+            f"warning: {flag} is not used by --objective {objective}; ignored",
+            markup=False,
+            highlight=False,
+        )
     r = refiner.resolved()["resolved"]
     obj = refiner.objective
     blocks = f"blocks {r['blocks']} ({r['blocks_reason']}); " if obj.uses_blocks else ""

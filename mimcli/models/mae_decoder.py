@@ -10,6 +10,7 @@ Keys (METHOD §1.6): ``decoder_embed.*`` (D -> Dd), ``mask_token`` (1, 1, Dd), `
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -225,6 +226,13 @@ def spec_from_state_dict(
         )
     try:
         heads = int(meta.get("decoder_num_heads", 0)) or _guess_decoder_heads(width)
+        if "decoder_num_heads" not in meta:
+            warnings.warn(
+                f"the decoder's attention head count is not recorded in its file; guessed "
+                f"{heads} for width {width} (a wrong guess raises the reconstruction loss; "
+                "write decoder_num_heads into the safetensors metadata)",
+                stacklevel=2,
+            )
         eps = float(meta.get("layer_norm_eps", LAYER_NORM_EPS))
     except ValueError as exc:
         raise MimcliError(f"{source}: unreadable decoder metadata ({exc})") from None
@@ -276,8 +284,24 @@ def load_decoder(
 
 def read_decoder_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str] | None]:
     """Decoder weights (and safetensors metadata) from a ``decoder.safetensors`` or an MAE
-    ``_full`` ``.pth`` (its ``model`` entry; encoder keys are dropped)."""
-    top = read_checkpoint(path)
+    ``_full`` ``.pth`` (its ``model`` entry; encoder keys are dropped); a folder stands for the
+    ``decoder.safetensors`` in it."""
+    if path.is_dir():
+        if not (path / "decoder.safetensors").is_file():
+            raise MimcliError(
+                f"--decoder {path}: the folder holds no decoder.safetensors; pass the file, a "
+                "folder holding one, or an MAE _full .pth checkpoint"
+            )
+        path = path / "decoder.safetensors"
+    if not path.is_file():
+        raise MimcliError(
+            f"--decoder {path}: no such file; pass a decoder.safetensors, a folder holding one, "
+            "or an MAE _full .pth checkpoint"
+        )
+    try:
+        top = read_checkpoint(path)
+    except MimcliError as exc:
+        raise MimcliError(f"--decoder {path}: {exc}") from None
     metadata = None
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as fh:

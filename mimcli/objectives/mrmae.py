@@ -194,15 +194,18 @@ class MRMAEObjective(Objective):
             "reconstruction_loss": rec_loss,
         }
 
+    def _mimic_term(self) -> str:
+        return "mimic" if len(self.teachers) == 1 else f"mean of {len(self.teachers)} mimic losses"
+
     def summary(self) -> str:
         teachers = ", ".join(f"{t.source} ({t.loaded.arch}, {t.dim})" for t in self.teachers)
         if self.decoder is None:
-            loss = f"{self.mimic_weight} x mimic (no reconstruction)"
+            loss = f"{self.mimic_weight} x {self._mimic_term()} (no reconstruction)"
             decoder = self.decoder_origin
         else:
             s = self.decoder.spec
             decoder = f"{self.decoder_origin} ({s.width} wide, {s.depth} blocks)"
-            loss = f"reconstruction + {self.mimic_weight} x mimic"
+            loss = f"reconstruction + {self.mimic_weight} x {self._mimic_term()}"
         return (
             f"teachers {teachers}; decoder {decoder}; mask ratio {self.mask_ratio}; loss = {loss}"
         )
