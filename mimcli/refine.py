@@ -161,13 +161,17 @@ OPTION_USERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def ignored_options(cfg: RefineConfig) -> list[str]:
-    """Flags the user set that ``cfg.objective`` does not read (shown as warnings)."""
+def ignored_options(cfg: RefineConfig, depth: int, embed_dim: int) -> list[str]:
+    """Flags set to something other than their default that ``cfg.objective`` does not read
+    (shown as warnings)."""
+    defaults = {**FALLBACK_DEFAULTS, **objective_class(cfg.objective).defaults(depth, embed_dim)}
     unset = {"teacher": [], "reconstruction": True}
     out = []
     for name, users in OPTION_USERS.items():
         value = getattr(cfg, name)
-        if cfg.objective not in users and value != unset.get(name) and value is not None:
+        if value is None or value == unset.get(name) or value == defaults.get(name):
+            continue
+        if cfg.objective not in users:
             flag = (
                 "--no-reconstruction" if name == "reconstruction" else "--" + name.replace("_", "-")
             )
@@ -363,7 +367,7 @@ class Refiner:
         self.loaded = load_model(cfg.model)
         depth = self.loaded.num_blocks
         dim = self.loaded.embed_dim
-        self.ignored_options = ignored_options(cfg)
+        self.ignored_options = ignored_options(cfg, depth, dim)
         self.cfg = cfg = fill_defaults(cfg, depth, dim)
         probe = cfg.probe
         if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val:

@@ -61,6 +61,7 @@ Examples:
 
 @handle_errors
 def refine(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model to refine (same forms as probe).")],
     data: Annotated[Path, typer.Option("--data", help="Training images (ImageFolder or flat).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, checkpoint).")],
@@ -202,7 +203,10 @@ def refine(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Checkpoint every N steps.")
     ] = 50,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the run in --out (unset options: the run's)."),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = 2,
@@ -275,6 +279,8 @@ def refine(
         probe_train=probe_train,
         probe_val=probe_val,
     )
+    if resume:
+        cfg = with_saved_options(cfg, ctx)
     bar = ImageProgress(show_loss=True)
     refiner = Refiner(cfg, progress=bar)
     for flag in refiner.ignored_options:
@@ -317,6 +323,37 @@ def refine(
             markup=False,
         )
     stdout.print(f"Exported encoder: {result.export_dir}", markup=False)
+
+
+def with_saved_options(cfg, ctx: typer.Context):  # noqa: ANN001, ANN201
+    """On ``--resume``, options not given on the command line take the run's recorded values
+    (``RUN_DIR/config.json``), so ``refine MODEL --data DIR --out RUN --resume`` is enough."""
+    import json
+    from dataclasses import fields, replace
+
+    path = cfg.out / "config.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg  # the run's own checks say what is wrong
+    paths = {"data", "out", "probe", "val", "probe_train", "probe_val", "decoder"}
+    updates = {}
+    for f in fields(cfg):
+        name = f.name
+        if name in ("resume", "out") or name not in saved:
+            continue
+        source = ctx.get_parameter_source(name)  # typer's own click copy: compare by name
+        if source is not None and source.name != "DEFAULT":
+            continue
+        value = saved[name]
+        if name in paths and value is not None:
+            value = Path(value)
+        elif name in ("global_scale", "local_scale") and value is not None:
+            value = tuple(value)
+        elif name == "teacher":
+            value = list(value or [])
+        updates[name] = value
+    return replace(cfg, **updates)
 
 
 def parse_scale(text: str, flag: str) -> tuple[float, float]:
