@@ -195,6 +195,6 @@ def test_unknown_objective_is_one_clear_line(tiny_model_dir, data_dir, tmp_path)
 def test_resume_with_another_objective_is_refused(tiny_model_dir, data_dir, tmp_path):
     args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--out", str(tmp_path / "run")]
     assert refine_cli([*args, "--objective", "nnclr"]).exit_code == 0
-    out = refine_cli([*args, "--resume"])
+    out = refine_cli([*args, "--resume", "--objective", "nna"])
     assert out.exit_code == 2 and "Traceback" not in out.output
     assert "is a --objective nnclr run; resume it with --objective nnclr" in out.output

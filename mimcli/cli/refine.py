@@ -293,11 +293,12 @@ def refine(
     obj = refiner.objective
     blocks = f"blocks {r['blocks']} ({r['blocks_reason']}); " if obj.uses_blocks else ""
     stderr.print(
-        f"{r['objective']}: {obj.summary()}; {blocks}steps {r['steps']} "
+        f"{r['objective']}: {obj.summary()}; {blocks}{steps_text(r['steps'])} "
         f"({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr {r['head_lr']:.2e}; views "
         f"{obj.views_summary()}; {r['device']}, {r['precision']}, {r['world_size']} process(es)",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     with bar.running():
         result = refiner.run_all()
@@ -309,10 +310,14 @@ def refine(
         if obj.uses_blocks
         else "the whole encoder"
     )
-    stdout.print(f"Refined {what} with {r['objective']}", markup=False, highlight=False)
     stdout.print(
-        f"steps {result.steps}, final loss {result.final_loss:.4f}, {result.seconds / 60:.1f} min",
+        f"Refined {what} with {r['objective']}", markup=False, highlight=False, soft_wrap=True
+    )
+    took = f"{result.seconds / 60:.1f} min" if result.seconds >= 60 else f"{result.seconds:.0f} s"
+    stdout.print(
+        f"{steps_text(result.steps)}, final loss {result.final_loss:.4f}, {took}",
         markup=False,
+        soft_wrap=True,
     )
     if result.knn and result.best_knn:
         last, best = result.knn[-1], result.best_knn
@@ -321,8 +326,13 @@ def refine(
             f"{last['knn_ema_patch']:.2f}; best EMA CLS {best['knn_ema_cls']:.2f} at step "
             f"{best['step']}",
             markup=False,
+            soft_wrap=True,
         )
-    stdout.print(f"Exported encoder: {result.export_dir}", markup=False)
+    stdout.print(f"Exported encoder: {result.export_dir}", markup=False, soft_wrap=True)
+
+
+def steps_text(steps: dict[str, int]) -> str:
+    return f"{steps.get('heads', 0)} head warm-up + {steps.get('refine', 0)} refinement steps"
 
 
 def with_saved_options(cfg, ctx: typer.Context):  # noqa: ANN001, ANN201
