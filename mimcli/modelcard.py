@@ -32,6 +32,8 @@ class CardInputs:
     probe_model: str = ""  # the model the probe plot is of
     plots: list[str] = field(default_factory=list)  # other plots, paths inside the repo
     num_params: int = 0
+    # frozen teachers of mimco/mrmae runs: (source, license or None)
+    teachers: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 def _rows(result: EvalResult) -> list[tuple[str, Any]]:
@@ -337,6 +339,14 @@ def render_card(inputs: CardInputs) -> str:
         )
     parts += ["## How it was refined\n", "\n".join(_refine_summary(inputs.run)) + "\n"]
     parts.append(f"License: `{inputs.license}` ({inputs.license_note}).\n")
+    if inputs.teachers:
+        listed = "; ".join(
+            f"`{source}` (license: {lic or 'unknown'})" for source, lic in inputs.teachers
+        )
+        parts.append(
+            f"Trained to match frozen teacher(s): {listed}. A model distilled from a teacher may "
+            "be bound by the teacher's terms as well; check them before use.\n"
+        )
     if inputs.eval is not None:
         r = inputs.eval
         parts += [

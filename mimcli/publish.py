@@ -150,6 +150,13 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> byte
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
+def teacher_sources(run: dict[str, Any]) -> list[str]:
+    """``--teacher`` sources a run used (mimco records one ``teacher``, mrmae ``teachers``)."""
+    resolved = run.get("resolved", {})
+    found = resolved.get("teachers") or ([resolved["teacher"]] if resolved.get("teacher") else [])
+    return [str(t.get("source", "")) if isinstance(t, dict) else str(t) for t in found if t]
+
+
 def base_model_info(spec: str, pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None]:
     """(Hub repo id, license) of the model a run started from, where they can be known offline
     (timm's pretrained configs, a local folder's model card) or from the Hub's cached card."""
@@ -377,7 +384,12 @@ def build_repo_folder(
             if (probe_file.parent / "probe.png").is_file():
                 shutil.copyfile(probe_file.parent / "probe.png", tmp / "plots" / "probe.png")
                 probe_plot = "plots/probe.png"
+        teachers = [
+            (scrub(source, secrets), base_model_info(source, {})[1])
+            for source in teacher_sources(run)
+        ]
         inputs = CardInputs(
+            teachers=teachers,
             repo_id=repo_id,
             arch=arch,
             stock_timm=stock,

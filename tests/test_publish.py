@@ -393,3 +393,28 @@ def test_card_names_other_objectives_and_their_settings():
     nna = _refine_summary({"config": {}, "resolved": {"queue_size": 24, "blocks": [3, 4]}})
     assert "Nearest Neighbour Alignment" in nna[0] and "ID heads on blocks 3, 4" in nna[1]
     assert any("neighbour queue 24 entries" in line for line in nna)
+
+
+def test_teachers_and_their_licenses_reach_the_card():
+    from mimcli.modelcard import CardInputs, render_card
+    from mimcli.publish import teacher_sources
+
+    mimco = {"resolved": {"teacher": {"source": "vit_small_patch16_224.dino", "dim": 384}}}
+    mrmae = {"resolved": {"teachers": [{"source": "a"}, {"source": "b"}]}}
+    assert teacher_sources(mimco) == ["vit_small_patch16_224.dino"]
+    assert teacher_sources(mrmae) == ["a", "b"] and teacher_sources({"resolved": {}}) == []
+    card = render_card(
+        CardInputs(
+            repo_id="alice/x",
+            arch="vit_base_patch16_224",
+            stock_timm=True,
+            run={"config": {"objective": "mimco"}, "resolved": mimco["resolved"]},
+            base_spec="base",
+            base_hub_id=None,
+            license="apache-2.0",
+            license_note="given",
+            teachers=[("vit_small_patch16_224.dino", "apache-2.0"), ("local/t", None)],
+        )
+    )
+    assert "`vit_small_patch16_224.dino` (license: apache-2.0)" in card
+    assert "`local/t` (license: unknown)" in card and "MimCo objective" in card
