@@ -207,9 +207,12 @@ def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int]
             blocks = [int(b) for b in rec["blocks"]]
             reason = f"probe {probe}: {rec.get('rule', '')}"
         else:
-            n = min(8, max(1, round(depth / 3)))
+            if depth == 32:  # ViT-H: the paper's blocks 21-32
+                n, reason = 12, "paper default for 32 blocks (ViT-H): the last 12"
+            else:
+                n = min(8, max(1, round(depth / 3)))
+                reason = f"paper default: the last third of the {depth} blocks, at most 8 heads"
             blocks = list(range(depth - n + 1, depth + 1))
-            reason = f"paper default: the last third of the {depth} blocks, at most 8 heads"
     elif spec.startswith("last"):
         try:
             n = int(spec[4:])
@@ -569,6 +572,11 @@ class Refiner:
             lr = lr_at(step, total, peak, warm)
             apply_lr(self.optimizer, lr)  # type: ignore[arg-type]
             # forward + losses
+            if batch.bad and dist.is_distributed():
+                raise MimcliError(
+                    f"unreadable images in --data (dataset positions {batch.bad[:5]}); with "
+                    "several processes every rank needs a full batch: remove or fix them"
+                )
             loss, metrics = self.step_losses(batch, stage, step)
             if not torch.isfinite(loss):
                 raise MimcliError(
@@ -599,6 +607,7 @@ class Refiner:
                 "loss": self.last_loss,
                 "lr": lr,
                 "images_per_s": images_per_s,
+                **({} if warmup else {"ema_decay": self.ema_decay(step)}),
                 **metrics,
             }
             done = step + 1
@@ -634,10 +643,13 @@ class Refiner:
 
     # -- checkpoint / resume --
     def save(self, stage: str, done: int) -> None:
-        """Everything needed to continue exactly: weights, optimiser, queues, RNG states."""
+        """Everything needed to continue exactly: weights, optimiser, queues, RNG states (the
+        objective's per-rank state, e.g. each rank's neighbour-draw generator, from every rank)."""
+        rank_extra = dist.gather_objects(self.objective.rank_state())
         if dist.rank() != 0:
             return
         state = {
+            "rank_extra": rank_extra,
             "stage": stage,
             "done": done,
             "totals": self.totals,
@@ -689,6 +701,9 @@ class Refiner:
                 "_extra_state": {"lookup_gen": state["rng"]["lookup"]},
             }
         self.objective.load_state_dict(state["objective"])
+        rank_extra = state.get("rank_extra") or []
+        if dist.rank() < len(rank_extra) and rank_extra[dist.rank()] is not None:
+            self.objective.load_rank_state(rank_extra[dist.rank()])
         stage = state["stage"]
         self.optimizer = self.make_optimizer(stage)
         self.optimizer.load_state_dict(state["optimizer"])

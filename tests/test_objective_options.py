@@ -111,3 +111,17 @@ def test_bare_resume_takes_the_runs_options(tiny_model_dir, data_dir, tmp_path, 
 
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5))
+
+
+@pytest.mark.parametrize("objective", ["mimco", "conmim"])
+def test_grad_checkpointing_through_a_frozen_encoder(
+    objective, tiny_model_dir, data_dir, teacher_dir, tmp_path
+):
+    """The head warm-up runs the blocks out of autograd: checkpointing must not recompute them
+    there (it would record different tensors in backward)."""
+    flags = ["--teacher", str(teacher_dir)] if objective == "mimco" else []
+    result = refine_cli(
+        [str(tiny_model_dir), "--objective", objective, *tiny_run_args(data_dir), *flags,
+         "--grad-checkpointing", "--steps", "1", "--out", str(tmp_path / "run")]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output

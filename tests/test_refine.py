@@ -46,6 +46,7 @@ def small_cfg(model_dir, data_dir, out, **kw):
 
 def test_resolve_blocks(tmp_path):
     assert resolve_blocks("auto", 24, None)[0] == list(range(17, 25))
+    assert resolve_blocks("auto", 32, None)[0] == list(range(21, 33))  # ViT-H: 12 heads
     assert resolve_blocks("auto", 8, None)[0] == [6, 7, 8]
     assert resolve_blocks("last4", 12, None)[0] == [9, 10, 11, 12]
     assert resolve_blocks("17,20,24", 24, None)[0] == [17, 20, 24]

@@ -183,7 +183,14 @@ def refine(
             "_full .pth); default: shipped with MODEL, else a fresh one.",
         ),
     ] = None,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the encoder.")] = 0.9999,
+    ema: Annotated[
+        float,
+        typer.Option(
+            "--ema",
+            help="EMA decay of the encoder, reached gradually: min(ema, 1-(1+step)^-2/3) "
+            "(logged as ema_decay).",
+        ),
+    ] = 0.9999,
     export: Annotated[str, typer.Option("--export", help="Export ema or raw weights.")] = "ema",
     freeze_blocks: Annotated[
         int | None,

@@ -125,6 +125,14 @@ class Objective(nn.Module):
     def after_step(self, encoder: nn.Module, stage: str, step: int) -> None:
         """Called after the optimiser step: enqueue, update momentum networks."""
 
+    def rank_state(self) -> Any:
+        """State that differs between ranks (a per-rank random generator), gathered from every
+        rank into the checkpoint; None when there is none."""
+        return None
+
+    def load_rank_state(self, state: Any) -> None:
+        """Restore what :meth:`rank_state` returned on this rank."""
+
     def describe(self) -> dict[str, Any]:
         """Resolved settings for ``config.json`` (key ``objective`` = the name)."""
         return {"objective": self.name}
@@ -230,7 +238,13 @@ def run_blocks(encoder: nn.Module, x: Tensor) -> Tensor:
     """The encoder's blocks in order; with ``encoder.set_grad_checkpointing(True)``
     (``--grad-checkpointing``) each block is recomputed in backward (non-reentrant, so frozen
     parameters still get no gradient)."""
-    checkpointing = bool(getattr(encoder, "grad_checkpointing", False)) and torch.is_grad_enabled()
+    # not while the blocks are out of autograd (head warm-up): the recompute in backward would
+    # see the parameters back in autograd and record different tensors
+    checkpointing = (
+        bool(getattr(encoder, "grad_checkpointing", False))
+        and torch.is_grad_enabled()
+        and any(p.requires_grad for p in encoder.blocks.parameters())  # type: ignore[union-attr]
+    )
     for block in encoder.blocks:  # type: ignore[union-attr]
         if checkpointing:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

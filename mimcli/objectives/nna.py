@@ -232,6 +232,10 @@ class NNAObjective(Objective):
     def set_extra_state(self, state: Any) -> None:
         self.lookup_gen.set_state(state["lookup_gen"])
 
+    # each rank draws with its own generator; the checkpoint keeps every rank's
+    rank_state = get_extra_state
+    load_rank_state = set_extra_state
+
     def describe(self) -> dict[str, Any]:
         return {
             "objective": self.name,

@@ -9,6 +9,8 @@ Differences from NNA (:mod:`mimcli.objectives.nna`), per METHOD §2:
   views;
 - the queue holds (and is searched with) outputs of an EMA copy of the projector (momentum 0.99,
   0.995 for ViT-H and wider), not the online projections;
+- as in the NNA path, the head warm-up takes the nearest neighbour and refinement draws among the
+  top-k (METHOD §2 names only the top-20 draw for MAE-CT; our choice, shared with NNA);
 - the stem and the first half of the blocks frozen; crop + flip only (no colour augmentations),
   no local crops; lr 1e-4 × (2 × batch)/256, i.e. 2e-4 × batch/256; tau 0.15 (ViT-B and
   smaller), 0.2 (ViT-L), 0.3 (ViT-H and wider).
