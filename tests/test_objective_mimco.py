@@ -113,12 +113,15 @@ def test_defaults_heads_and_teacher_choice(tiny_model_dir, data_dir, teacher_dir
     assert cfg.temperature == 0.2 and cfg.mask_ratio == 0.6 and cfg.image_weight == 1.0
     assert cfg.local_crops == 0 and cfg.photometric is False and refiner.blocks == [4]
     described = obj.describe()
-    assert described["teacher"] == {
+    teacher = described["teacher"]
+    assert {k: teacher[k] for k in ("source", "arch", "dim", "default")} == {
         "source": str(teacher_dir),
         "arch": "vit_base_patch16_224",
         "dim": 48,
         "default": False,
     }
+    assert teacher["patch_size"] == [16, 16] and teacher["input_size"] == [32, 32]
+    assert teacher["depth"] == 4 and len(teacher["mean"]) == len(teacher["std"]) == 3
     assert described["temperature"] == 0.2 and described["teacher_global"] == "cls"
     assert "teacher" in obj.summary() and "mask 0.6" in obj.summary()
     # one view per image, at the model's size

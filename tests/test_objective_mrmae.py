@@ -244,9 +244,13 @@ def test_defaults_and_description(tiny_model_dir, data_dir, teacher_dir, tmp_pat
     assert cfg.mimic_weight == 1.0 and cfg.lr == 1.5e-4 and refiner.blocks == [4]
     assert len(first_batch(refiner).views) == 1  # one MAE-style view
     described = obj.describe()
-    assert described["teachers"] == [
-        {"source": str(teacher_dir), "arch": "vit_base_patch16_224", "dim": 48}
-    ]
+    (teacher,) = described["teachers"]
+    assert {k: teacher[k] for k in ("source", "arch", "dim")} == {
+        "source": str(teacher_dir),
+        "arch": "vit_base_patch16_224",
+        "dim": 48,
+    }
+    assert teacher["patch_size"] == [16, 16] and "resampled" in teacher["features"]
     assert described["decoder"] == "fresh, warmed up" and described["reconstruction"] is True
     assert described["decoder_spec"]["width"] == 32 and described["decoder_spec"]["depth"] == 2
     assert "fresh, warmed up" in obj.summary() and "mask ratio 0.75" in obj.summary()

@@ -362,7 +362,19 @@ class Teacher:
         self.std = torch.tensor(cfg.get("std", student_views.std), device=device).reshape(shape)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "arch": self.loaded.arch, "dim": self.dim}
+        """What the teacher is and how images reach it (for config.json and cards)."""
+        patch = self.model.patch_embed.patch_size  # type: ignore[union-attr]
+        return {
+            "source": self.source,
+            "arch": self.loaded.arch,
+            "dim": self.dim,
+            "depth": len(self.model.blocks),  # type: ignore[arg-type]
+            "input_size": list(self.input_size),
+            "patch_size": list(patch),
+            "mean": [round(float(v), 4) for v in self.mean.flatten()],
+            "std": [round(float(v), 4) for v in self.std.flatten()],
+            "features": "final-norm tokens, patch grid resampled (bilinear) to the student's",
+        }
 
     @torch.no_grad()
     def features(self, images: Tensor, grid: Sequence[int]) -> TeacherFeatures:
