@@ -17,31 +17,16 @@ from typer.testing import CliRunner
 from mimcli.cli.app import app
 from mimcli.errors import MimcliError
 from mimcli.optim import encoder_param_groups, lr_at
-from mimcli.refine import RefineConfig, Refiner, resolve_blocks
+from mimcli.refine import Refiner, resolve_blocks
 from tests.conftest import make_tiny_vit
+from tests.objective_harness import tiny_cfg
 
 runner = CliRunner()
 
 
 def small_cfg(model_dir, data_dir, out, **kw):
-    base = dict(
-        model=str(model_dir),
-        data=data_dir,
-        out=out,
-        blocks="last2",
-        head_steps=2,
-        steps=3,
-        batch_size=8,
-        local_crops=1,
-        head_width="32",
-        num_workers=0,
-        checkpoint_every=1,
-        head_lr=1e-3,
-        lr=1e-3,
-        seed=0,
-    )
-    base.update(kw)
-    return RefineConfig(**base)
+    """The tiny NNA run of these tests: 2 heads (last2), 1 local crop."""
+    return tiny_cfg(model_dir, data_dir, out, "nna", **{"blocks": "last2", "local_crops": 1, **kw})
 
 
 def test_resolve_blocks(tmp_path):
