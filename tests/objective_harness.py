@@ -80,6 +80,24 @@ class Interrupt(BaseException):
     """Stands in for a kill: raised right after a checkpoint is written."""
 
 
+def run_interrupted(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after: tuple[str, int]
+) -> None:
+    """``mimcli refine ARGS`` in-process, stopped (as if killed) right after the checkpoint at
+    ``stop_after`` (stage, steps done in that stage; needs ``--checkpoint-every 1``)."""
+    real_save = Refiner.save
+
+    def save_then_stop(self, stage, done):
+        real_save(self, stage, done)
+        if (stage, done) == stop_after:
+            raise Interrupt
+
+    monkeypatch.setattr(Refiner, "save", save_then_stop)
+    with pytest.raises(Interrupt):
+        runner.invoke(app, ["refine", *args], catch_exceptions=False)
+    monkeypatch.setattr(Refiner, "save", real_save)
+
+
 def check_resume(
     tmp_path: Path,
     args: list[str],
@@ -92,19 +110,7 @@ def check_resume(
     be identical tensors and the logged steps the same."""
     full = refine_cli([*args, "--out", str(tmp_path / "full")])
     assert full.exit_code == 0, full.output
-    real_save = Refiner.save
-
-    def save_then_stop(self, stage, done):
-        real_save(self, stage, done)
-        if (stage, done) == stop_after:
-            raise Interrupt
-
-    monkeypatch.setattr(Refiner, "save", save_then_stop)
-    with pytest.raises(Interrupt):
-        runner.invoke(
-            app, ["refine", *args, "--out", str(tmp_path / "cut")], catch_exceptions=False
-        )
-    monkeypatch.setattr(Refiner, "save", real_save)
+    run_interrupted([*args, "--out", str(tmp_path / "cut")], monkeypatch, stop_after)
     assert not (tmp_path / "cut" / "export").exists()
     resumed = refine_cli([*args, "--out", str(tmp_path / "cut"), "--resume"])
     assert resumed.exit_code == 0, resumed.output

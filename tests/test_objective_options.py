@@ -3,7 +3,7 @@ objective does not read are named in a warning, and --resume refuses changed opt
 
 import pytest
 
-from tests.objective_harness import refine_cli, tiny_run_args
+from tests.objective_harness import metric_steps, refine_cli, run_interrupted, tiny_run_args
 
 SHIPPED = "examples/models/fmnist-mae-tiny"
 
@@ -82,35 +82,14 @@ def test_decoder_may_be_a_folder(data_dir, tmp_path):
 
 def test_bare_resume_takes_the_runs_options(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     """--resume with only MODEL, --data and --out continues with the options in config.json."""
-    from tests.objective_harness import Interrupt, check_resume  # noqa: F401
-
     out = tmp_path / "run"
     args = [str(tiny_model_dir), "--objective", "conmim", *tiny_run_args(data_dir),
             "--mask-ratio", "0.3", "--lr", "1e-3", "--out", str(out)]  # fmt: skip
-    from mimcli.refine import Refiner
-
-    real_save = Refiner.save
-
-    def save_then_stop(self, stage, done):
-        real_save(self, stage, done)
-        if (stage, done) == ("refine", 1):
-            raise Interrupt
-
-    monkeypatch.setattr(Refiner, "save", save_then_stop)
-    with pytest.raises(Interrupt):
-        from typer.testing import CliRunner
-
-        from mimcli.cli.app import app
-
-        CliRunner().invoke(app, ["refine", *args], catch_exceptions=False)
-    monkeypatch.setattr(Refiner, "save", real_save)
+    run_interrupted(args, monkeypatch, stop_after=("refine", 1))
     bare = refine_cli([str(tiny_model_dir), "--data", str(data_dir), "--out", str(out), "--resume"])
     assert bare.exit_code == 0, bare.output
     assert "warning" not in bare.stderr and "mask ratio 0.3" in bare.stderr
-    import json
-
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5))
+    assert metric_steps(out) == list(range(5))
 
 
 @pytest.mark.parametrize("objective", ["mimco", "conmim"])
