@@ -1,3 +1,8 @@
-"""mimcli: turn masked-image-modeling ViTs into encoders with strong off-the-shelf features."""
+"""mimcli: turn masked-image-modeling ViTs into encoders with strong off-the-shelf features.
 
-__version__ = "0.1.0"
+Kept light on purpose: importing ``mimcli`` imports no torch; the library lives in submodules.
+"""
+
+from mimcli._version import __version__
+
+__all__ = ["__version__"]

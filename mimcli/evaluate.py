@@ -10,22 +10,20 @@ transform) and cached; every protocol then works on those features:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mimcli
 from mimcli.data import eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
 from mimcli.featcache import cached_features
 from mimcli.features import FeatureSet
-from mimcli.fileio import write_json
 from mimcli.index import resolve_backend
 from mimcli.knn import knn_accuracy
 from mimcli.models.sources import load_model
+from mimcli.results import EvalResult, ModelEval, save_eval_json
 from mimcli.runtime import configure_threads, select_device, torch_threads
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
@@ -54,47 +52,6 @@ class EvalConfig:
     cache: bool = True
     seed: int = 0
     threads: int | None = None
-
-
-@dataclass
-class ModelEval:
-    name: str
-    source: str
-    arch: str
-    features_cached: bool
-    knn: dict[str, dict[str, float]] = field(default_factory=dict)
-    linear: dict[str, Any] = field(default_factory=dict)
-    lowshot: dict[str, Any] = field(default_factory=dict)
-    cluster: dict[str, float] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class EvalResult:
-    models: list[ModelEval]
-    train_images: int
-    val_images: int
-    num_classes: int
-    protocols: list[str]
-    ks: list[int]
-    mimcli_version: str = mimcli.__version__
-    train: str = ""
-    val: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
-        """Rebuild a result from ``results.json`` (unknown keys, e.g. from newer versions, are
-        ignored)."""
-        top = {f.name for f in fields(cls)}
-        per_model = {f.name for f in fields(ModelEval)}
-        models = [
-            ModelEval(**{k: v for k, v in m.items() if k in per_model}) for m in data["models"]
-        ]
-        rest = {k: v for k, v in data.items() if k in top and k != "models"}
-        return cls(models=models, **rest)
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -270,16 +227,8 @@ def save_eval(result: EvalResult, out: Path) -> None:
     """``results.json`` and the plots in ``out``."""
     from mimcli.report import plot_knn, plot_lowshot
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", result.to_dict())
+    save_eval_json(result, out)
     if "knn" in result.protocols:
         plot_knn(result, out / "knn.png")
     if "lowshot" in result.protocols:
         plot_lowshot(result, out / "lowshot.png")
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MimcliError(f"{path}: not a results.json written by mimcli eval ({exc})") from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mimcli
-from mimcli.evaluate import EvalResult
+from mimcli.results import EvalResult
 
 PIPELINE_TAG = "image-feature-extraction"
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import mimcli
 from mimcli.data import eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
 from mimcli.features import FeatureSet, extract_features
-from mimcli.fileio import write_json
 from mimcli.index import resolve_backend
 from mimcli.knn import knn_accuracy
 from mimcli.models.build import fit_input_size
 from mimcli.models.sources import load_model
+from mimcli.results import BlockScore, ProbeResult, Recommendation, save_probe_json
 from mimcli.runtime import configure_threads, select_device
 
 Progress = Callable[[str, int, int], None]
@@ -54,45 +53,6 @@ class ProbeConfig:
     seed: int = 0
     threads: int | None = None
     transform_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BlockScore:
-    block: int  # 1-based
-    cls: float  # k-NN accuracy (%) on the CLS token
-    patch: float  # k-NN accuracy (%) on the mean patch token
-
-
-@dataclass
-class Recommendation:
-    blocks: list[int]  # 1-based
-    peak_block: int
-    peak_accuracy: float
-    rule: str
-
-
-@dataclass
-class ProbeResult:
-    model: str
-    arch: str
-    format: str
-    num_blocks: int
-    k: int
-    tau: float
-    train_images: int
-    val_images: int
-    num_classes: int
-    blocks: list[BlockScore]
-    final_norm: BlockScore | None
-    recommendation: Recommendation
-    seconds: dict[str, float]
-    skipped_images: list[str] = field(default_factory=list)
-    knn_backend: str = "faiss"
-    device: str = "cpu"
-    mimcli_version: str = mimcli.__version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_head_options(margin: float, max_heads: int, min_heads: int) -> None:
@@ -268,18 +228,5 @@ def save_probe(result: ProbeResult, out: Path) -> None:
     """``probe.json`` and ``probe.png`` in ``out``."""
     from mimcli.report import plot_probe
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "probe.json", result.to_dict())
+    save_probe_json(result, out)
     plot_probe(result, out / "probe.png")
-
-
-def load_probe(path: Path) -> dict[str, Any]:
-    """Read a ``probe.json`` (for ``refine --blocks auto``)."""
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text())
-        data["recommendation"]["blocks"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MimcliError(f"{path}: not a probe.json written by mimcli probe ({exc})") from exc
-    return data

@@ -32,10 +32,10 @@ import torch
 
 import mimcli
 from mimcli.errors import MimcliError, RemoteError
-from mimcli.evaluate import EvalResult
 from mimcli.fileio import write_bytes, write_json, write_text
 from mimcli.hub import _is_network_error
 from mimcli.models.postnorm import POSTNORM_ARCH
+from mimcli.results import EvalResult
 
 MARKER = "mimcli_run.json"  # present in every folder ``build_repo_folder`` wrote
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -305,7 +305,7 @@ def build_repo_folder(
 ) -> RepoFolder:
     """Write the repo for ``run_dir`` to ``dest`` (assembled beside it, then renamed)."""
     from mimcli.modelcard import CardInputs, render_card
-    from mimcli.probe import load_probe
+    from mimcli.results import read_probe_json as load_probe
 
     run_dir, dest = Path(run_dir), Path(dest)
     run, timm_cfg = read_run(run_dir)

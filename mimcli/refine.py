@@ -45,6 +45,7 @@ from mimcli.optim import (
     make_optimizer,
     scaled_lr,
 )
+from mimcli.results import load_probe
 from mimcli.runs import RunFolder, environment, load_checkpoint, save_checkpoint
 from mimcli.runtime import configure_threads, seed_everything, select_device
 from mimcli.views import (
@@ -201,11 +202,9 @@ def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int]
     spec = spec.strip()
     if spec == "auto":
         if probe is not None:
-            from mimcli.probe import load_probe
-
-            rec = load_probe(probe)["recommendation"]
-            blocks = [int(b) for b in rec["blocks"]]
-            reason = f"probe {probe}: {rec.get('rule', '')}"
+            rec = load_probe(probe).recommendation
+            blocks = [int(b) for b in rec.blocks]
+            reason = f"probe {probe}: {rec.rule}"
         else:
             if depth == 32:  # ViT-H: the paper's blocks 21-32
                 n, reason = 12, "paper default for 32 blocks (ViT-H): the last 12"

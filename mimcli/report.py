@@ -10,8 +10,7 @@ from rich.table import Table
 from mimcli.fileio import write_with
 
 if TYPE_CHECKING:
-    from mimcli.evaluate import EvalResult
-    from mimcli.probe import ProbeResult
+    from mimcli.results import EvalResult, ProbeResult
 
 
 def probe_table(result: ProbeResult) -> Table:

@@ -19,11 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mimcli
+from mimcli._version import __version__
 from mimcli.errors import MimcliError
 from mimcli.fileio import write_json, write_with
 
+# The names inside a run folder (the contract between refine, eval and push).
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
+EXPORT = "export"
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
@@ -70,7 +74,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     metadata = {
         "format": "mimcli-checkpoint",
         "structure": json.dumps(structure),
-        "mimcli_version": mimcli.__version__,
+        "mimcli_version": __version__,
     }
     write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -91,7 +95,7 @@ def environment() -> dict[str, str]:
     import timm
 
     return {
-        "mimcli": mimcli.__version__,
+        "mimcli": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
@@ -106,13 +110,19 @@ class RunFolder:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    @classmethod
+    def at(cls, path: Path) -> RunFolder | None:
+        """The run folder at ``path`` when it is one with an exported encoder, else None."""
+        run = cls(Path(path))
+        return run if run.config_path.is_file() and (run.export_dir / CONFIG).is_file() else None
+
     @property
     def config_path(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG
 
     @property
     def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS
 
     @property
     def checkpoint_path(self) -> Path:
@@ -120,7 +130,7 @@ class RunFolder:
 
     @property
     def export_dir(self) -> Path:
-        return self.root / "export"
+        return self.root / EXPORT
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

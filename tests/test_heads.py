@@ -19,7 +19,7 @@ from mimcli.heads import (
     batch_norm,
     head_widths,
 )
-from mimcli.objectives import nna_loss
+from mimcli.objectives.nna import nna_loss
 
 
 @pytest.mark.parametrize(

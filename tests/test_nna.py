@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mimcli.objectives import alignment, multiview_loss, nna_loss, nnclr_loss
+from mimcli.objectives.nna import alignment, multiview_loss, nna_loss, nnclr_loss
 
 
 def _naive_loss(z, nn, p_all, tau, offset, kind):

@@ -8,7 +8,8 @@ from PIL import Image
 from mimcli.data import eval_transform, scan_folder
 from mimcli.errors import MimcliError
 from mimcli.models.sources import load_model
-from mimcli.probe import BlockScore, ProbeConfig, recommend_blocks, run_probe
+from mimcli.probe import ProbeConfig, recommend_blocks, run_probe
+from mimcli.results import BlockScore
 from tests.test_knn import naive_knn_accuracy
 from tests.test_taps import manual_block_outputs
 

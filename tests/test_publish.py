@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mimcli
 from mimcli.errors import MimcliError
-from mimcli.evaluate import EvalConfig, EvalResult, run_eval
+from mimcli.evaluate import EvalConfig, run_eval
 from mimcli.probe import ProbeConfig, run_probe, save_probe
 from mimcli.publish import (
     MARKER,
@@ -25,6 +25,7 @@ from mimcli.publish import (
     eval_columns,
     scrub,
 )
+from mimcli.results import EvalResult
 from tests.conftest import TINY_ARGS, make_tiny_vit
 
 
