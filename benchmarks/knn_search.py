@@ -12,7 +12,7 @@ What is timed (best of several runs: the 2 cores are shared and interference onl
   reduction ``ArgKmin``, float32 kept) and ``metric="cosine"`` (``pairwise_distances_chunked`` +
   ``argpartition``, re-normalises). The main tables use ``euclidean``; the classification
   comparison takes whichever metric was faster for scikit-learn.
-* **classify**: the full weighted k-NN classification. mimcli: ``mimcli.knn.knn_predict`` +
+* **classify**: the full weighted k-NN classification. mimcli: ``mimcli.evaluate.knn.knn_predict`` +
   accuracy, i.e. exactly ``knn_accuracy`` (standardise with train statistics, L2-normalise,
   ``topk_inner_product``, vote ``exp(cos / tau)``; the standardisation alone is timed too).
   scikit-learn: ``make_pipeline(StandardScaler(), Normalizer(), KNeighborsClassifier(20,
@@ -140,8 +140,8 @@ def _case(n: int, d: int, q: int, sk_queries: int, cos_queries: int, seed: int) 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
+    from mimcli.evaluate.knn import knn_predict, standardize
     from mimcli.index import topk_inner_product
-    from mimcli.knn import knn_predict, standardize
 
     data = _data(n, q, d, seed)
     train, query = data["train"], data["query"]
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_classes": NUM_CLASSES,
             "sklearn_method": "NearestNeighbors/KNeighborsClassifier(algorithm='brute', "
             "metric='euclidean') on L2-normalised float32 features (same order as cosine)",
-            "mimcli_classify": "mimcli.knn.knn_predict + accuracy (= knn_accuracy)",
+            "mimcli_classify": "mimcli.evaluate.knn.knn_predict + accuracy (= knn_accuracy)",
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "elapsed_s": elapsed,

@@ -206,8 +206,8 @@ def _mimcli(*args: str) -> list[str]:
 
 
 BASELINE_IMPORTS = (
-    "import mimcli.cli.app, mimcli.probe, mimcli.evaluate, mimcli.lowshot, mimcli.cluster, "
-    "mimcli.knn, mimcli.index, faiss"
+    "import mimcli.cli.app, mimcli.probe, mimcli.evaluate.runner, mimcli.evaluate.lowshot, "
+    "mimcli.evaluate.cluster, mimcli.evaluate.knn, mimcli.index, faiss"
 )
 
 
@@ -321,7 +321,8 @@ def refine_steps(
     num_workers: int = 4,
 ) -> float:
     """One head warm-up step and ``steps`` refinement steps on the last 4 blocks; seconds."""
-    from mimcli.refine import RefineConfig, run_refine
+    from mimcli.refine.config import RefineConfig
+    from mimcli.refine.pipeline import run_refine
 
     cfg = RefineConfig(
         model=str(model),

@@ -24,7 +24,8 @@ from PIL import Image
 
 from benchmarks._common import parser, save, setup_threads, table
 from benchmarks.refine_step import DATASET, refine_steps
-from mimcli.refine import RefineConfig, Refiner
+from mimcli.refine.config import RefineConfig
+from mimcli.refine.loop import Refiner
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "models" / "fmnist-mae-tiny"
 OBJECTIVES = ("nna", "nnclr", "conmim", "mimco", "mrmae")

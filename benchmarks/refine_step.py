@@ -24,9 +24,11 @@ import torch
 from PIL import Image
 
 from benchmarks._common import parser, save, setup_threads, sync, table, timeit
+from mimcli.ema import ema_decay, ema_update
 from mimcli.objectives.nna import block_features, multiview_loss
 from mimcli.optim import apply_lr, encoder_param_groups, make_optimizer
-from mimcli.refine import RefineConfig, Refiner
+from mimcli.refine.config import RefineConfig
+from mimcli.refine.loop import Refiner
 from mimcli.views import ViewBatch
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "models" / "fmnist-mae-tiny"
@@ -195,7 +197,7 @@ def breakdown(refiner: Refiner, views: list[torch.Tensor], repeat: int) -> dict[
         LOOKUP: lambda: lookups(cfg.knn_backend),
         "(same look-ups, torch backend)": lambda: lookups("torch"),
         ENQUEUE: enqueue,
-        EMA: lambda: refiner.update_ema(1000),
+        EMA: lambda: ema_update(refiner.ema, refiner.encoder, ema_decay(1000, refiner.cfg.ema)),
         ADAM_ENC: bare_opt.step,
         ADAM_ALL: refiner.optimizer.step,
     }

@@ -1,9 +1,19 @@
-"""Block-list parsing shared by the CLI and the library (kept free of torch/timm imports so the
-command line starts fast)."""
+"""Which blocks: parsing block lists, resolving ``refine --blocks`` (``auto``, ``lastN``, lists),
+and the one conversion between the 1-based blocks users see and timm's 0-based indices. Kept
+free of torch/timm imports so the command line starts fast."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from mimcli.errors import MimcliError
+from mimcli.results import read_probe_json
+
+
+def to_indices(blocks: Sequence[int]) -> list[int]:
+    """1-based block numbers (flags, tables, JSON) -> 0-based indices into ``model.blocks``."""
+    return [b - 1 for b in blocks]
 
 
 def parse_blocks(text: str | None) -> list[int] | None:
@@ -28,3 +38,35 @@ def parse_blocks(text: str | None) -> list[int] | None:
     if not blocks:
         raise MimcliError(f"--blocks {text!r}: no blocks selected")
     return sorted(blocks)
+
+
+def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int], str]:
+    """``auto`` (probe.json recommendation, else the last third, at most 8), ``lastN``, or a list
+    like ``17,20,24`` / ``17-24``. Returns 1-based blocks and the reason, for config.json."""
+    spec = spec.strip()
+    if spec == "auto":
+        if probe is not None:
+            rec = read_probe_json(probe)["recommendation"]
+            blocks = [int(b) for b in rec["blocks"]]
+            reason = f"probe {probe}: {rec.get('rule', '')}"
+        else:
+            if depth == 32:  # ViT-H: the paper's blocks 21-32
+                n, reason = 12, "paper default for 32 blocks (ViT-H): the last 12"
+            else:
+                n = min(8, max(1, round(depth / 3)))
+                reason = f"paper default: the last third of the {depth} blocks, at most 8 heads"
+            blocks = list(range(depth - n + 1, depth + 1))
+    elif spec.startswith("last"):
+        try:
+            n = int(spec[4:])
+        except ValueError as exc:
+            raise MimcliError(f"--blocks {spec!r}: expected lastN, e.g. last4") from exc
+        if not 1 <= n <= depth:
+            raise MimcliError(f"--blocks {spec}: the model has {depth} blocks")
+        blocks, reason = list(range(depth - n + 1, depth + 1)), f"the last {n} blocks"
+    else:
+        blocks, reason = parse_blocks(spec) or [], "given with --blocks"
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad or not blocks:
+        raise MimcliError(f"--blocks {spec}: blocks must lie in 1..{depth}, got {blocks}")
+    return blocks, reason

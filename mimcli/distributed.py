@@ -22,6 +22,45 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def group_size() -> int:
+    """Size of the default process group, 1 when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def backend() -> str | None:
+    """The default process group's backend (``nccl``, ``gloo``), None when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_backend())
+    return None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the default process group; the gradient is the summed gradient of every rank.
+
+    Each rank's output is the same sum, so d(sum_r L_r)/d(input_s) = sum_r dL_r/d(output).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over the default process group, differentiable (each rank's gradient is the
+    sum of every rank's)."""
+    return _AllReduceSum.apply(x)  # type: ignore[no-any-return]
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -31,6 +70,12 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing in one process)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

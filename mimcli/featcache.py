@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from mimcli.data import ImageList
-from mimcli.features import FeatureSet, Progress, extract_features
+from mimcli.features import FeatureSet, extract_features
 from mimcli.fileio import write_json
 from mimcli.hub import cache_dir
+from mimcli.runtime import Progress
 
 CACHE_VERSION = 1
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mimcli.blocks import to_indices
 from mimcli.data import BadImageTracker, ImageDataset, ImageList, make_loader
 from mimcli.models.taps import final_norm_of, tap_blocks
+from mimcli.runtime import Progress, autocast
 
-Progress = Callable[[str, int, int], None]
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -93,7 +94,7 @@ def extract_features(
     """
     tracker = BadImageTracker(images, on_bad_image)
     blocks = sorted(set(blocks))
-    indices0 = [b - 1 for b in blocks]
+    indices0 = to_indices(blocks)
     owned = directory is None
     folder = Path(tempfile.mkdtemp(prefix="mimcli-features-")) if owned else Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,7 @@ def extract_features(
                 seen += len(batch.bad) + len(batch.labels)
                 if len(batch.labels):
                     x = batch.images.to(device, non_blocking=True)
-                    with torch.autocast(
-                        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-                    ):
+                    with autocast(device):
                         taps = tap_blocks(model, x, indices0)
                     n = x.shape[0]
                     # (B, K, D) -> (K, B, D) rows of the memory map

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from mimcli.distributed import all_reduce_sum, backend, group_size
 from mimcli.errors import MimcliError
 
 PAPER_HIDDEN = 2048
@@ -21,32 +21,6 @@ PAPER_OUT = 256
 PAPER_PREDICTOR_HIDDEN = 4096
 MIN_WIDTH = 8
 ACTIVATIONS = ("gelu", "relu")
-
-
-def _world_size() -> int:
-    """Size of the default process group, 1 when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the default process group; the gradient is the summed gradient of every rank.
-
-    Each rank's output is the same sum, so d(sum_r L_r)/d(input_s) = sum_r dL_r/d(output).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor) -> Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
@@ -75,7 +49,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
             Tensor of the same shape and dtype.
         """
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not use_batch_stats or _world_size() == 1:
+        if not use_batch_stats or group_size() == 1:
             return super().forward(input)
         self._check_input_dim(input)
         return self._synced_forward(input)
@@ -95,7 +69,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         # Two passes (mean, then centred squares) keep the variance exact in float32; the count
         # rides along with the first all-reduce so ranks may have different batch sizes.
         local_count = xf.new_tensor([x.numel() // max(channels, 1)])
-        summed = _AllReduceSum.apply(torch.cat([xf.sum(dims), local_count]))
+        summed = all_reduce_sum(torch.cat([xf.sum(dims), local_count]))
         count = float(summed[channels].item())
         if count <= 1:
             raise ValueError(
@@ -104,7 +78,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
             )
         mean = summed[:channels] / count
         centred = xf - mean.reshape(shape)
-        var = _AllReduceSum.apply(centred.square().sum(dims)) / count
+        var = all_reduce_sum(centred.square().sum(dims)) / count
         y = centred * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
@@ -136,7 +110,7 @@ def batch_norm(dim: int, affine: bool = True, sync: bool = False) -> nn.Module:
     """
     if not sync:
         return nn.BatchNorm1d(dim, affine=affine)
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+    if backend() == "nccl":
         return nn.SyncBatchNorm(dim, affine=affine)
     return SyncBatchNorm1d(dim, affine=affine)
 

@@ -8,7 +8,6 @@ through the last block.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,13 @@ import torch
 
 from mimcli.data import eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
+from mimcli.evaluate.knn import knn_accuracy
 from mimcli.features import FeatureSet, extract_features
 from mimcli.index import resolve_backend
-from mimcli.knn import knn_accuracy
 from mimcli.models.build import fit_input_size
 from mimcli.models.sources import load_model
 from mimcli.results import BlockScore, ProbeResult, Recommendation, save_probe_json
-from mimcli.runtime import configure_threads, select_device
-
-Progress = Callable[[str, int, int], None]
+from mimcli.runtime import Progress, configure_threads, select_device
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""Run folders: ``config.json`` (written first), ``metrics.jsonl``, checkpoints, the exported
-encoder. Everything is written atomically; checkpoints are safetensors, never pickles.
+"""Run folders, the contract between ``refine``, ``eval`` and ``push``: ``config.json`` (written
+first; its ``config`` part holds the options, read back on ``--resume``), ``metrics.jsonl``,
+checkpoints, and the exported encoder in timm's layout. Everything is written atomically;
+checkpoints are safetensors, never pickles.
 
 A checkpoint is any nested structure of dicts/lists/tuples holding tensors, numpy arrays and JSON
 scalars (model, heads, queues, optimiser, EMA, RNG states, step): tensors go into the safetensors
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +25,9 @@ from safetensors.torch import save_file
 from mimcli._version import __version__
 from mimcli.errors import MimcliError
 from mimcli.fileio import write_json, write_with
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # The names inside a run folder (the contract between refine, eval and push).
 CONFIG = "config.json"
@@ -91,6 +97,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return unflatten(json.loads(metadata["structure"]), tensors)
 
 
+def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before objectives existed hold NNA heads and queues apart; give them
+    the ``objective`` entry of today's layout (in place; returned for convenience)."""
+    if "objective" not in state:
+        state["objective"] = {
+            **{f"heads.{k}": v for k, v in state["heads"].items()},
+            **{f"queues.{k}": v for k, v in state["queues"].items()},
+            "_extra_state": {"lookup_gen": state["rng"]["lookup"]},
+        }
+    return state
+
+
 def environment() -> dict[str, str]:
     import timm
 
@@ -141,6 +159,29 @@ class RunFolder:
             return json.loads(self.config_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise MimcliError(f"{self.root}: no readable config.json ({exc})") from exc
+
+    def saved_options(self) -> dict[str, Any] | None:
+        """The options recorded in ``config.json`` (its ``config`` part), None if unreadable."""
+        try:
+            saved = json.loads(self.config_path.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return saved if isinstance(saved, dict) else None
+
+    def write_export(self, model: nn.Module, model_args: dict[str, Any]) -> Path:
+        """``model`` in timm's Hugging Face layout (``config.json`` + ``model.safetensors``) as
+        ``export/``, assembled beside it and renamed in."""
+        from timm.models import save_for_hf
+
+        target = self.export_dir
+        tmp = target.with_name(target.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_for_hf(model, str(tmp), model_args=dict(model_args), safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line (a single small write; a torn last line is skipped on read)."""

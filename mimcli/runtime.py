@@ -1,10 +1,11 @@
-"""Device, thread and seed decisions, made in one place (cuda -> mps -> cpu)."""
+"""Device, precision, thread and seed decisions, made in one place (cuda -> mps -> cpu; bf16
+autocast on CUDA, fp32 elsewhere), and the progress-callback types the library reports through."""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -13,6 +14,11 @@ import torch
 from mimcli.errors import MimcliError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+# progress(stage, done, total): feature extraction, probe, eval, low-shot, linear probe
+Progress = Callable[[str, int, int], None]
+# progress(stage, done, total, figures): training steps with their loss and images/s
+StepProgress = Callable[[str, int, int, dict[str, float]], None]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -78,3 +84,30 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def faiss_threads(threads: int | None) -> Iterator[None]:
+    """Cap FAISS's OpenMP threads at ``threads`` (None: leave them) and restore them after."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The forward-pass precision: bf16 autocast on CUDA, fp32 (autocast disabled) elsewhere.
+    Similarities and softmax are computed in fp32 by the losses themselves."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision_name(device: torch.device) -> str:
+    """What :func:`autocast` does on ``device``, for config.json and banners."""
+    return "bf16 autocast" if device.type == "cuda" else "fp32"

@@ -8,7 +8,7 @@ not depend on which DataLoader worker made them: a resumed run sees exactly the 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mimcli import distributed as dist
 from mimcli.data import ImageDataset, ImageList
 from mimcli.errors import MimcliError
 
@@ -154,3 +155,39 @@ def check_local_crops_supported(model: torch.nn.Module, cfg: ViewConfig, arch: s
             f"{arch}: BEiT-style models (data2vec v1) have a fixed relative-position window and "
             "cannot take smaller local crops; run with --local-crops 0"
         )
+
+
+class BatchPlan:
+    """Which images form each step's batch: a seeded permutation per (stage, epoch), so any
+    step's batch can be rebuilt exactly when a run resumes. Under torchrun each rank takes its
+    contiguous share of the global batch."""
+
+    def __init__(
+        self, n_images: int, batch_size: int, seed: int, stage: int, start: int, total: int
+    ) -> None:
+        self.n, self.batch, self.seed, self.stage = n_images, batch_size, seed, stage
+        self.start, self.total = start, total
+        self.per_epoch = n_images // batch_size
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.per_epoch)
+            gen = torch.Generator().manual_seed(self.seed * 1000 + self.stage * 100 + epoch)
+            order = torch.randperm(self.n, generator=gen)
+            chunk = order[pos * self.batch : (pos + 1) * self.batch].tolist()
+            per_rank = len(chunk) // self.world
+            mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
+            key = self.stage * 100_000 + epoch
+            yield [(i, key) for i in mine]
+
+
+class KeyedDataset(MultiCropDataset):
+    """MultiCropDataset addressed by (index, epoch key) so augmentations are seeded per sample."""
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        index, self.epoch = key
+        return super().__getitem__(index)

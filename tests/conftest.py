@@ -98,7 +98,8 @@ def tiny_run(tmp_path_factory):
     """A finished tiny refine run, its base model folder and image folders."""
     from timm.models import save_for_hf
 
-    from mimcli.refine import RefineConfig, run_refine
+    from mimcli.refine.config import RefineConfig
+    from mimcli.refine.pipeline import run_refine
 
     root = tmp_path_factory.mktemp("tiny-run")
     base = root / "base"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mimcli.cli.app import app
-from mimcli.refine import RefineConfig, Refiner
+from mimcli.refine.config import RefineConfig
+from mimcli.refine.loop import Refiner
 from tests.conftest import TINY_ARGS, make_tiny_vit
 
 runner = CliRunner()

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from mimcli import cluster
-from mimcli.cluster import cluster_accuracy, cluster_eval, kmeans
 from mimcli.errors import MimcliError
-from mimcli.knn import standardize
+from mimcli.evaluate import cluster
+from mimcli.evaluate.cluster import cluster_accuracy, cluster_eval, kmeans
+from mimcli.evaluate.knn import standardize
 
 
 def separated_clusters(num_classes, per_class, dim, seed, spread=0.3):

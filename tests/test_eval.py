@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mimcli.cli.app import app
 from mimcli.data import eval_transform, scan_folder
 from mimcli.errors import MimcliError
-from mimcli.evaluate import EvalConfig, resolve_eval_source, run_eval
+from mimcli.evaluate.runner import EvalConfig, resolve_eval_source, run_eval
 from mimcli.featcache import cache_key, cached_features
 from mimcli.models.sources import load_model
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mimcli import heads as heads_module
+from mimcli import distributed
 from mimcli.errors import MimcliError
 from mimcli.heads import (
     HeadEnsemble,
@@ -128,10 +128,10 @@ def test_batch_norm_factory(monkeypatch):
         for m in IDHead(8, HeadWidths(16, 8, 32), sync_bn=True).modules()
         if isinstance(m, nn.BatchNorm1d)
     )
-    monkeypatch.setattr(heads_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(heads_module.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "nccl")
     assert type(batch_norm(8, sync=True)) is nn.SyncBatchNorm
-    monkeypatch.setattr(heads_module.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "gloo")
     assert type(batch_norm(8, sync=True)) is SyncBatchNorm1d
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimcli.knn import knn_accuracy, knn_predict, standardize, weighted_votes
+from mimcli.evaluate.knn import knn_accuracy, knn_predict, standardize, weighted_votes
 
 
 def test_weighted_vote_hand_example():
@@ -78,7 +78,7 @@ def test_knn_accuracy_matches_naive_loop():
 
 
 def test_chunked_standardisation_equals_whole(monkeypatch):
-    from mimcli import knn
+    from mimcli.evaluate import knn
 
     rng = np.random.default_rng(3)
     train = rng.normal(3.0, 2.0, size=(1000, 16)).astype(np.float16)

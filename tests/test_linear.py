@@ -1,5 +1,5 @@
-"""Linear probe grid (mimcli.linear): known answers on synthetic features, the holdout choice,
-float16 memory maps, and one cell against a plain single-cell training loop."""
+"""Linear probe grid (mimcli.evaluate.linear): known answers on synthetic features, the holdout
+choice, float16 memory maps, and one cell against a plain single-cell training loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimcli.errors import MimcliError
-from mimcli.linear import (
+from mimcli.evaluate.linear import (
     LinearConfig,
     build_inputs,
     feature_dim,

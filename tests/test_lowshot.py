@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from mimcli import lowshot
 from mimcli.errors import MimcliError
-from mimcli.lowshot import (
+from mimcli.evaluate import lowshot
+from mimcli.evaluate.lowshot import (
     ONE_SHOT_L2,
     choose_l2,
     load_split,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mimcli.errors import MimcliError
-from mimcli.objectives.base import random_mask
+from mimcli.models.masked import random_mask
 from mimcli.objectives.conmim import (
     ConMIMObjective,
     WeakStrongTransform,
@@ -20,7 +20,7 @@ from mimcli.objectives.conmim import (
     positive_accuracy,
 )
 from mimcli.optim import apply_lr
-from mimcli.refine import Refiner
+from mimcli.refine.loop import Refiner
 from mimcli.views import ViewConfig
 from tests.objective_harness import (
     check_resume,
@@ -344,7 +344,7 @@ def test_unmaskable_encoder_is_refused():
 
 def test_grad_checkpointing_gives_the_same_masked_gradients(tiny_model_dir, tmp_path):
     """encode_masked recomputes blocks under --grad-checkpointing; gradients are unchanged."""
-    from mimcli.objectives.base import encode_masked, random_mask
+    from mimcli.models.masked import encode_masked, random_mask
     from tests.conftest import make_tiny_vit
 
     grads = []

@@ -12,14 +12,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mimcli.errors import MimcliError
-from mimcli.objectives.base import Teacher, encode_masked
+from mimcli.models.masked import encode_masked
+from mimcli.models.teacher import Teacher
 from mimcli.objectives.mimco import (
     DEFAULT_TEACHER,
     MimCoObjective,
     image_contrastive_loss,
     patch_contrastive_loss,
 )
-from mimcli.refine import Refiner
+from mimcli.refine.loop import Refiner
 from tests.objective_harness import (
     check_resume,
     export_tensors,

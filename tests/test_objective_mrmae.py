@@ -23,15 +23,15 @@ from mimcli.models.mae_decoder import (
     reconstruction_loss,
     unpatchify,
 )
+from mimcli.models.masked import encode_visible, random_mask
 from mimcli.models.sources import load_model
-from mimcli.objectives.base import encode_visible, random_mask
 from mimcli.objectives.mrmae import (
     DEFAULT_TEACHERS,
     MRMAEObjective,
     mimic_loss,
     visible_positions,
 )
-from mimcli.refine import Refiner
+from mimcli.refine.loop import Refiner
 from tests.conftest import write_image_folder
 from tests.objective_harness import (
     check_resume,

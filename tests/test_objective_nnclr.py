@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mimcli.objectives.nnclr import NNCLRObjective, default_nnclr_temperature, nnclr_loss
 from mimcli.optim import apply_lr
-from mimcli.refine import Refiner
+from mimcli.refine.loop import Refiner
 from tests.objective_harness import (
     check_resume,
     export_tensors,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mimcli
 from mimcli.errors import MimcliError
-from mimcli.evaluate import EvalConfig, run_eval
+from mimcli.evaluate.runner import EvalConfig, run_eval
 from mimcli.probe import ProbeConfig, run_probe, save_probe
 from mimcli.publish import (
     MARKER,

@@ -14,10 +14,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from mimcli.blocks import resolve_blocks
 from mimcli.cli.app import app
 from mimcli.errors import MimcliError
 from mimcli.optim import encoder_param_groups, lr_at
-from mimcli.refine import Refiner, resolve_blocks
+from mimcli.refine.loop import Refiner
+from mimcli.refine.pipeline import probe_for_blocks
 from tests.conftest import make_tiny_vit
 from tests.objective_harness import tiny_cfg
 
@@ -372,7 +374,8 @@ def test_auto_blocks_from_a_probe_run_on_the_spot(
             blocks="auto",
             probe_train=train,
             probe_val=val,
-        )
+        ),
+        prober=probe_for_blocks,
     )
     probe = json.loads((tmp_path / "run" / "probe" / "probe.json").read_text())
     assert refiner.blocks == probe["recommendation"]["blocks"] == [1, 2, 3, 4]

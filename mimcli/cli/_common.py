@@ -23,7 +23,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mimcli.blocks import parse_blocks  # noqa: F401  (re-exported for the commands)
 from mimcli.errors import MimcliError
 
 stdout = Console()

@@ -73,7 +73,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.errors import MimcliError
-    from mimcli.evaluate import EvalConfig, run_eval
+    from mimcli.evaluate.runner import EvalConfig, run_eval
     from mimcli.report import eval_table
 
     try:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mimcli.blocks import parse_blocks
 from mimcli.cli._common import (
     BackendOpt,
     BadImageOpt,
@@ -21,7 +22,6 @@ from mimcli.cli._common import (
     StdOpt,
     WorkersOpt,
     handle_errors,
-    parse_blocks,
     print_json,
     stderr,
     stdout,

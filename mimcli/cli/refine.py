@@ -230,9 +230,10 @@ def refine(
     probe_val: Annotated[Path | None, typer.Option("--probe-val")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
-    from mimcli.refine import RefineConfig, Refiner
+    from mimcli.refine.config import RefineConfig, RefineStart
+    from mimcli.refine.pipeline import run_refine
 
     cfg = RefineConfig(
         model=model,
@@ -286,39 +287,40 @@ def refine(
         probe_train=probe_train,
         probe_val=probe_val,
     )
-    if resume:
-        cfg = with_saved_options(cfg, ctx)
-    bar = ImageProgress(show_loss=True)
-    refiner = Refiner(cfg, progress=bar)
-    for flag in refiner.ignored_options:
+    # on --resume, options not given here come from the run's config.json
+    given = {f.name for f in fields(cfg) if _given(ctx, f.name)}
+
+    def announce(start: RefineStart) -> None:
+        for flag in start.ignored_flags:
+            stderr.print(
+                f"warning: {flag} is not used by --objective {start.objective}; ignored",
+                markup=False,
+                highlight=False,
+            )
+        blocks = f"blocks {start.blocks} ({start.blocks_reason}); " if start.uses_blocks else ""
         stderr.print(
-            f"warning: {flag} is not used by --objective {objective}; ignored",
+            f"{start.objective}: {start.summary}; {blocks}{steps_text(start.steps)} "
+            f"({start.steps_per_epoch}/epoch); lr {start.lr:.2e}, head lr {start.head_lr:.2e}; "
+            f"views {start.views}; {start.device}, {start.precision}, {start.world_size} "
+            "process(es)",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
-    r = refiner.resolved()["resolved"]
-    obj = refiner.objective
-    blocks = f"blocks {r['blocks']} ({r['blocks_reason']}); " if obj.uses_blocks else ""
-    stderr.print(
-        f"{r['objective']}: {obj.summary()}; {blocks}{steps_text(r['steps'])} "
-        f"({r['steps_per_epoch']}/epoch); lr {r['lr']:.2e}, head lr {r['head_lr']:.2e}; views "
-        f"{obj.views_summary()}; {r['device']}, {r['precision']}, {r['world_size']} process(es)",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+
+    bar = ImageProgress(show_loss=True)
     with bar.running():
-        result = refiner.run_all()
+        result = run_refine(cfg, progress=bar, on_start=announce, given=given)
     if as_json:
         print_json({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()})
         return
     what = (
         f"blocks {','.join(map(str, result.blocks))} ({result.blocks_reason})"
-        if obj.uses_blocks
+        if result.blocks
         else "the whole encoder"
     )
     stdout.print(
-        f"Refined {what} with {r['objective']}", markup=False, highlight=False, soft_wrap=True
+        f"Refined {what} with {result.objective}", markup=False, highlight=False, soft_wrap=True
     )
     took = f"{result.seconds / 60:.1f} min" if result.seconds >= 60 else f"{result.seconds:.0f} s"
     stdout.print(
@@ -342,35 +344,10 @@ def steps_text(steps: dict[str, int]) -> str:
     return f"{steps.get('heads', 0)} head warm-up + {steps.get('refine', 0)} refinement steps"
 
 
-def with_saved_options(cfg, ctx: typer.Context):  # noqa: ANN001, ANN201
-    """On ``--resume``, options not given on the command line take the run's recorded values
-    (``RUN_DIR/config.json``), so ``refine MODEL --data DIR --out RUN --resume`` is enough."""
-    import json
-    from dataclasses import fields, replace
-
-    path = cfg.out / "config.json"
-    try:
-        saved = json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return cfg  # the run's own checks say what is wrong
-    paths = {"data", "out", "probe", "val", "probe_train", "probe_val", "decoder"}
-    updates = {}
-    for f in fields(cfg):
-        name = f.name
-        if name in ("resume", "out") or name not in saved:
-            continue
-        source = ctx.get_parameter_source(name)  # typer's own click copy: compare by name
-        if source is not None and source.name != "DEFAULT":
-            continue
-        value = saved[name]
-        if name in paths and value is not None:
-            value = Path(value)
-        elif name in ("global_scale", "local_scale") and value is not None:
-            value = tuple(value)
-        elif name == "teacher":
-            value = list(value or [])
-        updates[name] = value
-    return replace(cfg, **updates)
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was set on the command line (or by an environment variable)."""
+    source = ctx.get_parameter_source(name)  # typer's own click copy: compare by name
+    return source is not None and source.name != "DEFAULT"
 
 
 def parse_scale(text: str, flag: str) -> tuple[float, float]:

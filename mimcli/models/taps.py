@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mimcli.blocks import parse_blocks  # noqa: F401  (re-exported)
-
 
 @dataclass
 class BlockTaps:

@@ -65,21 +65,14 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 
 from mimcli import distributed as dist
+from mimcli.ema import ema_update, momentum_copy
 from mimcli.errors import MimcliError
 from mimcli.heads import batch_norm, head_widths
-from mimcli.objectives.base import (
-    Objective,
-    ObjectiveContext,
-    check_maskable,
-    ema_update,
-    encode_masked,
-    momentum_copy,
-    outside_autograd,
-    patch_grid,
-    random_mask,
-    step_generator,
-)
+from mimcli.models.masked import check_maskable, encode_masked, patch_grid, random_mask
+from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.objectives.mimco import patch_contrastive_loss
+from mimcli.objectives.parts import outside_autograd, step_generator
+from mimcli.runtime import autocast as runtime_autocast
 from mimcli.views import ViewBatch, ViewConfig
 
 __all__ = [
@@ -285,7 +278,7 @@ class ConMIMObjective(Objective):
         rows, cols = patch_grid(encoder, weak)
         generator = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
         mask = random_mask(weak.shape[0], rows * cols, self.mask_ratio, generator).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = runtime_autocast(device)
         with autocast:
             # heads stage: gradient reaches the mask token through the frozen encoder
             with outside_autograd(encoder, stage == "heads"):

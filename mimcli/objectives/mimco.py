@@ -41,19 +41,11 @@ from torch import Tensor, nn
 from mimcli import distributed as dist
 from mimcli.errors import MimcliError
 from mimcli.heads import head_widths
-from mimcli.objectives.base import (
-    Objective,
-    ObjectiveContext,
-    SingleView,
-    Teacher,
-    Transform,
-    check_maskable,
-    encode_masked,
-    outside_autograd,
-    patch_grid,
-    random_mask,
-    step_generator,
-)
+from mimcli.models.masked import check_maskable, encode_masked, patch_grid, random_mask
+from mimcli.models.teacher import Teacher
+from mimcli.objectives.base import Objective, ObjectiveContext, Transform
+from mimcli.objectives.parts import SingleView, outside_autograd, step_generator
+from mimcli.runtime import autocast as runtime_autocast
 from mimcli.views import ViewBatch
 
 DEFAULT_TEACHER = "vit_small_patch16_224.dino"
@@ -252,7 +244,7 @@ class MimCoObjective(Objective):
         b = images.shape[0]
         grid = patch_grid(encoder, images)
         mask = self.masks(b, grid[0] * grid[1], stage, step).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = runtime_autocast(device)
         with autocast:
             target = self.teacher.features(images, grid)
         with autocast, outside_autograd(encoder, enabled=stage == "heads"):

@@ -48,17 +48,11 @@ from mimcli.models.mae_decoder import (
     read_decoder_file,
     reconstruction_loss,
 )
-from mimcli.objectives.base import (
-    Objective,
-    ObjectiveContext,
-    SingleView,
-    Teacher,
-    check_maskable,
-    encode_visible,
-    load_teachers,
-    random_mask,
-    step_generator,
-)
+from mimcli.models.masked import check_maskable, encode_visible, random_mask
+from mimcli.models.teacher import Teacher, load_teachers
+from mimcli.objectives.base import Objective, ObjectiveContext
+from mimcli.objectives.parts import SingleView, step_generator
+from mimcli.runtime import autocast as runtime_autocast
 from mimcli.views import ViewBatch
 
 DEFAULT_TEACHERS = ("vit_base_patch16_clip_224.openai", "vit_base_patch16_224.dino")
@@ -222,7 +216,7 @@ class MRMAEObjective(Objective):
         gen = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
         mask = random_mask(b, grid[0] * grid[1], self.mask_ratio, gen)
         keep = visible_positions(mask).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = runtime_autocast(device)
         with autocast, torch.set_grad_enabled(not warmup):
             latent = encode_visible(encoder, images, keep)
         if warmup:

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimcli import distributed as dist
+from mimcli.blocks import to_indices
 from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.models.taps import tap_blocks
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.queue import NeighbourQueue, neighbour_label_agreement, queue_size
+from mimcli.runtime import autocast as runtime_autocast
 from mimcli.views import ViewBatch
 
 LOSS_KINDS = ("nna", "nnclr")
@@ -171,7 +173,7 @@ def block_features(
     """(B, D) head inputs per 1-based block from one pass: the CLS token (raw residual stream;
     the last block after the final norm) or the mean patch token."""
     depth = len(encoder.blocks)  # type: ignore[arg-type]
-    taps = tap_blocks(encoder, images, [b - 1 for b in blocks])
+    taps = tap_blocks(encoder, images, to_indices(blocks))
     source = taps.cls if head_input == "cls" else taps.patch
     normed = taps.cls_norm if head_input == "cls" else taps.patch_norm
     out = {b: source[:, k] for k, b in enumerate(blocks)}
@@ -268,7 +270,7 @@ class NNAObjective(Objective):
         views = [v.to(device, non_blocking=True) for v in batch.views]
         b = views[0].shape[0]
         ids = batch.indices.to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = runtime_autocast(device)
         with autocast, torch.set_grad_enabled(not warmup):
             feats = block_features(encoder, torch.cat(views[:2]), self.blocks, self.head_input)
             if len(views) > 2:

@@ -22,7 +22,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mimcli.objectives.base import ObjectiveContext, ema_update, momentum_copy
+from mimcli.ema import ema_update, momentum_copy
+from mimcli.objectives.base import ObjectiveContext
 from mimcli.objectives.nna import NNAObjective, nnclr_loss
 
 __all__ = ["NNCLRObjective", "nnclr_loss", "default_nnclr_temperature"]

@@ -9,11 +9,15 @@ wider type: the only full copy is the float32 matrix the search needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mimcli.index import topk_inner_product
+
+if TYPE_CHECKING:
+    from mimcli.features import FeatureSet
 
 Array = torch.Tensor | np.ndarray
 CHUNK_ROWS = 16_384
@@ -131,3 +135,31 @@ def knn_accuracy(
     truth = torch.as_tensor(np.asarray(query_labels)).long()
     preds = knn_predict(train, train_labels, query, ks, tau, num_classes, backend, device)
     return {k: float((p == truth).double().mean().item() * 100.0) for k, p in preds.items()}
+
+
+def last_block_knn(
+    train: FeatureSet,
+    val: FeatureSet,
+    ks: Sequence[int],
+    tau: float,
+    num_classes: int,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[int, float]]:
+    """Weighted k-NN accuracy (%) of the last tapped block, CLS and mean patch: what ``eval``
+    reports and what ``refine --val`` monitors. Returns ``{"cls": {k: acc}, "patch": {k: acc}}``."""
+    last = train.blocks[-1]
+    return {
+        kind: knn_accuracy(
+            train.block(last, kind),
+            train.labels,
+            val.block(last, kind),
+            val.labels,
+            ks=ks,
+            tau=tau,
+            num_classes=num_classes,
+            backend=backend,
+            device=device,
+        )
+        for kind in ("cls", "patch")
+    }

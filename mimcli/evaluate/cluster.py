@@ -8,16 +8,14 @@ better; ``davies_bouldin`` is >= 0, lower is better.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics
 
 from mimcli.errors import MimcliError
-from mimcli.knn import feature_stats, standardize_with
+from mimcli.evaluate.knn import feature_stats, standardize_with
+from mimcli.runtime import faiss_threads
 
 Array = torch.Tensor | np.ndarray
 
@@ -65,26 +63,10 @@ def kmeans(
         max_points_per_centroid=max(256, -(-n // k)),
         min_points_per_centroid=1,
     )
-    with _faiss_threads(1 if n * k * dim < SINGLE_THREAD_WORK else None):
+    with faiss_threads(1 if n * k * dim < SINGLE_THREAD_WORK else None):
         model.train(x)
         _, assignment = model.index.search(x, 1)
     return assignment[:, 0].astype(np.int64)
-
-
-@contextmanager
-def _faiss_threads(threads: int | None) -> Iterator[None]:
-    """Cap FAISS's OpenMP threads at ``threads`` (None: leave them) and restore them after."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    if threads is None or threads >= before:
-        yield
-        return
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def cluster_accuracy(true: np.ndarray, pred: np.ndarray) -> float:

@@ -11,23 +11,20 @@ transform) and cached; every protocol then works on those features:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mimcli.data import eval_transform, scan_folder, subsample
 from mimcli.errors import MimcliError
+from mimcli.evaluate.knn import last_block_knn
 from mimcli.featcache import cached_features
-from mimcli.features import FeatureSet
 from mimcli.index import resolve_backend
-from mimcli.knn import knn_accuracy
 from mimcli.models.sources import load_model
 from mimcli.results import EvalResult, ModelEval, save_eval_json
-from mimcli.runtime import configure_threads, select_device, torch_threads
+from mimcli.runtime import Progress, configure_threads, select_device, torch_threads
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -65,27 +62,6 @@ def resolve_eval_source(spec: str) -> tuple[str, str]:
 def _display_names(specs: Sequence[str]) -> list[str]:
     names = [Path(s.rstrip("/")).name or s for s in specs]
     return names if len(set(names)) == len(names) else list(specs)
-
-
-def _protocol_knn(
-    train: FeatureSet, val: FeatureSet, cfg: EvalConfig, backend: str, num_classes: int, device: Any
-) -> dict[str, dict[str, float]]:
-    last = train.blocks[-1]
-    out = {}
-    for kind in ("cls", "patch"):
-        accs = knn_accuracy(
-            train.block(last, kind),
-            train.labels,
-            val.block(last, kind),
-            val.labels,
-            ks=cfg.ks,
-            tau=cfg.tau,
-            num_classes=num_classes,
-            backend=backend,
-            device=device,
-        )
-        out[kind] = {str(k): v for k, v in accs.items()}
-    return out
 
 
 def evaluate_model(
@@ -137,10 +113,11 @@ def evaluate_model(
     try:
         if "knn" in cfg.protocols:
             t = time.perf_counter()
-            result.knn = _protocol_knn(train, val, cfg, backend, num_classes, device)
+            accs = last_block_knn(train, val, cfg.ks, cfg.tau, num_classes, backend, device)
+            result.knn = {kind: {str(k): v for k, v in a.items()} for kind, a in accs.items()}
             timings["knn"] = time.perf_counter() - t
         if "linear" in cfg.protocols:
-            from mimcli.linear import LinearConfig, linear_probe
+            from mimcli.evaluate.linear import LinearConfig, linear_probe
 
             t = time.perf_counter()
             with torch_threads(1):
@@ -156,7 +133,7 @@ def evaluate_model(
                 )
             timings["linear"] = time.perf_counter() - t
         if "lowshot" in cfg.protocols:
-            from mimcli.lowshot import lowshot_eval
+            from mimcli.evaluate.lowshot import lowshot_eval
 
             t = time.perf_counter()
             split_dir = cfg.out / "splits" if cfg.out else None
@@ -171,7 +148,7 @@ def evaluate_model(
             )
             timings["lowshot"] = time.perf_counter() - t
         if "cluster" in cfg.protocols:
-            from mimcli.cluster import cluster_eval
+            from mimcli.evaluate.cluster import cluster_eval
 
             t = time.perf_counter()
             result.cluster = cluster_eval(

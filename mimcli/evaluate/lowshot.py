@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from mimcli.errors import MimcliError
 from mimcli.fileio import write_json
+from mimcli.runtime import Progress, torch_threads
 
 Array = torch.Tensor | np.ndarray
-Progress = Callable[[str, int, int], None]
 
 SHOTS: tuple[float, ...] = (1, 2, 5, 0.01)
 SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -280,11 +280,8 @@ def _threads_for(work: int) -> Iterator[None]:
     if work >= SINGLE_THREAD_WORK or threads == 1:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _cv_folds(y: np.ndarray, max_folds: int) -> np.ndarray:

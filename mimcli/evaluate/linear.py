@@ -8,7 +8,7 @@ train rows held out from fitting, and its val accuracy is reported beside the wh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from mimcli.errors import MimcliError
-from mimcli.runtime import select_device
+from mimcli.runtime import Progress, select_device
 
-Progress = Callable[[str, int, int], None]
 LAST_BLOCKS = 4
 
 

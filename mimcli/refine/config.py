@@ -1,0 +1,114 @@
+"""What ``mimcli refine`` is asked to do and what it reports: :class:`RefineConfig` (every
+option, blocks counted from 1), :class:`RefineResult`, the stages, and the options a resumed run
+must keep. Plain dataclasses, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# head warm-up (encoder frozen), then full refinement
+STAGES = ("heads", "refine")
+
+
+@dataclass
+class RefineConfig:
+    """Every option of ``mimcli refine`` (blocks counted from 1)."""
+
+    model: str
+    data: Path
+    out: Path
+    objective: str = "nna"
+    blocks: str | None = None  # None: the objective's default (NNA: auto)
+    probe: Path | None = None
+    head_epochs: float = 20.0
+    head_steps: int | None = None
+    epochs: float = 20.0
+    steps: int | None = None
+    limit: int | None = None
+    batch_size: int = 256
+    lr: float | None = None  # None: the objective's default (NNA 4e-4)
+    head_lr: float = 2e-4
+    head_warmup: float = 0.2
+    warmup: float = 0.2
+    weight_decay: float = 0.05
+    head_weight_decay: float = 1e-5
+    layer_decay: float = 0.65
+    local_crops: int | None = None  # None: the objective's default (NNA 10)
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    head_width: str = "auto"
+    head_input: str | None = None  # None: the objective's default (NNA cls)
+    queue_size: str = "auto"
+    topk: int = 20
+    temperature: float | None = None
+    ema: float = 0.9999
+    export: str = "ema"
+    freeze_blocks: int | None = None  # None: the objective's default (NNA 0)
+    val: Path | None = None
+    val_every: int = 0
+    val_limit: int | None = 5000
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    knn_backend: str = "auto"
+    grad_clip: float | None = None
+    grad_checkpointing: bool = False
+    probe_train: Path | None = None
+    probe_val: Path | None = None
+    threads: int | None = None
+    # objective options (None: the objective's documented default)
+    photometric: bool | None = None
+    teacher: list[str] = field(default_factory=list)
+    mask_ratio: float | None = None
+    momentum: float | None = None
+    image_weight: float | None = None
+    mimic_weight: float | None = None
+    reconstruction: bool = True
+    decoder: Path | None = None
+
+
+@dataclass
+class RefineResult:
+    out: Path
+    export_dir: Path
+    blocks: list[int]
+    blocks_reason: str
+    steps: dict[str, int]
+    final_loss: float
+    seconds: float
+    knn: list[dict[str, Any]] = field(default_factory=list)
+    best_knn: dict[str, Any] | None = None
+    objective: str = "nna"
+
+
+@dataclass
+class RefineStart:
+    """What a run is about to do, once it is set up (the CLI's banner)."""
+
+    objective: str
+    summary: str  # what the objective built (heads, teachers, decoder...)
+    uses_blocks: bool
+    blocks: list[int]
+    blocks_reason: str
+    steps: dict[str, int]
+    steps_per_epoch: int
+    lr: float
+    head_lr: float
+    views: str  # how many views of which size each image gives
+    device: str
+    precision: str
+    world_size: int
+    ignored_flags: list[str] = field(default_factory=list)  # set but unused by the objective
+
+
+# Options that shape a run; --resume must be given the same values.
+RESUME_KEYS = (
+    "objective", "batch_size", "seed", "blocks", "head_width", "head_input", "queue_size", "topk",
+    "temperature", "local_crops", "global_scale", "local_scale", "photometric", "freeze_blocks",
+    "teacher", "mask_ratio", "momentum", "image_weight", "mimic_weight", "reconstruction",
+    "decoder", "lr", "head_lr", "layer_decay", "weight_decay", "head_weight_decay", "ema",
+)  # fmt: skip

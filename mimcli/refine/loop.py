@@ -1,0 +1,419 @@
+"""The refine loop: MIM-Refiner (arXiv 2402.10093) and the other objectives of the family
+(:mod:`mimcli.objectives`) share it. :class:`Refiner` sets a run up, runs its two stages (head
+warm-up with the encoder frozen, then full refinement), checkpoints, resumes and exports.
+
+``train_stage`` reads top to bottom: schedules -> forward + losses (the objective) ->
+backward/step -> objective update (queues, momentum networks) and encoder EMA -> log ->
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mimcli import distributed as dist
+from mimcli.blocks import resolve_blocks
+from mimcli.data import scan_folder, subsample
+from mimcli.ema import ema_decay, ema_update
+from mimcli.errors import MimcliError
+from mimcli.models.build import build_model
+from mimcli.models.sources import load_model
+from mimcli.objectives import objective_class
+from mimcli.objectives.base import Objective, ObjectiveContext
+from mimcli.optim import (
+    apply_lr,
+    encoder_param_groups,
+    head_param_groups,
+    lr_at,
+    make_optimizer,
+    scaled_lr,
+)
+from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
+from mimcli.refine.monitor import Monitor
+from mimcli.refine.setup import (
+    check_resume,
+    fill_defaults,
+    ignored_options,
+    stage_steps,
+    trainable_encoder,
+    validate,
+)
+from mimcli.runs import (
+    RunFolder,
+    environment,
+    load_checkpoint,
+    migrate_checkpoint,
+    save_checkpoint,
+)
+from mimcli.runtime import (
+    StepProgress,
+    configure_threads,
+    precision_name,
+    seed_everything,
+    select_device,
+)
+from mimcli.views import (
+    BatchPlan,
+    KeyedDataset,
+    ViewBatch,
+    check_local_crops_supported,
+    collate_views,
+    default_view_config,
+)
+
+# Runs a probe for ``--blocks auto`` and returns its probe.json (see refine.pipeline).
+Prober = Callable[[RefineConfig], Path]
+
+
+class Refiner:
+    """Holds the encoder, objective (heads, queues...), EMA and optimiser of one run."""
+
+    def __init__(
+        self,
+        cfg: RefineConfig,
+        progress: StepProgress | None = None,
+        prober: Prober | None = None,
+    ) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.start_time = time.perf_counter()
+        configure_threads(cfg.threads)
+        seed_everything(cfg.seed)  # identical head initialisation on every rank
+        self.device = select_device(cfg.device)
+        dist.init_from_env(self.device)
+        self.run = RunFolder(cfg.out)
+        validate(cfg, dist.world_size(), self.run)
+        self.images = subsample(
+            scan_folder(cfg.data, labelled=False, what="--data"), cfg.limit, cfg.seed
+        )
+        if len(self.images) < cfg.batch_size:
+            raise MimcliError(
+                f"--data has {len(self.images)} images, fewer than one batch "
+                f"(--batch-size {cfg.batch_size})"
+            )
+        self.loaded = load_model(cfg.model)
+        depth, dim = self.loaded.num_blocks, self.loaded.embed_dim
+        self.ignored_options = ignored_options(cfg, depth, dim)
+        self.cfg = cfg = fill_defaults(cfg, depth, dim)
+        probe = cfg.probe
+        if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val and prober:
+            probe = prober(cfg)
+        self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks or "auto", depth, probe)
+        self.encoder = trainable_encoder(self.loaded, int(cfg.freeze_blocks or 0)).to(self.device)
+        if cfg.grad_checkpointing:
+            self.encoder.set_grad_checkpointing(True)
+        self.views = default_view_config(
+            self.loaded.pretrained_cfg,
+            int(self.encoder.patch_embed.patch_size[0]),
+            int(cfg.local_crops or 0),
+            photometric=bool(cfg.photometric),
+            global_scale=tuple(cfg.global_scale),
+            local_scale=tuple(cfg.local_scale),
+        )
+        check_local_crops_supported(self.encoder, self.views, self.loaded.arch)
+        self.per_epoch = len(self.images) // cfg.batch_size
+        self.totals = {
+            "heads": stage_steps(cfg.head_epochs, cfg.head_steps, self.per_epoch),
+            "refine": stage_steps(cfg.epochs, cfg.steps, self.per_epoch),
+        }
+        labels_by_id = torch.tensor(self.images.labels, dtype=torch.int64)
+        self.objective: Objective = objective_class(cfg.objective)(
+            ObjectiveContext(
+                cfg=cfg,
+                encoder=self.encoder,
+                loaded=self.loaded,
+                blocks=self.blocks,
+                views=self.views,
+                device=self.device,
+                dataset_size=len(self.images),
+                seed=cfg.seed,
+                sync_bn=dist.is_distributed(),
+                totals=dict(self.totals),
+                extra={"labels_by_id": labels_by_id if self.images.labelled else None},
+            )
+        ).to(self.device)
+        self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
+        self.knn_log: list[dict[str, Any]] = []
+        self.last_loss = float("nan")
+        self.optimizer = self.make_optimizer("heads")
+
+    # -- what the run is (config.json, banner) --
+    def config_record(self) -> dict[str, Any]:
+        """config.json: every option, every resolved value, the environment."""
+        cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()}
+        return {
+            "config": cfg,
+            "resolved": {
+                "blocks": self.blocks if self.objective.uses_blocks else None,
+                "blocks_reason": self.blocks_reason_shown(),
+                **self.objective.describe(),
+                "freeze_blocks": self.cfg.freeze_blocks,
+                "steps": self.totals,
+                "steps_per_epoch": self.per_epoch,
+                "lr": self.peak_lr("refine"),
+                "head_lr": self.peak_lr("heads"),
+                "views": asdict(self.views),
+                "images": len(self.images),
+                "device": str(self.device),
+                "world_size": dist.world_size(),
+                "precision": precision_name(self.device),
+                "arch": self.loaded.arch,
+                "model_args": self.loaded.model_args,
+                "format": self.loaded.format,
+            },
+            "environment": environment(),
+        }
+
+    def start_info(self) -> RefineStart:
+        """What the run is about to do (the CLI prints it before the first step)."""
+        return RefineStart(
+            objective=self.cfg.objective,
+            summary=self.objective.summary(),
+            uses_blocks=self.objective.uses_blocks,
+            blocks=self.blocks,
+            blocks_reason=self.blocks_reason_shown(),
+            steps=dict(self.totals),
+            steps_per_epoch=self.per_epoch,
+            lr=self.peak_lr("refine"),
+            head_lr=self.peak_lr("heads"),
+            views=self.objective.views_summary(),
+            device=str(self.device),
+            precision=precision_name(self.device),
+            world_size=dist.world_size(),
+            ignored_flags=list(self.ignored_options),
+        )
+
+    def blocks_reason_shown(self) -> str:
+        if self.objective.uses_blocks:
+            return self.blocks_reason
+        return f"not used: --objective {self.cfg.objective} trains the whole encoder"
+
+    # -- optimiser and schedules per stage --
+    def make_optimizer(self, stage: str) -> torch.optim.Optimizer:
+        heads = head_param_groups(self.objective, self.cfg.head_weight_decay)
+        if stage == "heads":
+            return make_optimizer(heads)
+        return make_optimizer(
+            encoder_param_groups(self.encoder, self.cfg.weight_decay, self.cfg.layer_decay) + heads
+        )
+
+    def peak_lr(self, stage: str) -> float:
+        base = self.cfg.head_lr if stage == "heads" else self.cfg.lr
+        return scaled_lr(float(base), self.cfg.batch_size)  # type: ignore[arg-type]
+
+    def warmup_steps(self, stage: str) -> int:
+        frac = self.cfg.head_warmup if stage == "heads" else self.cfg.warmup
+        return int(round(frac * self.totals[stage]))
+
+    def global_step(self, stage: str, step: int) -> int:
+        return step + (self.totals["heads"] if stage == "refine" else 0)
+
+    # -- one step's forward --
+    def step_losses(
+        self, batch: ViewBatch, stage: str = "refine", step: int = 0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective's loss and metrics for one batch (its queue/momentum updates wait for
+        :meth:`Objective.after_step`)."""
+        return self.objective.step(self.encoder, batch, stage, step)
+
+    def loader(self, stage: str, start: int) -> DataLoader:
+        """This rank's batches of ``stage`` from its step ``start`` (seeded, see BatchPlan)."""
+        dataset = KeyedDataset(self.images, self.objective.transform(), seed=self.cfg.seed)
+        plan = BatchPlan(
+            len(self.images),
+            self.cfg.batch_size,
+            self.cfg.seed,
+            STAGES.index(stage),
+            start,
+            self.totals[stage],
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=plan,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate_views,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # -- the loop --
+    def train_stage(self, stage: str, start: int) -> None:
+        """Run ``stage`` from its step ``start`` to its end."""
+        warmup = stage == "heads"
+        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
+        self.encoder.train(not warmup)
+        self.objective.train()
+        tick = time.perf_counter()
+        for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
+            # schedules
+            lr = lr_at(step, total, peak, warm)
+            apply_lr(self.optimizer, lr)
+            # forward + losses
+            if batch.bad and dist.is_distributed():
+                raise MimcliError(
+                    f"unreadable images in --data (dataset positions {batch.bad[:5]}); with "
+                    "several processes every rank needs a full batch: remove or fix them"
+                )
+            loss, metrics = self.step_losses(batch, stage, step)
+            if not torch.isfinite(loss):
+                raise MimcliError(
+                    f"loss became non-finite at {stage} step {step}; stopped. The last good "
+                    f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
+                )
+            # backward / step
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            dist.average_gradients(params)
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self.optimizer.step()
+            # objective update (queues, momentum networks) / encoder EMA
+            self.objective.after_step(self.encoder, stage, step)
+            decay = ema_decay(step, self.cfg.ema)
+            if not warmup:
+                ema_update(self.ema, self.encoder, decay)
+            # log
+            now = time.perf_counter()
+            images_per_s = len(batch.indices) * dist.world_size() / max(now - tick, 1e-9)
+            tick = now
+            self.last_loss = dist.mean_scalar(float(loss.detach()), self.device)
+            record = {
+                "stage": stage,
+                "step": self.global_step(stage, step),
+                "stage_step": step,
+                "loss": self.last_loss,
+                "lr": lr,
+                "images_per_s": images_per_s,
+                **({} if warmup else {"ema_decay": decay}),
+                **metrics,
+            }
+            done = step + 1
+            if self.monitor and (
+                done == total or (self.cfg.val_every and done % self.cfg.val_every == 0)
+            ):
+                record.update(self.measure(stage, step))
+            if dist.rank() == 0:
+                self.run.log(record)
+            if self.progress:
+                self.progress(stage, done, total, {"loss": self.last_loss, "img/s": images_per_s})
+            # checkpoint
+            if done == total or done % self.cfg.checkpoint_every == 0:
+                self.save(stage, done)
+
+    def measure(self, stage: str, step: int) -> dict[str, Any]:
+        """k-NN of the encoder and its EMA now (``--val``); kept for the result."""
+        assert self.monitor is not None
+        entry: dict[str, Any] = {"stage": stage, "step": self.global_step(stage, step) + 1}
+        for name, model in (("encoder", self.encoder), ("ema", self.ema)):
+            scores = self.monitor.measure(model)
+            entry.update({f"knn_{name}_cls": scores["cls"], f"knn_{name}_patch": scores["patch"]})
+        self.knn_log.append(entry)
+        return {k: v for k, v in entry.items() if k.startswith("knn_")}
+
+    # -- checkpoint / resume --
+    def save(self, stage: str, done: int) -> None:
+        """Everything needed to continue exactly: weights, optimiser, queues, RNG states (the
+        objective's per-rank state, e.g. each rank's neighbour-draw generator, from every rank)."""
+        rank_extra = dist.gather_objects(self.objective.rank_state())
+        if dist.rank() != 0:
+            return
+        state = {
+            "rank_extra": rank_extra,
+            "stage": stage,
+            "done": done,
+            "totals": self.totals,
+            "encoder": self.encoder.state_dict(),
+            "ema": self.ema.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "knn_log": self.knn_log,
+            "last_loss": self.last_loss,
+        }
+        save_checkpoint(self.run.checkpoint_path, state)
+
+    def restore(self) -> tuple[str, int]:
+        """Load the run's checkpoint; returns (stage, steps done in it)."""
+        state = migrate_checkpoint(load_checkpoint(self.run.checkpoint_path))
+        if state["totals"] != self.totals:
+            raise MimcliError(
+                f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
+                "resume with the same options"
+            )
+        check_resume(self.cfg, self.run)
+        self.encoder.load_state_dict(state["encoder"])
+        self.ema.load_state_dict(state["ema"])
+        self.objective.load_state_dict(state["objective"])
+        rank_extra = state.get("rank_extra") or []
+        if dist.rank() < len(rank_extra) and rank_extra[dist.rank()] is not None:
+            self.objective.load_rank_state(rank_extra[dist.rank()])
+        stage = state["stage"]
+        self.optimizer = self.make_optimizer(stage)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.knn_log = list(state["knn_log"])
+        self.last_loss = state["last_loss"]
+        self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
+        return stage, state["done"]
+
+    # -- export --
+    def export(self) -> Path:
+        """The encoder (EMA unless --export raw) in timm's Hugging Face layout."""
+        source = self.ema if self.cfg.export == "ema" else self.encoder
+        model = build_model(self.loaded.arch, self.loaded.model_args)
+        model.load_state_dict(source.state_dict())
+        model.pretrained_cfg = dict(self.loaded.pretrained_cfg)
+        return self.run.write_export(model, self.loaded.model_args)
+
+    def run_all(self) -> RefineResult:
+        """Both stages (from the checkpoint with ``--resume``), then the export."""
+        start_stage, start_step = "heads", 0
+        if self.cfg.resume:
+            start_stage, start_step = self.restore()
+        elif dist.rank() == 0:
+            self.run.write_config(self.config_record())
+        for stage in STAGES[STAGES.index(start_stage) :]:
+            first = start_step if stage == start_stage else 0
+            if first >= self.totals[stage]:
+                continue
+            if first == 0:  # a resumed stage keeps the optimiser restore() loaded
+                self.optimizer = self.make_optimizer(stage)
+            self.train_stage(stage, first)
+        dist.check_identical(
+            list(self.encoder.parameters())
+            + list(self.objective.parameters())
+            + list(self.objective.buffers()),
+            "weights",
+        )
+        export_dir = self.export() if dist.rank() == 0 else self.run.export_dir
+        best = None
+        if self.knn_log:
+            best = max(self.knn_log, key=lambda e: e.get("knn_ema_cls", 0.0))
+        return RefineResult(
+            out=self.cfg.out,
+            export_dir=export_dir,
+            blocks=self.blocks if self.objective.uses_blocks else [],
+            blocks_reason=self.blocks_reason_shown(),
+            steps=self.totals,
+            final_loss=self.last_loss,
+            seconds=time.perf_counter() - self.start_time,
+            knn=self.knn_log,
+            best_knn=best,
+            objective=self.cfg.objective,
+        )

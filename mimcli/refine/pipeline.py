@@ -1,0 +1,62 @@
+"""``mimcli refine`` as one library call: options a resumed run takes from its folder, the
+probe that picks head blocks when asked (``--probe-train/--probe-val``: run on rank 0 once the
+process group is up while the other ranks wait), then the refine loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mimcli import distributed as dist
+from mimcli.probe import ProbeConfig, run_probe
+from mimcli.refine.config import RefineConfig, RefineResult, RefineStart
+from mimcli.refine.loop import Refiner
+from mimcli.refine.setup import with_saved_options
+from mimcli.results import PROBE_FILE
+from mimcli.runtime import StepProgress
+
+PROBE_DIR = "probe"  # RUN_DIR/probe/probe.json
+
+
+def probe_for_blocks(cfg: RefineConfig) -> Path:
+    """Probe the base model on ``--probe-train``/``--probe-val`` into ``RUN_DIR/probe`` (rank 0;
+    a resumed run reuses the first probe) and return its probe.json."""
+    out = Path(cfg.out) / PROBE_DIR
+    if dist.rank() == 0 and not (out / PROBE_FILE).exists():
+        run_probe(
+            ProbeConfig(
+                model=cfg.model,
+                train=cfg.probe_train,  # type: ignore[arg-type]
+                val=cfg.probe_val,  # type: ignore[arg-type]
+                out=out,
+                limit_train=cfg.val_limit,
+                limit_val=cfg.val_limit,
+                device=cfg.device,
+                num_workers=cfg.num_workers,
+                knn_backend=cfg.knn_backend,
+                seed=cfg.seed,
+            )
+        )
+    dist.barrier()
+    return out / PROBE_FILE
+
+
+def run_refine(
+    cfg: RefineConfig,
+    progress: StepProgress | None = None,
+    on_start: Callable[[RefineStart], None] | None = None,
+    given: set[str] | None = None,
+) -> RefineResult:
+    """Refine ``cfg.model`` on ``cfg.data`` into ``cfg.out``.
+
+    Args:
+        cfg: every option.
+        progress: called after each step with (stage, done, total, {"loss", "img/s"}).
+        on_start: called once the run is set up, before the first step.
+        given: with ``cfg.resume``, the options the user set; the others take the run's
+            recorded values. None: ``cfg`` is used as it is.
+    """
+    refiner = Refiner(with_saved_options(cfg, given), progress, prober=probe_for_blocks)
+    if on_start is not None:
+        on_start(refiner.start_info())
+    return refiner.run_all()

@@ -1,0 +1,146 @@
+"""A run's settings before any work starts: checks on the options (one clear line each), the
+objective's defaults for options left unset, the options a resumed run takes from its folder
+and must keep, the stage lengths, and the trainable encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mimcli.errors import MimcliError
+from mimcli.objectives import (
+    OBJECTIVES,
+    check_option_values,
+    objective_defaults,
+)
+from mimcli.objectives import ignored_options as objective_ignored_options
+from mimcli.refine.config import RESUME_KEYS, RefineConfig
+from mimcli.runs import RunFolder
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mimcli.models.sources import LoadedModel
+
+# RefineConfig fields that hold paths or tuples (config.json stores them as strings / lists)
+PATH_OPTIONS = ("data", "out", "probe", "val", "probe_train", "probe_val", "decoder")
+TUPLE_OPTIONS = ("global_scale", "local_scale")
+
+
+def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
+    """Every check that needs neither the model nor the data; the first failure is one line."""
+    if cfg.objective not in OBJECTIVES:
+        raise MimcliError(f"--objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if cfg.batch_size < 2:
+        raise MimcliError("--batch-size must be at least 2 (in-batch negatives)")
+    if cfg.batch_size % world_size:
+        raise MimcliError("--batch-size must be divisible by the number of processes")
+    if cfg.export not in ("ema", "raw"):
+        raise MimcliError("--export must be ema or raw")
+    if cfg.head_input not in (None, "cls", "patch"):
+        raise MimcliError("--head-input must be cls or patch")
+    if not 0 <= cfg.ema < 1:
+        raise MimcliError("--ema must lie in [0, 1)")
+    if cfg.topk < 1:
+        raise MimcliError("--topk must be at least 1")
+    check_option_values(asdict(cfg))
+    if cfg.resume and not run.checkpoint_path.exists():
+        raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
+    if not cfg.resume and run.checkpoint_path.exists():
+        raise MimcliError(
+            f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"
+        )
+
+
+def fill_defaults(cfg: RefineConfig, depth: int, embed_dim: int) -> RefineConfig:
+    """A copy of ``cfg`` with options left at None set from the objective's defaults, then NNA's."""
+    defaults = objective_defaults(cfg.objective, depth, embed_dim)
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k, None) is None}
+    return replace(cfg, **filled)
+
+
+def ignored_options(cfg: RefineConfig, depth: int, embed_dim: int) -> list[str]:
+    """Flags set to something other than their default that ``cfg.objective`` does not read
+    (shown as warnings)."""
+    return objective_ignored_options(cfg.objective, asdict(cfg), depth, embed_dim)
+
+
+def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfig:
+    """On ``--resume``: options not in ``given`` (the ones the user set) take the run's recorded
+    values from ``RUN_DIR/config.json``, so ``refine MODEL --data DIR --out RUN --resume`` is
+    enough. ``given=None`` keeps ``cfg`` as it is."""
+    if given is None or not cfg.resume:
+        return cfg
+    saved = RunFolder(cfg.out).saved_options()
+    if saved is None:
+        return cfg  # the run's own checks say what is wrong
+    updates: dict[str, Any] = {}
+    for f in fields(cfg):
+        name = f.name
+        if name in ("resume", "out") or name not in saved or name in given:
+            continue
+        value = saved[name]
+        if name in PATH_OPTIONS and value is not None:
+            value = Path(value)
+        elif name in TUPLE_OPTIONS and value is not None:
+            value = tuple(value)
+        elif name == "teacher":
+            value = list(value or [])
+        updates[name] = value
+    return replace(cfg, **updates)
+
+
+def check_resume(cfg: RefineConfig, run: RunFolder) -> None:
+    """``--resume`` continues the run only with its objective and the options that shape it."""
+    saved = run.read_config().get("config", {})
+    was = saved.get("objective", "nna")
+    if was != cfg.objective:
+        raise MimcliError(
+            f"--resume: {cfg.out} is a --objective {was} run; resume it with --objective {was}"
+        )
+    now = json.loads(json.dumps(asdict(cfg), default=str))
+    changed = [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}"
+        for k in RESUME_KEYS
+        if k in saved and saved[k] != now[k]
+    ]
+    if changed:
+        raise MimcliError(
+            f"--resume: options differ from the run in {cfg.out} ({'; '.join(changed)}); "
+            "resume with the run's options (see its config.json)"
+        )
+
+
+def stage_steps(epochs: float, steps: int | None, steps_per_epoch: int) -> int:
+    """Steps of one stage: ``steps`` when given, else ``epochs`` worth (rounded up)."""
+    if steps is not None:
+        if steps < 0:
+            raise MimcliError("step counts must be 0 or more")
+        return steps
+    return int(math.ceil(epochs * steps_per_epoch))
+
+
+def trainable_encoder(loaded: LoadedModel, freeze_blocks: int) -> nn.Module:
+    """The encoder rebuilt with ``dynamic_img_size`` (local crops are smaller than the input
+    size), the fixed position table frozen, and the stem plus ``freeze_blocks`` blocks frozen."""
+    from mimcli.models.build import build_model
+
+    args = dict(loaded.model_args)
+    if "beit" not in loaded.arch:
+        args["dynamic_img_size"] = True
+    encoder = build_model(loaded.arch, args)
+    encoder.load_state_dict(loaded.model.state_dict())
+    encoder.pretrained_cfg = loaded.pretrained_cfg
+    depth = len(encoder.blocks)
+    if not 0 <= freeze_blocks <= depth:
+        raise MimcliError(f"--freeze-blocks must lie in 0..{depth}")
+    for name, param in encoder.named_parameters():
+        frozen = name == "pos_embed"
+        if freeze_blocks:
+            frozen |= not name.startswith(("blocks.", "norm.", "fc_norm."))
+            frozen |= name.startswith("blocks.") and int(name.split(".")[1]) < freeze_blocks
+        param.requires_grad_(not frozen)
+    return encoder
