@@ -30,32 +30,81 @@ stderr = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Help panels (typer's rich_help_panel) shared by the commands.
+DATA = "Data"
+OUTPUT = "Output"
+RUNTIME = "Runtime"
+TRANSFORM = "Transform"
+
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda or mps.")
+    str,
+    typer.Option(
+        "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps.", rich_help_panel=RUNTIME
+    ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, help="Images per forward pass.", rich_help_panel=RUNTIME),
+]
 WorkersOpt = Annotated[
-    int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")
+    int,
+    typer.Option(
+        "--num-workers", min=0, help="DataLoader worker processes.", rich_help_panel=RUNTIME
+    ),
 ]
 BackendOpt = Annotated[
-    str, typer.Option("--knn-backend", help="Nearest-neighbour search: auto, faiss or torch.")
+    str,
+    typer.Option(
+        "--knn-backend",
+        help="Nearest-neighbour search: auto, faiss or torch.",
+        rich_help_panel=RUNTIME,
+    ),
 ]
 BadImageOpt = Annotated[
-    str, typer.Option("--on-bad-image", help="Unreadable image files: skip (and report) or fail.")
+    str,
+    typer.Option(
+        "--on-bad-image",
+        help="Unreadable image files: skip (and report) or fail.",
+        rich_help_panel=DATA,
+    ),
 ]
 ImgSizeOpt = Annotated[
     int | None,
-    typer.Option("--img-size", min=8, help="Override the model's eval input size (pixels)."),
+    typer.Option(
+        "--img-size",
+        min=8,
+        help="Override the model's eval input size (pixels).",
+        rich_help_panel=TRANSFORM,
+    ),
 ]
 CropPctOpt = Annotated[
-    float | None, typer.Option("--crop-pct", help="Override the centre-crop fraction, e.g. 0.875.")
+    float | None,
+    typer.Option(
+        "--crop-pct",
+        help="Override the centre-crop fraction, e.g. 0.875.",
+        rich_help_panel=TRANSFORM,
+    ),
 ]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Override normalisation mean: r,g,b.")]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Override normalisation std: r,g,b.")]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option("--mean", help="Override normalisation mean: r,g,b.", rich_help_panel=TRANSFORM),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option("--std", help="Override normalisation std: r,g,b.", rich_help_panel=TRANSFORM),
+]
 InterpolationOpt = Annotated[
-    str | None, typer.Option("--interpolation", help="Override resize: bilinear|bicubic|nearest.")
+    str | None,
+    typer.Option(
+        "--interpolation",
+        help="Override resize: bilinear, bicubic or nearest.",
+        rich_help_panel=TRANSFORM,
+    ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT),
+]
 
 
 def transform_overrides(

@@ -19,7 +19,7 @@ app = typer.Typer(
         "off-the-shelf features (MIM-Refiner).\n\n"
         "Start with `mimcli probe MODEL --train DIR --val DIR` to see feature quality per block."
     ),
-    epilog="Example: mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val",
+    epilog="Example:\n\n  mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from mimcli.cli._common import (
+    DATA,
+    OUTPUT,
+    RUNTIME,
     BackendOpt,
     BatchSizeOpt,
     DeviceOpt,
@@ -26,11 +29,13 @@ HELP = (
     "Davies-Bouldin). Features are cached per (model, folder, transform)."
 )
 
+PROTOCOLS = "Protocols"
+
 EPILOG = """\
 Examples:
 
-  mimcli eval examples/models/fmnist-mae-tiny runs/tiny --train data/fmnist/train \\
-      --val data/fmnist/test --out runs/eval
+  mimcli eval examples/models/fmnist-mae-tiny runs/tiny \\
+      --train data/fmnist/train --val data/fmnist/test --out runs/eval
 
   mimcli eval vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
       --protocols knn,lowshot --json
@@ -42,34 +47,76 @@ A refine run folder (RUN_DIR) evaluates its exported encoder.
 @handle_errors
 def evaluate(
     models: Annotated[list[str], typer.Argument(help="Models or refine run folders.")],
-    train: Annotated[Path, typer.Option("--train", help="Labelled ImageFolder (memory/fit).")],
-    val: Annotated[Path, typer.Option("--val", help="Labelled ImageFolder (queries/test).")],
+    train: Annotated[
+        Path,
+        typer.Option("--train", help="Labelled ImageFolder (memory/fit).", rich_help_panel=DATA),
+    ],
+    val: Annotated[
+        Path,
+        typer.Option("--val", help="Labelled ImageFolder (queries/test).", rich_help_panel=DATA),
+    ],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for results.json, plots, splits.")
+        Path | None,
+        typer.Option(
+            "--out", help="Folder for results.json, plots, splits.", rich_help_panel=OUTPUT
+        ),
     ] = None,
     protocols: Annotated[
-        str, typer.Option("--protocols", help="Comma list of knn,linear,lowshot,cluster.")
+        str,
+        typer.Option(
+            "--protocols",
+            help="Comma list of knn, linear, lowshot, cluster.",
+            show_default="all four",
+            rich_help_panel=PROTOCOLS,
+        ),
     ] = "knn,linear,lowshot,cluster",
-    k: Annotated[str, typer.Option("--k", help="k values for k-NN, e.g. 10,20.")] = "10,20",
-    tau: Annotated[float, typer.Option("--tau", help="k-NN vote temperature.")] = 0.07,
+    k: Annotated[
+        str,
+        typer.Option("--k", help="k values for k-NN, e.g. 10,20.", rich_help_panel=PROTOCOLS),
+    ] = "10,20",
+    tau: Annotated[
+        float, typer.Option("--tau", help="k-NN vote temperature.", rich_help_panel=PROTOCOLS)
+    ] = 0.07,
     linear_epochs: Annotated[
-        int, typer.Option("--linear-epochs", min=1, help="Linear-probe epochs.")
+        int,
+        typer.Option(
+            "--linear-epochs", min=1, help="Linear-probe epochs.", rich_help_panel=PROTOCOLS
+        ),
     ] = 20,
     cluster_features: Annotated[
-        str, typer.Option("--cluster-features", help="cls or patch (mean patch token).")
+        str,
+        typer.Option(
+            "--cluster-features",
+            help="cls or patch (mean patch token).",
+            rich_help_panel=PROTOCOLS,
+        ),
     ] = "cls",
     limit_train: Annotated[
-        int | None, typer.Option("--limit-train", min=1, help="Class-balanced train subset.")
+        int | None,
+        typer.Option(
+            "--limit-train", min=1, help="Class-balanced train subset.", rich_help_panel=DATA
+        ),
     ] = None,
     limit_val: Annotated[
-        int | None, typer.Option("--limit-val", min=1, help="Class-balanced val subset.")
+        int | None,
+        typer.Option("--limit-val", min=1, help="Class-balanced val subset.", rich_help_panel=DATA),
     ] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute features.")] = False,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Recompute features.", rich_help_panel=RUNTIME),
+    ] = False,
     batch_size: BatchSizeOpt = 128,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     knn_backend: BackendOpt = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Seed of the subsets, linear probes and k-means.",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.errors import MimcliError

@@ -9,6 +9,9 @@ import typer
 
 from mimcli.blocks import parse_blocks
 from mimcli.cli._common import (
+    DATA,
+    OUTPUT,
+    RUNTIME,
     BackendOpt,
     BadImageOpt,
     BatchSizeOpt,
@@ -35,6 +38,9 @@ HELP = (
     "class. CLS and mean-patch features are scored separately; blocks are counted from 1."
 )
 
+KNN = "k-NN"
+HEADS = "Head recommendation"
+
 EPILOG = """\
 Examples:
 
@@ -53,24 +59,48 @@ timm .safetensors) or an http(s) URL of such a file.
 @handle_errors
 def probe(
     model: Annotated[str, typer.Argument(help="Model to probe (see below for the forms).")],
-    train: Annotated[Path, typer.Option("--train", help="Labelled ImageFolder: k-NN memory.")],
-    val: Annotated[Path, typer.Option("--val", help="Labelled ImageFolder: k-NN queries.")],
+    train: Annotated[
+        Path,
+        typer.Option("--train", help="Labelled ImageFolder: k-NN memory.", rich_help_panel=DATA),
+    ],
+    val: Annotated[
+        Path,
+        typer.Option("--val", help="Labelled ImageFolder: k-NN queries.", rich_help_panel=DATA),
+    ],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for probe.json and probe.png.")
+        Path | None,
+        typer.Option("--out", help="Folder for probe.json and probe.png.", rich_help_panel=OUTPUT),
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="Neighbours that vote.")] = 10,
+    k: Annotated[int, typer.Option("--k", help="Neighbours that vote.", rich_help_panel=KNN)] = 10,
     tau: Annotated[
-        float, typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).")
+        float,
+        typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).", rich_help_panel=KNN),
     ] = 0.07,
     blocks: Annotated[
         str | None,
-        typer.Option("--blocks", help="Blocks to keep, from 1: e.g. 9-12 (default all)."),
+        typer.Option(
+            "--blocks",
+            help="Blocks to keep, from 1: e.g. 9-12 (default all).",
+            rich_help_panel=KNN,
+        ),
     ] = None,
     limit_train: Annotated[
-        int | None, typer.Option("--limit-train", min=1, help="Probe on a class-balanced subset.")
+        int | None,
+        typer.Option(
+            "--limit-train",
+            min=1,
+            help="Probe on a class-balanced subset.",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     limit_val: Annotated[
-        int | None, typer.Option("--limit-val", min=1, help="Class-balanced subset of --val.")
+        int | None,
+        typer.Option(
+            "--limit-val",
+            min=1,
+            help="Class-balanced subset of --val.",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     batch_size: BatchSizeOpt = 64,
     num_workers: WorkersOpt = 2,
@@ -78,15 +108,31 @@ def probe(
     knn_backend: BackendOpt = "auto",
     on_bad_image: BadImageOpt = "skip",
     feature_dtype: Annotated[
-        str, typer.Option("--feature-dtype", help="Stored features: float16 or float32.")
+        str,
+        typer.Option(
+            "--feature-dtype",
+            help="Stored features: float16 or float32.",
+            rich_help_panel=RUNTIME,
+        ),
     ] = "float16",
     margin: Annotated[
         float,
-        typer.Option("--margin", help="Heads start at the first block this close to the peak."),
+        typer.Option(
+            "--margin",
+            help="Heads start at the first block this close to the peak.",
+            rich_help_panel=HEADS,
+        ),
     ] = 1.0,
-    max_heads: Annotated[int, typer.Option("--max-heads", help="At most this many heads.")] = 8,
-    min_heads: Annotated[int, typer.Option("--min-heads", help="At least this many heads.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit-* subsets.")] = 0,
+    max_heads: Annotated[
+        int, typer.Option("--max-heads", help="At most this many heads.", rich_help_panel=HEADS)
+    ] = 8,
+    min_heads: Annotated[
+        int, typer.Option("--min-heads", help="At least this many heads.", rich_help_panel=HEADS)
+    ] = 4,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Seed of the --limit-* subsets.", rich_help_panel=DATA),
+    ] = 0,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
     mean: MeanOpt = None,

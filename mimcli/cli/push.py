@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mimcli.cli._common import JsonOpt, handle_errors, print_json, stderr, stdout
+from mimcli.cli._common import OUTPUT, JsonOpt, handle_errors, print_json, stderr, stdout
 
 HELP = (
     "Publish a refine run's encoder as a Hugging Face repo that "
@@ -19,6 +19,10 @@ HELP = (
     "The token comes from HF_TOKEN or `hf auth login`; it is never printed or written."
 )
 
+REPO = "Hub repo"
+CARD = "Model card"
+RETRIES = "Retries"
+
 EPILOG = """\
 Examples:
 
@@ -26,12 +30,12 @@ Examples:
       --train in1k/train --val in1k/val --out runs/mae-l/eval
   mimcli push runs/mae-l --repo my-name/vit-large-mae-refined
 
-  mimcli push runs/tiny --dry-run --to runs/tiny/hub     (write the folder, upload nothing)
+  mimcli push runs/tiny --dry-run --to runs/tiny/hub   (write the folder only)
 
   mimcli push runs/mae-l --repo my-org/mae-l-refined --private --create-pr
 
-RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present. Without
---to, the folder is staged in RUN_DIR/.push and removed after the upload; it is rebuilt from the
+RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present. Without \
+--to, the folder is staged in RUN_DIR/.push and removed after the upload; it is rebuilt from the \
 run each time (edit the card after pushing, or pass --to and upload it yourself).
 """
 
@@ -45,53 +49,105 @@ def _split(values: list[str] | None) -> list[str]:
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A finished `mimcli refine` run folder.")],
     repo: Annotated[
-        str | None, typer.Option("--repo", help="Hub repo id, OWNER/NAME (or NAME for yours).")
+        str | None,
+        typer.Option(
+            "--repo", help="Hub repo id, OWNER/NAME (or NAME for yours).", rich_help_panel=REPO
+        ),
     ] = None,
     to: Annotated[
         Path | None,
-        typer.Option("--to", help="Keep the repo folder here (required with --dry-run)."),
+        typer.Option(
+            "--to",
+            help="Keep the repo folder here (required with --dry-run).",
+            rich_help_panel=OUTPUT,
+        ),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only write the folder to --to; upload nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Only write the folder to --to; upload nothing.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo private.", rich_help_panel=REPO)
+    ] = False,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch to push to (created if needed).")
+        str | None,
+        typer.Option(
+            "--revision", help="Branch to push to (created if needed).", rich_help_panel=REPO
+        ),
     ] = None,
     commit_message: Annotated[
-        str | None, typer.Option("--commit-message", help="Commit title.")
+        str | None,
+        typer.Option("--commit-message", help="Commit title.", rich_help_panel=REPO),
     ] = None,
     create_pr: Annotated[
         bool,
         typer.Option(
-            "--create-pr", help="Open a pull request against main instead of committing to it."
+            "--create-pr",
+            help="Open a pull request against main instead of committing to it.",
+            rich_help_panel=REPO,
         ),
     ] = False,
     eval_path: Annotated[
         Path | None,
-        typer.Option("--eval", help="results.json (or its folder) from `mimcli eval BASE RUN`."),
+        typer.Option(
+            "--eval",
+            help="results.json (or its folder) from `mimcli eval BASE RUN`.",
+            rich_help_panel=CARD,
+        ),
     ] = None,
     probe_path: Annotated[
-        Path | None, typer.Option("--probe", help="probe.json (or its folder) for the card plot.")
+        Path | None,
+        typer.Option(
+            "--probe",
+            help="probe.json (or its folder) for the card plot.",
+            rich_help_panel=CARD,
+        ),
     ] = None,
     license: Annotated[  # noqa: A002 - the Hub's field name
         str | None,
-        typer.Option("--license", help="Override the license inherited from the base model."),
+        typer.Option(
+            "--license",
+            help="Override the license inherited from the base model.",
+            rich_help_panel=CARD,
+        ),
     ] = None,
     dataset: Annotated[
         list[str] | None,
         typer.Option(
-            "--dataset", help="Hub dataset id(s) the run used (repeat or comma-separate)."
+            "--dataset",
+            help="Hub dataset id(s) the run used (repeat or comma-separate).",
+            rich_help_panel=CARD,
         ),
     ] = None,
     tag: Annotated[
-        list[str] | None, typer.Option("--tag", help="Extra card tags (repeat or comma-separate).")
+        list[str] | None,
+        typer.Option(
+            "--tag",
+            help="Extra card tags (repeat or comma-separate).",
+            rich_help_panel=CARD,
+        ),
     ] = None,
     retries: Annotated[
-        int, typer.Option("--retries", min=0, help="Retries of transient Hub failures.")
+        int,
+        typer.Option(
+            "--retries",
+            min=0,
+            help="Retries of transient Hub failures.",
+            rich_help_panel=RETRIES,
+        ),
     ] = 4,
     retry_wait: Annotated[
-        float, typer.Option("--retry-wait", min=0.0, help="First backoff in seconds (doubles).")
+        float,
+        typer.Option(
+            "--retry-wait",
+            min=0.0,
+            help="First backoff in seconds (doubles).",
+            rich_help_panel=RETRIES,
+        ),
     ] = 2.0,
     as_json: JsonOpt = False,
 ) -> None:

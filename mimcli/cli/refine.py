@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from mimcli.cli._common import (
+    DATA,
+    OUTPUT,
+    RUNTIME,
     BackendOpt,
     DeviceOpt,
     ImageProgress,
@@ -34,6 +37,14 @@ HELP = (
     "--nproc_per_node N` for several processes (NCCL on GPU, gloo on CPU)."
 )
 
+OBJECTIVE = "Objective"
+HEADS = "Heads and queue"
+SCHEDULE = "Schedule"
+VIEWS = "Views"
+AUGMENTATION = "Augmentation"
+MRMAE = "MR-MAE (--objective mrmae)"
+MONITOR = "k-NN monitoring"
+
 EPILOG = """\
 Examples:
 
@@ -43,7 +54,7 @@ Examples:
   mimcli refine examples/models/fmnist-mae-tiny --data data/fmnist/train \\
     --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
 
-  mimcli refine ... --out runs/tiny --resume     (continue from the last checkpoint)
+  mimcli refine ... --out runs/tiny --resume     (from the last checkpoint)
 
   mimcli refine examples/models/fmnist-mae-tiny --objective nnclr \\
     --data data/fmnist/train --out runs/tiny-nnclr --head-steps 30 --steps 90
@@ -63,124 +74,211 @@ Examples:
 def refine(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model to refine (same forms as probe).")],
-    data: Annotated[Path, typer.Option("--data", help="Training images (ImageFolder or flat).")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, checkpoint).")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Training images (ImageFolder or flat).", rich_help_panel=DATA),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Run folder (config, metrics, checkpoint).", rich_help_panel=OUTPUT
+        ),
+    ],
     objective: Annotated[
-        str, typer.Option("--objective", help="nna, nnclr, mimco, conmim or mrmae.")
+        str,
+        typer.Option(
+            "--objective", help="nna, nnclr, mimco, conmim or mrmae.", rich_help_panel=OBJECTIVE
+        ),
     ] = "nna",
     teacher: Annotated[
         list[str] | None,
         typer.Option(
             "--teacher",
-            help="Frozen teacher MODEL, any MODEL form (mimco: one, default "
-            "vit_small_patch16_224.dino; mrmae: repeatable, default "
-            "vit_base_patch16_clip_224.openai + vit_base_patch16_224.dino; downloads once).",
+            help="Frozen teacher MODEL, any MODEL form (downloads once).\n\n"
+            "mimco: one; default vit_small_patch16_224.dino.\n\n"
+            "mrmae: repeatable; default vit_base_patch16_clip_224.openai + "
+            "vit_base_patch16_224.dino.",
+            rich_help_panel=OBJECTIVE,
         ),
     ] = None,
     blocks: Annotated[
         str | None,
-        typer.Option("--blocks", help="auto (probe.json or last third), lastN, or 17,20,24."),
+        typer.Option(
+            "--blocks",
+            help="auto (probe.json or last third), lastN, or 17,20,24.",
+            rich_help_panel=HEADS,
+        ),
     ] = None,
     probe: Annotated[
-        Path | None, typer.Option("--probe", help="probe.json whose recommendation auto uses.")
+        Path | None,
+        typer.Option(
+            "--probe", help="probe.json whose recommendation auto uses.", rich_help_panel=HEADS
+        ),
     ] = None,
     head_epochs: Annotated[
-        float, typer.Option("--head-epochs", help="Head warm-up epochs.")
+        float,
+        typer.Option("--head-epochs", help="Head warm-up epochs.", rich_help_panel=SCHEDULE),
     ] = 20.0,
     head_steps: Annotated[
-        int | None, typer.Option("--head-steps", help="Head warm-up steps (overrides epochs).")
+        int | None,
+        typer.Option(
+            "--head-steps",
+            help="Head warm-up steps (overrides epochs).",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="Refinement epochs.")] = 20.0,
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Refinement epochs.", rich_help_panel=SCHEDULE)
+    ] = 20.0,
     steps: Annotated[
-        int | None, typer.Option("--steps", help="Refinement steps (overrides epochs).")
+        int | None,
+        typer.Option(
+            "--steps", help="Refinement steps (overrides epochs).", rich_help_panel=SCHEDULE
+        ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Use a seeded subset of --data.")
+        int | None,
+        typer.Option("--limit", min=1, help="Use a seeded subset of --data.", rich_help_panel=DATA),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=2, help="Global batch.", rich_help_panel=SCHEDULE),
+    ] = 256,
     lr: Annotated[
         float | None,
         typer.Option(
-            "--lr", help="Refinement base lr (× batch/256); nnclr 2e-4, mrmae 1.5e-4, others 4e-4."
+            "--lr",
+            help="Refinement base lr (× batch/256); nnclr 2e-4, mrmae 1.5e-4, others 4e-4.",
+            rich_help_panel=SCHEDULE,
         ),
     ] = None,
     head_lr: Annotated[
-        float, typer.Option("--head-lr", help="Warm-up base lr (× batch/256).")
+        float,
+        typer.Option("--head-lr", help="Warm-up base lr (× batch/256).", rich_help_panel=SCHEDULE),
     ] = 2e-4,
     warmup: Annotated[
-        float, typer.Option("--warmup", help="Refinement lr warm-up fraction.")
+        float,
+        typer.Option("--warmup", help="Refinement lr warm-up fraction.", rich_help_panel=SCHEDULE),
     ] = 0.2,
     head_warmup: Annotated[
-        float, typer.Option("--head-warmup", help="Head-stage lr warm-up fraction.")
+        float,
+        typer.Option(
+            "--head-warmup", help="Head-stage lr warm-up fraction.", rich_help_panel=SCHEDULE
+        ),
     ] = 0.2,
     layer_decay: Annotated[
-        float, typer.Option("--layer-decay", help="Layer-wise lr decay.")
+        float,
+        typer.Option("--layer-decay", help="Layer-wise lr decay.", rich_help_panel=SCHEDULE),
     ] = 0.65,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Encoder wd.")] = 0.05,
+    weight_decay: Annotated[
+        float,
+        typer.Option("--weight-decay", help="Encoder weight decay.", rich_help_panel=SCHEDULE),
+    ] = 0.05,
     local_crops: Annotated[
         int | None,
-        typer.Option("--local-crops", min=0, help="Local crops per image (nna: 10, nnclr: 0)."),
+        typer.Option(
+            "--local-crops",
+            min=0,
+            help="Local crops per image (nna: 10, nnclr: 0).",
+            rich_help_panel=VIEWS,
+        ),
     ] = None,
     photometric: Annotated[
         bool | None,
         typer.Option(
             "--photometric/--no-photometric",
-            help="Colour jitter/blur/grayscale/solarize on the views (nnclr: off).",
+            help="Colour jitter, blur, grayscale and solarize on the views (nnclr: off).",
+            rich_help_panel=AUGMENTATION,
         ),
     ] = None,
     global_scale: Annotated[
-        str, typer.Option("--global-scale", help="Area range of global crops, lo,hi.")
+        str,
+        typer.Option(
+            "--global-scale", help="Area range of global crops, lo,hi.", rich_help_panel=VIEWS
+        ),
     ] = "0.25,1.0",
     local_scale: Annotated[
-        str, typer.Option("--local-scale", help="Area range of local crops, lo,hi.")
+        str,
+        typer.Option(
+            "--local-scale", help="Area range of local crops, lo,hi.", rich_help_panel=VIEWS
+        ),
     ] = "0.05,0.25",
     head_width: Annotated[
-        str, typer.Option("--head-width", help="auto (paper sizes for wide models) or N.")
+        str,
+        typer.Option(
+            "--head-width",
+            help="auto (paper sizes for wide models) or N.",
+            rich_help_panel=HEADS,
+        ),
     ] = "auto",
     head_input: Annotated[
         str | None,
-        typer.Option("--head-input", help="cls or patch (mean patch token); nnclr: patch."),
+        typer.Option(
+            "--head-input",
+            help="cls or patch (mean patch token); nnclr: patch.",
+            rich_help_panel=HEADS,
+        ),
     ] = None,
     queue_size: Annotated[
-        str, typer.Option("--queue-size", help="auto = min(65536, images) or N.")
+        str,
+        typer.Option("--queue-size", help="auto = min(65536, images) or N.", rich_help_panel=HEADS),
     ] = "auto",
-    topk: Annotated[int, typer.Option("--topk", help="Refinement samples among top-k NNs.")] = 20,
+    topk: Annotated[
+        int,
+        typer.Option("--topk", help="Refinement samples among top-k NNs.", rich_help_panel=HEADS),
+    ] = 20,
     temperature: Annotated[
         float | None,
         typer.Option(
             "--temperature",
             help="Loss tau; nna 0.2/0.3 by width, nnclr 0.15-0.3, mimco 0.2, conmim 0.1.",
+            rich_help_panel=OBJECTIVE,
         ),
     ] = None,
     mask_ratio: Annotated[
         float | None,
-        typer.Option("--mask-ratio", help="Masked patches: mimco 0.6, conmim 0.4, mrmae 0.75."),
+        typer.Option(
+            "--mask-ratio",
+            help="Masked patches: mimco 0.6, conmim 0.4, mrmae 0.75.",
+            rich_help_panel=OBJECTIVE,
+        ),
     ] = None,
     momentum: Annotated[
         float | None,
         typer.Option(
             "--momentum",
             help="EMA target momentum: nnclr projector 0.99, conmim encoder 0.996 (-> 1).",
+            rich_help_panel=OBJECTIVE,
         ),
     ] = None,
     image_weight: Annotated[
-        float | None, typer.Option("--image-weight", help="mimco: weight of the image-level loss.")
+        float | None,
+        typer.Option(
+            "--image-weight",
+            help="mimco: weight of the image-level loss.",
+            rich_help_panel=OBJECTIVE,
+        ),
     ] = None,
     mimic_weight: Annotated[
-        float | None, typer.Option("--mimic-weight", help="mrmae: weight of the mimic loss.")
+        float | None,
+        typer.Option("--mimic-weight", help="Weight of the mimic loss.", rich_help_panel=MRMAE),
     ] = None,
     reconstruction: Annotated[
         bool,
         typer.Option(
-            "--reconstruction/--no-reconstruction", help="mrmae: keep the MAE pixel loss."
+            "--reconstruction/--no-reconstruction",
+            help="Keep the MAE pixel loss.",
+            show_default="on",
+            rich_help_panel=MRMAE,
         ),
     ] = True,
     decoder: Annotated[
         Path | None,
         typer.Option(
             "--decoder",
-            help="mrmae: MAE decoder (decoder.safetensors, a folder holding one, or an MAE "
-            "_full .pth); default: shipped with MODEL, else a fresh one.",
+            help="MAE decoder: decoder.safetensors, a folder holding one, or an MAE _full .pth "
+            "(default: shipped with MODEL, else a fresh one).",
+            rich_help_panel=MRMAE,
         ),
     ] = None,
     ema: Annotated[
@@ -189,46 +287,93 @@ def refine(
             "--ema",
             help="EMA decay of the encoder, reached gradually: min(ema, 1-(1+step)^-2/3) "
             "(logged as ema_decay).",
+            rich_help_panel=SCHEDULE,
         ),
     ] = 0.9999,
-    export: Annotated[str, typer.Option("--export", help="Export ema or raw weights.")] = "ema",
+    export: Annotated[
+        str, typer.Option("--export", help="Export ema or raw weights.", rich_help_panel=OUTPUT)
+    ] = "ema",
     freeze_blocks: Annotated[
         int | None,
         typer.Option(
-            "--freeze-blocks", min=0, help="Freeze the stem and first K blocks (nnclr: half)."
+            "--freeze-blocks",
+            min=0,
+            help="Freeze the stem and first K blocks (nnclr: half).",
+            rich_help_panel=SCHEDULE,
         ),
     ] = None,
     val: Annotated[
-        Path | None, typer.Option("--val", help="Labelled folder: k-NN monitoring.")
+        Path | None,
+        typer.Option("--val", help="Labelled folder: k-NN monitoring.", rich_help_panel=MONITOR),
     ] = None,
     val_every: Annotated[
-        int, typer.Option("--val-every", min=0, help="k-NN every N steps (0: stage ends).")
+        int,
+        typer.Option(
+            "--val-every",
+            min=0,
+            help="k-NN every N steps (0: stage ends).",
+            rich_help_panel=MONITOR,
+        ),
     ] = 0,
     val_limit: Annotated[
-        int | None, typer.Option("--val-limit", min=1, help="Images per k-NN set.")
+        int | None,
+        typer.Option("--val-limit", min=1, help="Images per k-NN set.", rich_help_panel=MONITOR),
     ] = 5000,
     checkpoint_every: Annotated[
-        int, typer.Option("--checkpoint-every", min=1, help="Checkpoint every N steps.")
+        int,
+        typer.Option(
+            "--checkpoint-every",
+            min=1,
+            help="Checkpoint every N steps.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = 50,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue the run in --out (unset options: the run's)."),
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out (unset options: the run's).",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Seed of init, batch order, views and subsets.",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = 0,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = 2,
     knn_backend: BackendOpt = "auto",
     grad_clip: Annotated[
-        float | None, typer.Option("--grad-clip", help="Clip the gradient norm.")
+        float | None,
+        typer.Option("--grad-clip", help="Clip the gradient norm.", rich_help_panel=SCHEDULE),
     ] = None,
     grad_checkpointing: Annotated[
-        bool, typer.Option("--grad-checkpointing", help="Activation checkpointing (less memory).")
+        bool,
+        typer.Option(
+            "--grad-checkpointing",
+            help="Activation checkpointing (less memory).",
+            rich_help_panel=RUNTIME,
+        ),
     ] = False,
     probe_train: Annotated[
-        Path | None, typer.Option("--probe-train", help="With --probe-val: probe now for auto.")
+        Path | None,
+        typer.Option(
+            "--probe-train", help="With --probe-val: probe now for auto.", rich_help_panel=HEADS
+        ),
     ] = None,
-    probe_val: Annotated[Path | None, typer.Option("--probe-val")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    probe_val: Annotated[
+        Path | None,
+        typer.Option(
+            "--probe-val", help="With --probe-train: probe now for auto.", rich_help_panel=HEADS
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON.", rich_help_panel=OUTPUT)
+    ] = False,
 ) -> None:
     from dataclasses import asdict, fields
 
