@@ -33,7 +33,7 @@ import torch
 import mimcli
 from mimcli.errors import MimcliError, RemoteError
 from mimcli.fileio import write_bytes, write_json, write_text
-from mimcli.hub import _is_network_error
+from mimcli.hub.download import is_network_error
 from mimcli.models.postnorm import POSTNORM_ARCH
 from mimcli.results import EvalResult
 
@@ -176,7 +176,7 @@ def base_model_info(spec: str, pretrained_cfg: dict[str, Any]) -> tuple[str | No
             license_ = license_ or cfg.license
     card: Path | None = Path(spec) / "README.md" if Path(spec).is_dir() else None
     if hub_id and license_ is None:
-        from mimcli.hub import hub_file
+        from mimcli.hub.download import hub_file
 
         try:
             card = hub_file(hub_id, "README.md", spec)
@@ -468,7 +468,7 @@ def _transient(exc: BaseException) -> bool:
 
     if isinstance(exc, HfHubHTTPError):
         return _status(exc) in TRANSIENT_STATUS
-    return _is_network_error(exc)
+    return is_network_error(exc)
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -561,7 +561,7 @@ def preflight(repo: str, retries: int = 4, retry_wait: float = 2.0) -> str:
     that the endpoint answers; returns ``OWNER/NAME`` (a bare NAME gets the token's owner)."""
     from huggingface_hub import HfApi, constants
 
-    from mimcli.hub import endpoint_reachable
+    from mimcli.hub.download import endpoint_reachable
 
     repo = normalize_repo_id(repo)
     if constants.HF_HUB_OFFLINE:
