@@ -304,7 +304,7 @@ def build_repo_folder(
     tags: Iterable[str] = (),
 ) -> RepoFolder:
     """Write the repo for ``run_dir`` to ``dest`` (assembled beside it, then renamed)."""
-    from mimcli.modelcard import CardInputs, render_card
+    from mimcli.report.modelcard import CardInputs, render_card
     from mimcli.results import read_probe_json as load_probe
 
     run_dir, dest = Path(run_dir), Path(dest)

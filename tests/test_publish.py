@@ -326,7 +326,7 @@ def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
     def boom(inputs):
         raise RuntimeError("card failed")
 
-    monkeypatch.setattr("mimcli.modelcard.render_card", boom)
+    monkeypatch.setattr("mimcli.report.modelcard.render_card", boom)
     with pytest.raises(RuntimeError, match="card failed"):
         build_repo_folder(tiny_run["run"], dest, "a/b", license="apache-2.0")
     after = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
@@ -371,7 +371,7 @@ def test_safetensors_bytes_are_reproducible_and_readable(tmp_path):
 
 
 def test_card_names_other_objectives_and_their_settings():
-    from mimcli.modelcard import _refine_summary
+    from mimcli.report.modelcard import _refine_summary
 
     run = {
         "config": {"objective": "mrmae", "batch_size": 8, "topk": 20},
@@ -397,8 +397,8 @@ def test_card_names_other_objectives_and_their_settings():
 
 
 def test_teachers_and_their_licenses_reach_the_card():
-    from mimcli.modelcard import CardInputs, render_card
     from mimcli.publish import teacher_sources
+    from mimcli.report.modelcard import CardInputs, render_card
 
     mimco = {"resolved": {"teacher": {"source": "vit_small_patch16_224.dino", "dim": 384}}}
     mrmae = {"resolved": {"teachers": [{"source": "a"}, {"source": "b"}]}}
