@@ -96,13 +96,8 @@ def push(
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.errors import MimcliError, RemoteError
-    from mimcli.publish import (
-        build_repo_folder,
-        check_push_options,
-        normalize_repo_id,
-        preflight,
-        upload_folder,
-    )
+    from mimcli.hub.repo_folder import build_repo_folder
+    from mimcli.hub.upload import check_push_options, normalize_repo_id, preflight, upload_folder
 
     if dry_run and to is None:
         raise MimcliError("--dry-run writes the repo folder only: give it a place with --to DIR")
