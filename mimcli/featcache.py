@@ -22,8 +22,7 @@ from torch import nn
 
 from mimcli.data import ImageList
 from mimcli.features import FeatureSet, extract_features
-from mimcli.fileio import write_json
-from mimcli.hub import cache_dir
+from mimcli.fileio import cache_dir, write_json
 from mimcli.runtime import Progress
 
 CACHE_VERSION = 1

@@ -1,4 +1,5 @@
-"""Atomic file writes: everything mimcli writes goes to a temporary name first, then is renamed."""
+"""Where mimcli's files go and how they get there: the cache folder, and atomic writes (everything
+mimcli writes goes to a temporary name first, then is renamed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def cache_dir() -> Path:
+    """mimcli's cache: ``$MIMCLI_CACHE``, else ``$XDG_CACHE_HOME/mimcli``, else
+    ``~/.cache/mimcli`` (downloads and the feature cache live under it)."""
+    root = os.environ.get("MIMCLI_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mimcli"
 
 
 @contextmanager

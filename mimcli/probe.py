@@ -223,7 +223,7 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
 
 def save_probe(result: ProbeResult, out: Path) -> None:
     """``probe.json`` and ``probe.png`` in ``out``."""
-    from mimcli.report import plot_probe
+    from mimcli.report.plots import plot_probe
 
     save_probe_json(result, out)
     plot_probe(result, out / "probe.png")

@@ -228,3 +228,69 @@ def test_offline_or_unreachable_hub_fails_fast(tiny_run):
     assert "cannot reach the Hub at http://127.0.0.1:9" in down.stderr
     assert "Traceback" not in down.stderr and TOKEN not in down.stderr + down.stdout
     assert not (tiny_run["run"] / ".push").exists()
+
+
+# -- the library call behind the command ---------------------------------------------------------
+
+JSON_KEYS = ["folder", "files", "license", "uploaded"]
+UPLOAD_KEYS = ["repo_id", "repo_url", "commit_url", "commit_oid", "pr_url", "unchanged", "attempts"]
+
+
+def test_run_push_dry_run_reports_the_folder_and_its_warnings(tmp_path):
+    from timm.models import save_for_hf
+
+    from mimcli.hub.push import PushConfig, run_push
+    from tests.conftest import TINY_ARGS, make_tiny_vit
+
+    model = make_tiny_vit()
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
+        "input_size": (3, 32, 32)
+    }
+    run = tmp_path / "run"
+    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "weights.pth"}}))
+    warnings: list[str] = []
+    outcome = run_push(
+        PushConfig(run_dir=run, to=tmp_path / "dry", dry_run=True), on_warning=warnings.append
+    )
+    assert outcome.upload is None and outcome.folder == outcome.built.path == tmp_path / "dry"
+    assert warnings == outcome.built.warnings and "pass --license" in warnings[0]
+    assert outcome.to_dict() == {
+        "folder": str(tmp_path / "dry"),
+        "files": ["README.md", "config.json", "mimcli_run.json", "model.safetensors"],
+        "license": "other",
+        "uploaded": False,
+    }
+    # the card's usage line gets an owner even without --repo
+    readme = (tmp_path / "dry" / "README.md").read_text()
+    assert 'timm.create_model("hf-hub:your-name/run", pretrained=True)' in readme
+
+
+def test_run_push_uploads_and_clears_its_staging_copy(logged_in, tiny_run):
+    from mimcli.hub.push import PushConfig, run_push
+
+    hub = logged_in
+    run = tiny_run["run"]
+    retries: list[str] = []
+    hub.fail_next(1, 503, path_contains="/commit/")
+    outcome = run_push(
+        PushConfig(run_dir=run, repo="lib", retry_wait=0.0, tags=["x"]), on_retry=retries.append
+    )
+    assert outcome.folder is None and not (run / ".push").exists()
+    upload = outcome.upload
+    assert upload is not None and upload.repo_id == "alice/lib" and not upload.unchanged
+    assert len(retries) == 1 and "HTTP 503" in retries[0]
+    repo = hub.get_repo("alice/lib")
+    assert repo.branches["main"] == upload.commit_oid
+    as_dict = outcome.to_dict()
+    assert list(as_dict) == JSON_KEYS + UPLOAD_KEYS
+    assert as_dict["folder"] is None and as_dict["uploaded"] is True
+    assert as_dict["files"] == outcome.built.files and as_dict["commit_oid"] == upload.commit_oid
+
+    # `push --json` prints exactly that (here: the same files again, nothing to commit)
+    again = runner.invoke(app, ["push", str(run), "--repo", "alice/lib", "--tag", "x", "--json"])
+    assert again.exit_code == 0, again.output
+    printed = json.loads(again.stdout)
+    assert list(printed) == JSON_KEYS + UPLOAD_KEYS
+    assert printed["unchanged"] is True and printed["commit_oid"] == upload.commit_oid
+    assert printed["files"] == as_dict["files"] and printed["folder"] is None

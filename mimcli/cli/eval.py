@@ -121,7 +121,7 @@ def evaluate(
 ) -> None:
     from mimcli.errors import MimcliError
     from mimcli.evaluate.runner import EvalConfig, run_eval
-    from mimcli.report import eval_table
+    from mimcli.report.tables import eval_table
 
     try:
         ks = tuple(int(x) for x in k.split(","))

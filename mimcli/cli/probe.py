@@ -144,7 +144,7 @@ def probe(
     from mimcli.errors import MimcliError
     from mimcli.features import FEATURE_DTYPES
     from mimcli.probe import ProbeConfig, run_probe
-    from mimcli.report import probe_table
+    from mimcli.report.tables import probe_table
 
     if feature_dtype not in FEATURE_DTYPES:
         raise MimcliError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")

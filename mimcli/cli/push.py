@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -151,74 +150,39 @@ def push(
     ] = 2.0,
     as_json: JsonOpt = False,
 ) -> None:
-    from mimcli.errors import MimcliError, RemoteError
-    from mimcli.publish import (
-        build_repo_folder,
-        check_push_options,
-        normalize_repo_id,
-        preflight,
-        upload_folder,
-    )
+    from mimcli.hub.push import PushConfig, run_push
 
-    if dry_run and to is None:
-        raise MimcliError("--dry-run writes the repo folder only: give it a place with --to DIR")
-    if not dry_run and not repo:
-        raise MimcliError("give the Hub repo with --repo OWNER/NAME (or use --dry-run --to DIR)")
-    if not run_dir.is_dir():
-        raise MimcliError(f"{run_dir}: no such run folder")
-    check_push_options(revision, create_pr)
-    if not dry_run:
-        repo_id = preflight(repo, retries=retries, retry_wait=retry_wait)  # type: ignore[arg-type]
-    else:
-        repo_id = normalize_repo_id(repo) if repo else run_dir.resolve().name
-        if "/" not in repo_id:
-            repo_id = f"your-name/{repo_id}"  # the card's usage line needs an owner
-    staging = to if to is not None else run_dir / ".push" / "repo"
-    built = build_repo_folder(
-        run_dir,
-        staging,
-        repo_id,
+    cfg = PushConfig(
+        run_dir=run_dir,
+        repo=repo,
+        to=to,
+        dry_run=dry_run,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
         eval_path=eval_path,
         probe_path=probe_path,
         license=license,
         datasets=_split(dataset),
         tags=_split(tag),
+        retries=retries,
+        retry_wait=retry_wait,
     )
-    for warning in built.warnings:
-        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    summary = {"folder": str(built.path), "files": built.files, "license": built.license}
-    if dry_run:
-        if as_json:
-            print_json({**summary, "uploaded": False})
-        else:
-            stdout.print(
-                f"Wrote {len(built.files)} files to {built.path} (dry run: nothing uploaded)"
-            )
-            stdout.print(f"Read the model card: {built.path / 'README.md'}", markup=False)
-        return
-    try:
-        result = upload_folder(
-            built.path,
-            repo_id,
-            private=private,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            retries=retries,
-            retry_wait=retry_wait,
-            on_retry=lambda msg: stderr.print(f"[yellow]retry:[/] {msg}", highlight=False),
-        )
-    except RemoteError as err:  # transient failures: keep the folder for the re-run
-        raise RemoteError(f"{err} [repo folder: {built.path}]") from err
-    except MimcliError:
-        if to is None:
-            shutil.rmtree(staging.parent, ignore_errors=True)
-        raise
-    if to is None:  # uploaded: the temporary copy is not needed (on failure it stays, see error)
-        shutil.rmtree(staging.parent, ignore_errors=True)
-        summary["folder"] = None
+    outcome = run_push(
+        cfg,
+        on_retry=lambda msg: stderr.print(f"[yellow]retry:[/] {msg}", highlight=False),
+        on_warning=lambda msg: stderr.print(
+            f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True
+        ),
+    )
+    built, result = outcome.built, outcome.upload
     if as_json:
-        print_json({**summary, "uploaded": True, **result.__dict__})
+        print_json(outcome.to_dict())
+        return
+    if result is None:
+        stdout.print(f"Wrote {len(built.files)} files to {built.path} (dry run: nothing uploaded)")
+        stdout.print(f"Read the model card: {built.path / 'README.md'}", markup=False)
         return
     if result.pr_url:
         stdout.print(f"Opened {result.pr_url}", markup=False)

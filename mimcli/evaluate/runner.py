@@ -202,7 +202,7 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
 
 def save_eval(result: EvalResult, out: Path) -> None:
     """``results.json`` and the plots in ``out``."""
-    from mimcli.report import plot_knn, plot_lowshot
+    from mimcli.report.plots import plot_knn, plot_lowshot
 
     save_eval_json(result, out)
     if "knn" in result.protocols:

@@ -25,7 +25,13 @@ from safetensors import safe_open
 from torch import nn
 
 from mimcli.errors import MimcliError
-from mimcli.hub import download_url, hub_access, hub_errors_to_mimcli, hub_file, hub_file_exists
+from mimcli.hub.download import (
+    download_url,
+    hub_access,
+    hub_errors_to_mimcli,
+    hub_file,
+    hub_file_exists,
+)
 from mimcli.models.build import ConvertedCheckpoint, build_model, load_weights
 from mimcli.models.checkpoints import PICKLE_SUFFIXES, read_checkpoint, tensors_only
 from mimcli.models.converters import (

@@ -1,4 +1,5 @@
-"""`mimcli push` builds its repo folder offline: weights, timm config, model card, secrets."""
+"""`mimcli push` builds its repo folder offline (mimcli.hub.repo_folder): weights, timm config,
+model card, results, secrets kept out, atomic replacement."""
 
 from __future__ import annotations
 
@@ -15,17 +16,8 @@ from safetensors.torch import load_file
 import mimcli
 from mimcli.errors import MimcliError
 from mimcli.evaluate.runner import EvalConfig, run_eval
+from mimcli.hub.repo_folder import MARKER, build_repo_folder
 from mimcli.probe import ProbeConfig, run_probe, save_probe
-from mimcli.publish import (
-    MARKER,
-    REDACTED,
-    base_model_info,
-    build_repo_folder,
-    check_push_options,
-    eval_columns,
-    scrub,
-)
-from mimcli.results import EvalResult
 from tests.conftest import TINY_ARGS, make_tiny_vit
 
 
@@ -156,45 +148,6 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
     assert card.data.eval_results[0].metric_value == entries["k-NN top-1 (CLS, k=3)"]
 
 
-def test_eval_columns_pick_this_run_and_its_base(tiny_run, tmp_path):
-    run = tiny_run["run"]
-
-    def result(*sources):
-        models = [
-            {"name": s.rstrip("/").split("/")[-1], "source": s, "arch": "a", "features_cached": 0}
-            for s in sources
-        ]
-        return EvalResult.from_dict(
-            {
-                "models": models,
-                "train_images": 1,
-                "val_images": 1,
-                "num_classes": 2,
-                "protocols": ["knn"],
-                "ks": [1],
-            }
-        )
-
-    label = f"{run} (refined, export/)"
-    assert eval_columns(result("b", label), run, "b") == (0, 1)
-    assert eval_columns(result(label, "x", "b"), run, "b") == (2, 0)
-    assert eval_columns(result(label, "x", "y"), run, "b") == (None, 0)
-    assert eval_columns(result(str(run / "export")), run, "b") == (None, 0)
-    warnings = []  # a moved run: the last model that is not the base, with a warning
-    assert eval_columns(result("b", "/elsewhere/rA"), run, "b", warnings) == (0, 1)
-    assert "taking 'rA'" in warnings[0]
-    with pytest.raises(MimcliError, match="every evaluated model is the base"):
-        eval_columns(result("b"), run, "b")
-
-
-def test_license_and_base_model_are_inherited():
-    hub_id, lic = base_model_info("vit_large_patch16_224.mae", {})
-    assert (hub_id, lic) == ("timm/vit_large_patch16_224.mae", "cc-by-nc-4.0")
-    assert base_model_info("examples/models/fmnist-mae-tiny", {}) == (None, "apache-2.0")
-    assert base_model_info("nonexistent-thing", {"license": "mit"}) == (None, "mit")
-    assert base_model_info("nonexistent-thing", {}) == (None, None)
-
-
 def test_unknown_license_is_other_with_a_warning(tmp_path):
     from timm.models import save_for_hf
 
@@ -210,42 +163,6 @@ def test_unknown_license_is_other_with_a_warning(tmp_path):
     assert meta["license"] == "other"
     assert any("pass --license" in w for w in built.warnings)
     assert "set it with --license" in body
-
-
-def test_scrub_removes_secrets():
-    run = {
-        "config": {"hub_token": "abc", "lr": 1.0, "api_key": None},
-        "environment": {"argv": "mimcli refine m --token hf_abcdefghijk --out r"},
-        "notes": ["uses hf_ZZZZZZZZZZZZ here", "my-secret-value"],
-    }
-    clean = scrub(run, secrets=["my-secret-value"])
-    text = json.dumps(clean)
-    assert clean["config"] == {"hub_token": REDACTED, "lr": 1.0, "api_key": None}
-    assert "hf_abcdefghijk" not in text and "hf_ZZZZ" not in text
-    assert "my-secret-value" not in text
-    assert clean["environment"]["argv"] == f"mimcli refine m --token {REDACTED} --out r"
-    leaky = [
-        "https://bucket.s3.amazonaws.com/w.pth?X-Amz-Signature=abc&X-Amz-Security-Token=def",
-        "https://user:hunter2@example.com/w.pth",
-        "login password=hunter2 now",
-        "--wandb-key abcdef123",
-        {"auth": {"pass": "hunter2"}},
-    ]
-    text = json.dumps(scrub(leaky))
-    for secret in ("X-Amz-Signature=abc", "def", "hunter2", "abcdef123"):
-        assert secret not in text, secret
-    assert "https://bucket.s3.amazonaws.com/w.pth?<redacted>" in text
-
-
-def test_repo_ids_follow_the_hub_rules():
-    from mimcli.publish import normalize_repo_id
-
-    assert normalize_repo_id("hf-hub:alice/x") == "alice/x"
-    assert normalize_repo_id(" alice/x ") == "alice/x"
-    assert normalize_repo_id("tiny") == "tiny"
-    for bad in ("alice/x..", "-x/y", "a/b/c", "alice/", "x" * 97, "alice/my model"):
-        with pytest.raises(MimcliError, match="--repo"):
-            normalize_repo_id(bad)
 
 
 def test_token_never_reaches_the_folder(tiny_run, tmp_path, monkeypatch):
@@ -312,10 +229,6 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
     with pytest.raises(MimcliError, match="not a results.json"):
         build_repo_folder(tiny_run["run"], tmp_path / "r", "a/b", eval_path=foreign / "notes.txt")
-    with pytest.raises(MimcliError, match="--create-pr"):
-        check_push_options("dev", True)
-    check_push_options("main", True)
-    check_push_options("dev", False)
 
 
 def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
@@ -326,96 +239,10 @@ def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
     def boom(inputs):
         raise RuntimeError("card failed")
 
-    monkeypatch.setattr("mimcli.modelcard.render_card", boom)
+    monkeypatch.setattr("mimcli.report.modelcard.render_card", boom)
     with pytest.raises(RuntimeError, match="card failed"):
         build_repo_folder(tiny_run["run"], dest, "a/b", license="apache-2.0")
     after = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     assert re.search(r"license: mit", (dest / "README.md").read_text())
-
-
-def test_safetensors_bytes_are_reproducible_and_readable(tmp_path):
-    from safetensors.torch import load_file as load
-
-    from mimcli.publish import safetensors_bytes
-
-    tensors = {
-        "b": torch.randn(3, 2),
-        "a": torch.arange(5, dtype=torch.int64),
-        "h": torch.randn(4).to(torch.bfloat16),
-        "s": torch.tensor(2.5),
-    }
-    meta = {"z": "1", "format": "pt", "a": "x"}
-    blob = safetensors_bytes(tensors, meta)
-    assert blob == safetensors_bytes(dict(reversed(tensors.items())), dict(reversed(meta.items())))
-    path = tmp_path / "w.safetensors"
-    path.write_bytes(blob)
-    loaded = load(str(path))
-    assert set(loaded) == set(tensors)
-    for key, value in tensors.items():
-        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
-    with safe_open(str(path), "pt") as fh:
-        assert fh.metadata() == meta
-    # and across processes (the safetensors writer's metadata order is not)
-    code = (
-        "import torch, sys; from mimcli.publish import safetensors_bytes; "
-        "sys.stdout.buffer.write(safetensors_bytes({'w': torch.ones(2)}, "
-        "{'format': 'pt', 'mimcli_version': '1', 'base_model': 'b', 'objective': 'nna'}))"
-    )
-    import subprocess
-    import sys
-
-    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True).stdout for _ in "ab"}
-    assert len(runs) == 1
-
-
-def test_card_names_other_objectives_and_their_settings():
-    from mimcli.modelcard import _refine_summary
-
-    run = {
-        "config": {"objective": "mrmae", "batch_size": 8, "topk": 20},
-        "resolved": {
-            "objective": "mrmae",
-            "blocks": [4],
-            "steps": {"heads": 2, "refine": 3},
-            "teachers": [{"source": "runs/nna/export", "arch": "vit_base_patch16_224"}],
-            "decoder": {"source": "shipped with MODEL"},
-            "mask_ratio": 0.75,
-            "lr": 1e-3,
-        },
-    }
-    lines = _refine_summary(run)
-    text = "\n".join(lines)
-    assert lines[0] == "- objective: **mrmae** (mimic before reconstruct, MR-MAE, arXiv 2303.05475)"
-    assert "teachers runs/nna/export" in text and "decoder shipped with MODEL" in text
-    assert "mask ratio 0.75" in text
-    assert "neighbour queue" not in text and "ID heads" not in text
-    nna = _refine_summary({"config": {}, "resolved": {"queue_size": 24, "blocks": [3, 4]}})
-    assert "Nearest Neighbour Alignment" in nna[0] and "ID heads on blocks 3, 4" in nna[1]
-    assert any("neighbour queue 24 entries" in line for line in nna)
-
-
-def test_teachers_and_their_licenses_reach_the_card():
-    from mimcli.modelcard import CardInputs, render_card
-    from mimcli.publish import teacher_sources
-
-    mimco = {"resolved": {"teacher": {"source": "vit_small_patch16_224.dino", "dim": 384}}}
-    mrmae = {"resolved": {"teachers": [{"source": "a"}, {"source": "b"}]}}
-    assert teacher_sources(mimco) == ["vit_small_patch16_224.dino"]
-    assert teacher_sources(mrmae) == ["a", "b"] and teacher_sources({"resolved": {}}) == []
-    card = render_card(
-        CardInputs(
-            repo_id="alice/x",
-            arch="vit_base_patch16_224",
-            stock_timm=True,
-            run={"config": {"objective": "mimco"}, "resolved": mimco["resolved"]},
-            base_spec="base",
-            base_hub_id=None,
-            license="apache-2.0",
-            license_note="given",
-            teachers=[("vit_small_patch16_224.dino", "apache-2.0"), ("local/t", None)],
-        )
-    )
-    assert "`vit_small_patch16_224.dino` (license: apache-2.0)" in card
-    assert "`local/t` (license: unknown)" in card and "MimCo objective" in card

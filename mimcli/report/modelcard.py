@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mimcli
+from mimcli._version import __version__
+from mimcli.objectives import OBJECTIVES, ObjectiveInfo
+from mimcli.report.rows import eval_rows
 from mimcli.results import EvalResult
 
 PIPELINE_TAG = "image-feature-extraction"
@@ -16,6 +18,8 @@ PIPELINE_TAG = "image-feature-extraction"
 
 @dataclass
 class CardInputs:
+    """Everything the card says, gathered when the repo folder is built (secrets removed)."""
+
     repo_id: str
     arch: str
     stock_timm: bool  # loadable by timm alone (False for mimcli_vit_postnorm)
@@ -36,67 +40,26 @@ class CardInputs:
     teachers: list[tuple[str, str | None]] = field(default_factory=list)
 
 
-def _rows(result: EvalResult) -> list[tuple[str, Any]]:
-    """(label, getter(model) -> (value, spread) or None) in the paper's order."""
-    rows: list[tuple[str, Any]] = []
-    if "knn" in result.protocols:
-        for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
-            for k in result.ks:
-                rows.append(
-                    (f"k-NN {label} k={k} %", lambda m, c=kind, k=k: (m.knn[c][str(k)], None))
-                )
-    if "linear" in result.protocols:
-        rows.append(
-            ("linear probe % (best grid cell)", lambda m: (m.linear["best"]["val_acc"], None))
-        )
-    if "lowshot" in result.protocols and result.models and result.models[0].lowshot:
-        for key in result.models[0].lowshot:
-            label = "1% of labels %" if key == "1%" else f"{key} %"
-            rows.append((label, lambda m, k=key: (m.lowshot[k]["mean"], m.lowshot[k]["std"])))
-    if "cluster" in result.protocols:
-        for key, label in (
-            ("acc", "k-means ACC %"),
-            ("nmi", "k-means NMI"),
-            ("ami", "k-means AMI"),
-            ("ari", "k-means ARI"),
-            ("silhouette", "silhouette"),
-            ("davies_bouldin", "Davies-Bouldin (lower is better)"),
-        ):
-            rows.append((label, lambda m, k=key: (m.cluster[k], None)))
-    return rows
-
-
 def results_table(result: EvalResult, base: int | None, refined: int) -> str:
-    """Markdown table metric | base | refined | change (from unrounded values)."""
+    """Markdown table metric | base | refined | change (from unrounded values), the rows of
+    :func:`mimcli.report.rows.eval_rows` that either model has; ``base`` None drops its column."""
     idx = [refined] if base is None else [base, refined]
     names = [f"base ({result.models[base].name})"] if base is not None else []
     names.append("refined (this repo)")
     header = "| metric | " + " | ".join(names) + (" | change |" if base is not None else " |")
     lines = [header, "|---" * (len(names) + 1 + (base is not None)) + "|"]
-    digits = 2
-    for label, get in _rows(result):
-        values = []
-        for i in idx:
-            try:
-                values.append(get(result.models[i]))
-            except (KeyError, TypeError):
-                values.append(None)
+    for metric in eval_rows(result):
+        values = [metric.cell(result.models[i]) for i in idx]
         if all(v is None for v in values):
             continue
-        precision = (
-            4
-            if label.startswith(
-                ("k-means NMI", "k-means AMI", "k-means ARI", "silhouette", "Davies")
-            )
-            else digits
-        )
+        precision = metric.digits
         cells = [
             "-"
             if v is None
             else f"{v[0]:.{precision}f}" + (f" ± {v[1]:.2f}" if v[1] is not None else "")
             for v in values
         ]
-        row = f"| {label} | " + " | ".join(cells)
+        row = f"| {metric.label} | " + " | ".join(cells)
         if base is not None:
             a, b = values
             row += " | " + ("" if a is None or b is None else f"{b[0] - a[0]:+.{precision}f}")
@@ -147,10 +110,12 @@ def _model_index(inputs: CardInputs) -> list[Any]:
 
 
 def front_matter(inputs: CardInputs) -> str:
+    """The card's YAML (without the ``---`` fences): library, pipeline, license, base model,
+    datasets, tags (mimcli, the objective's family and name, then ``inputs.tags``), model-index."""
     from huggingface_hub import ModelCardData
 
-    objective = inputs.run.get("config", {}).get("objective", "nna")
-    family = "mim-refiner" if objective == "nna" else OBJECTIVE_TAGS.get(objective, objective)
+    objective, info = _objective(inputs.run)
+    family = info.tag if info else objective
     tags = ["mimcli", family, objective, "image-feature-extraction", "timm"]
     tags = list(dict.fromkeys(tags))
     data = ModelCardData(
@@ -167,6 +132,8 @@ def front_matter(inputs: CardInputs) -> str:
 
 
 def _refine_summary(run: dict[str, Any]) -> list[str]:
+    """Markdown bullets on how the run refined its encoder (objective, heads or settings, steps,
+    optimiser, queue, exported weights)."""
     cfg, res = run.get("config", {}), run.get("resolved", {})
     env = run.get("environment", {})
     steps = res.get("steps", {})
@@ -176,9 +143,9 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
     head_epochs = (steps.get("heads", 0) / per_epoch) if per_epoch else None
     blocks = res.get("blocks", [])
     views = res.get("views", {})
-    objective = cfg.get("objective", "nna")
+    objective, info = _objective(run)
     lines = [
-        f"- objective: **{objective}** ({OBJECTIVE_TITLES.get(objective, 'see mimcli')})",
+        f"- objective: **{objective}** ({info.title if info else 'see mimcli'})",
         (
             f"- ID heads on blocks {', '.join(map(str, blocks)) or '?'} "
             f"({res.get('blocks_reason', '')})"
@@ -202,36 +169,22 @@ def _refine_summary(run: dict[str, Any]) -> list[str]:
         )
     lines.append(
         f"- exported weights: {cfg.get('export', 'ema')} encoder; {res.get('device', '?')}, "
-        f"{res.get('precision', '?')}, mimcli {env.get('mimcli', mimcli.__version__)}"
+        f"{res.get('precision', '?')}, mimcli {env.get('mimcli', __version__)}"
     )
     return lines
 
 
-OBJECTIVE_TITLES = {
-    "nna": "Nearest Neighbour Alignment, MIM-Refiner, arXiv 2402.10093",
-    "nnclr": "NNCLR contrastive tuning, MAE-CT, arXiv 2304.10520",
-    "mimco": "contrastive teacher, MimCo, arXiv 2209.03063",
-    "conmim": "intra-image patch contrast, ConMIM, arXiv 2205.09616",
-    "mrmae": "mimic before reconstruct, MR-MAE, arXiv 2303.05475",
-}
-OBJECTIVE_TAGS = {"nnclr": "mae-ct", "mimco": "mimco", "conmim": "conmim", "mrmae": "mr-mae"}
-OBJECTIVE_SENTENCES = {
-    "nna": "MIM-Refiner recipe: ID heads on intermediate blocks were trained with Nearest "
-    "Neighbour Alignment",
-    "nnclr": "MAE-CT recipe: an NNCLR head on the last block was trained against a queue of "
-    "nearest neighbours",
-    "mimco": "MimCo objective: the masked encoder was trained to match a frozen contrastive "
-    "teacher, patch by patch and image by image",
-    "conmim": "ConMIM objective: masked patches were trained to find their own position among "
-    "a momentum encoder's patch features",
-    "mrmae": "MR-MAE objective: visible tokens were trained to mimic frozen teachers while the "
-    "MAE decoder reconstructs the masked pixels",
-}
+def _objective(run: dict[str, Any]) -> tuple[Any, ObjectiveInfo | None]:
+    """The run's objective name and its registry entry (None for a name mimcli does not know,
+    e.g. from another version: the card then falls back to the bare name)."""
+    name = run.get("config", {}).get("objective", "nna")
+    return name, OBJECTIVES.get(name)
 
 
 def _objective_sentence(inputs: CardInputs) -> str:
-    objective = inputs.run.get("config", {}).get("objective", "nna")
-    return OBJECTIVE_SENTENCES.get(objective, f"objective {objective}")
+    """What refinement did, in the words of the objective's registry entry."""
+    objective, info = _objective(inputs.run)
+    return info.sentence if info else f"objective {objective}"
 
 
 # resolved config keys that are bookkeeping, not objective settings
@@ -272,10 +225,12 @@ def _short(path: Any) -> str:
 
 
 def _data_name(result: EvalResult) -> str:
+    """``, `<dataset folder>``` when the eval names its train folder, else nothing."""
     return f", `{Path(result.train).parent.name}`" if result.train else ""
 
 
 def usage(inputs: CardInputs) -> str:
+    """The card's Python snippet: load through timm, CLS and mean-patch embeddings."""
     setup = (
         "import timm\n"
         if inputs.stock_timm
@@ -301,6 +256,7 @@ def usage(inputs: CardInputs) -> str:
 
 
 def _shape(inputs: CardInputs) -> str:
+    """Width, depth, patch, image size, parameters and architecture, as one phrase."""
     args = inputs.run.get("resolved", {}).get("model_args") or {}
     parts = []
     if "embed_dim" in args:
@@ -319,6 +275,8 @@ def _shape(inputs: CardInputs) -> str:
 
 
 def render_card(inputs: CardInputs) -> str:
+    """The whole ``README.md``: front matter, summary, how it was refined, license, teachers,
+    results, plots, usage and the list of files."""
     base = inputs.base_hub_id or inputs.base_spec
     name = inputs.repo_id.split("/")[-1]
     parts = [

@@ -9,7 +9,6 @@ retries -> RemoteError (exit 1).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import time
@@ -21,21 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mimcli.errors import MimcliError, RemoteError
-from mimcli.fileio import atomic_path
+from mimcli.fileio import atomic_path, cache_dir
 
 RETRIES = 3
 BACKOFF_SECONDS = 0.5
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("MIMCLI_CACHE")
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mimcli"
-
-
 def url_cache_path(url: str) -> Path:
+    """Where ``url`` is cached: ``<cache>/downloads/<sha256 prefix>-<file name>``."""
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     return cache_dir() / "downloads" / f"{digest}-{name}"
@@ -85,7 +77,7 @@ def hub_errors_to_mimcli(spec: str, exc: BaseException) -> MimcliError:
         RevisionNotFoundError,
     )
 
-    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled) or _is_network_error(exc):
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled) or is_network_error(exc):
         return MimcliError(
             f"{spec}: cannot reach the Hub (offline?) and the weights are not in the local cache; "
             "connect once to download them, or pass a local checkpoint file or folder"
@@ -108,8 +100,9 @@ def hub_errors_to_mimcli(spec: str, exc: BaseException) -> MimcliError:
     return MimcliError(f"{spec}: {type(exc).__name__}: {exc}")
 
 
-def _is_network_error(exc: BaseException) -> bool:
-    """Connection failures, whichever HTTP library huggingface_hub runs on (httpx, httpx2...)."""
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection failure or timeout, whichever HTTP library
+    huggingface_hub runs on (httpx, httpx2...). Downloads and uploads both retry these."""
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     return type(exc).__module__.split(".")[0].startswith("httpx") and "Error" in type(exc).__name__

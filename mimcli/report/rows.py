@@ -1,0 +1,83 @@
+"""The metric rows of an eval result, in the order the paper reports them: one list, read by the
+terminal's eval table and by the model card's before/after table, so both name a metric alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mimcli.results import EvalResult, ModelEval
+
+# (key in ModelEval.cluster, label, decimals): ACC is in percent, the rest are fractions or scores
+CLUSTER_METRICS = (
+    ("acc", "k-means ACC %", 2),
+    ("nmi", "k-means NMI", 4),
+    ("ami", "k-means AMI", 4),
+    ("ari", "k-means ARI", 4),
+    ("silhouette", "silhouette", 4),
+    ("davies_bouldin", "Davies-Bouldin (lower is better)", 4),
+)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One metric, read from each evaluated model.
+
+    Attributes:
+        label: the metric's name in every table.
+        protocol: the eval protocol it comes from (``knn``, ``linear``, ``lowshot``, ``cluster``).
+        read: ``read(model) -> (value, spread or None)``; raises ``KeyError``/``TypeError`` when
+            the model has no such value.
+        digits: decimals the model card shows (4 for fractions such as NMI, else 2).
+    """
+
+    label: str
+    protocol: str
+    read: Callable[[ModelEval], tuple[float, float | None]]
+    digits: int = 2
+
+    def cell(self, model: ModelEval) -> tuple[float, float | None] | None:
+        """``(value, spread or None)`` of ``model``, or None when it has no such value."""
+        try:
+            return self.read(model)
+        except (KeyError, TypeError):
+            return None
+
+
+def _knn(kind: str, k: int) -> Callable[[ModelEval], tuple[float, float | None]]:
+    return lambda m: (m.knn[kind][str(k)], None)
+
+
+def _lowshot(key: str) -> Callable[[ModelEval], tuple[float, float | None]]:
+    return lambda m: (m.lowshot[key]["mean"], m.lowshot[key]["std"])
+
+
+def _cluster(key: str) -> Callable[[ModelEval], tuple[float, float | None]]:
+    return lambda m: (m.cluster[key], None)
+
+
+def eval_rows(result: EvalResult) -> list[EvalRow]:
+    """The rows ``result``'s protocols produce: k-NN (CLS, then mean patch, per k), the linear
+    probe's best grid cell, each low-shot setting (mean ± std over splits), the k-means metrics.
+    Low-shot settings are those of the first model."""
+    rows: list[EvalRow] = []
+    if "knn" in result.protocols:
+        for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
+            for k in result.ks:
+                rows.append(EvalRow(f"k-NN {label} k={k} %", "knn", _knn(kind, k)))
+    if "linear" in result.protocols:
+        rows.append(
+            EvalRow(
+                "linear probe % (best grid cell)",
+                "linear",
+                lambda m: (m.linear["best"]["val_acc"], None),
+            )
+        )
+    if "lowshot" in result.protocols and result.models and result.models[0].lowshot:
+        for key in result.models[0].lowshot:
+            label = "1% of labels %" if key == "1%" else f"{key} %"
+            rows.append(EvalRow(label, "lowshot", _lowshot(key)))
+    if "cluster" in result.protocols:
+        for key, label, digits in CLUSTER_METRICS:
+            rows.append(EvalRow(label, "cluster", _cluster(key), digits))
+    return rows

@@ -1,0 +1,106 @@
+"""The eval metric rows shared by the terminal table and the model card: same labels, same order,
+each table formatting values its own way."""
+
+from __future__ import annotations
+
+from mimcli.report.modelcard import results_table
+from mimcli.report.rows import eval_rows
+from mimcli.report.tables import eval_table
+from mimcli.results import EvalResult
+
+LABELS = [
+    "k-NN CLS k=1 %",
+    "k-NN CLS k=5 %",
+    "k-NN mean patch k=1 %",
+    "k-NN mean patch k=5 %",
+    "linear probe % (best grid cell)",
+    "1-shot %",
+    "1% of labels %",
+    "k-means ACC %",
+    "k-means NMI",
+    "k-means AMI",
+    "k-means ARI",
+    "silhouette",
+    "Davies-Bouldin (lower is better)",
+]
+
+
+def two_models() -> EvalResult:
+    """A base with every protocol and a refined model without clustering results (and a
+    low-shot entry without its spread)."""
+
+    def model(name: str, shift: float, cluster: bool) -> dict:
+        return {
+            "name": name,
+            "source": name,
+            "arch": "vit",
+            "features_cached": False,
+            "knn": {kind: {"1": 50.0 + shift, "5": 60.0 + shift} for kind in ("cls", "patch")},
+            "linear": {"best": {"val_acc": 70.0 + shift, "features": "cls@last", "lr": 0.1}},
+            "lowshot": {
+                "1-shot": {"mean": 30.0 + shift, "std": 1.5},
+                "1%": {"mean": 40.0, "std": 2.0} if cluster else {"mean": 42.0},
+            },
+            "cluster": {
+                "acc": 55.5,
+                "nmi": 0.123456,
+                "ami": 0.2,
+                "ari": 0.3,
+                "silhouette": 0.4,
+                "davies_bouldin": 1.25,
+            }
+            if cluster
+            else {},
+        }
+
+    return EvalResult.from_dict(
+        {
+            "models": [model("base", 0.0, True), model("run", 2.5, False)],
+            "train_images": 10,
+            "val_images": 4,
+            "num_classes": 2,
+            "protocols": ["knn", "linear", "lowshot", "cluster"],
+            "ks": [1, 5],
+        }
+    )
+
+
+def test_table_and_card_name_the_metrics_alike():
+    result = two_models()
+    assert [row.label for row in eval_rows(result)] == LABELS
+
+    table = eval_table(result)
+    metrics = list(table.columns[0]._cells)
+    assert [m for m in metrics if m != "  chosen cell"] == LABELS
+    assert metrics[metrics.index("linear probe % (best grid cell)") + 1] == "  chosen cell"
+
+    card = results_table(result, 0, 1)
+    lines = card.splitlines()
+    assert lines[0] == "| metric | base (base) | refined (this repo) | change |"
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == LABELS
+
+
+def test_each_table_formats_its_cells():
+    result = two_models()
+    table = eval_table(result)
+    metrics = list(table.columns[0]._cells)
+    base, run = list(table.columns[1]._cells), list(table.columns[2]._cells)
+    nmi = metrics.index("k-means NMI")
+    assert (base[nmi], run[nmi]) == ("0.12", "-")  # 2 decimals; the refined model has none
+    assert run[metrics.index("1-shot %")] == "32.50 ± 1.50"
+    assert run[metrics.index("  chosen cell")] == "cls@last lr 0.1"
+    # a low-shot entry without a spread: the card and the table both show no value
+    assert (base[metrics.index("1% of labels %")], run[metrics.index("1% of labels %")]) == (
+        "40.00 ± 2.00",
+        "-",
+    )
+
+    rows = results_table(result, 0, 1).splitlines()
+    card = {line.split(" | ")[0].removeprefix("| "): line for line in rows[2:]}
+    assert card["k-means NMI"] == "| k-means NMI | 0.1235 | - |  |"  # 4 decimals, no change
+    assert card["k-NN CLS k=5 %"] == "| k-NN CLS k=5 % | 60.00 | 62.50 | +2.50 |"
+    assert card["1-shot %"] == "| 1-shot % | 30.00 ± 1.50 | 32.50 ± 1.50 | +2.50 |"
+    assert card["1% of labels %"] == "| 1% of labels % | 40.00 ± 2.00 | - |  |"
+    only_refined = results_table(result, None, 1).splitlines()
+    assert only_refined[0] == "| metric | refined (this repo) |"
+    assert not any(line.startswith("| k-means") for line in only_refined)
