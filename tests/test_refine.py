@@ -14,13 +14,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mimcli.blocks import resolve_blocks
 from mimcli.cli.app import app
 from mimcli.errors import MimcliError
-from mimcli.optim import encoder_param_groups, lr_at
 from mimcli.refine.loop import Refiner
 from mimcli.refine.pipeline import probe_for_blocks
-from tests.conftest import make_tiny_vit
 from tests.objective_harness import tiny_cfg
 
 runner = CliRunner()
@@ -29,44 +26,6 @@ runner = CliRunner()
 def small_cfg(model_dir, data_dir, out, **kw):
     """The tiny NNA run of these tests: 2 heads (last2), 1 local crop."""
     return tiny_cfg(model_dir, data_dir, out, "nna", **{"blocks": "last2", "local_crops": 1, **kw})
-
-
-def test_resolve_blocks(tmp_path):
-    assert resolve_blocks("auto", 24, None)[0] == list(range(17, 25))
-    assert resolve_blocks("auto", 32, None)[0] == list(range(21, 33))  # ViT-H: 12 heads
-    assert resolve_blocks("auto", 8, None)[0] == [6, 7, 8]
-    assert resolve_blocks("last4", 12, None)[0] == [9, 10, 11, 12]
-    assert resolve_blocks("17,20,24", 24, None)[0] == [17, 20, 24]
-    probe = tmp_path / "probe.json"
-    probe.write_text(json.dumps({"recommendation": {"blocks": [3, 4], "rule": "r"}}))
-    blocks, reason = resolve_blocks("auto", 4, probe)
-    assert blocks == [3, 4] and "probe" in reason
-    for bad in ("last0", "last9", "0,1", "lastx", "30"):
-        with pytest.raises(MimcliError):
-            resolve_blocks(bad, 8, None)
-
-
-def test_layer_decay_follows_the_reference_convention():
-    model = make_tiny_vit()  # 4 blocks
-    model.pos_embed.requires_grad_(False)
-    scales = {}
-    for group in encoder_param_groups(model, 0.05, 0.5):
-        for name in group["names"]:
-            scales[name] = (group["lr_scale"], group["weight_decay"])
-    assert scales["blocks.3.attn.qkv.weight"] == (0.5, 0.05)  # last block: decay^1
-    assert scales["blocks.0.attn.qkv.weight"] == (0.5**4, 0.05)
-    assert scales["patch_embed.proj.weight"] == (0.5**5, 0.05)
-    assert scales["cls_token"] == (0.5**5, 0.0)
-    assert scales["blocks.0.norm1.weight"][1] == 0.0 and scales["blocks.2.attn.qkv.bias"][1] == 0
-    assert scales["norm.weight"] == (1.0, 0.0)
-    assert "pos_embed" not in scales
-
-
-def test_lr_schedule_is_warmup_then_cosine():
-    lrs = [lr_at(s, 100, 1.0, 10, 0.0) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
-    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def first_batch(refiner, stage="refine"):

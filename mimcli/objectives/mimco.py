@@ -43,6 +43,7 @@ from mimcli.errors import MimcliError
 from mimcli.heads import head_widths
 from mimcli.models.masked import check_maskable, encode_masked, patch_grid, random_mask
 from mimcli.models.teacher import Teacher
+from mimcli.objectives import check_option_values
 from mimcli.objectives.base import Objective, ObjectiveContext, Transform
 from mimcli.objectives.parts import SingleView, outside_autograd, step_generator
 from mimcli.runtime import autocast as runtime_autocast
@@ -161,17 +162,10 @@ class MimCoObjective(Objective):
             raise MimcliError(
                 f"--objective mimco takes one --teacher, got {len(sources)}: {', '.join(sources)}"
             )
+        check_option_values(vars(cfg))
         self.tau = float(cfg.temperature)
         self.mask_ratio = float(cfg.mask_ratio)
         self.image_weight = float(cfg.image_weight)
-        if self.tau <= 0:
-            raise MimcliError(f"--temperature must be positive, got {self.tau}")
-        if not 0 < self.mask_ratio < 1:
-            raise MimcliError(
-                f"--mask-ratio must lie strictly between 0 and 1, got {self.mask_ratio}"
-            )
-        if self.image_weight < 0:
-            raise MimcliError(f"--image-weight must be 0 or more, got {self.image_weight}")
         check_maskable(ctx.encoder, self.name)
         self.teacher_default = not sources
         # a plain attribute, not a submodule: never in state_dict, the optimiser or .to()

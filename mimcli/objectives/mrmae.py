@@ -50,6 +50,7 @@ from mimcli.models.mae_decoder import (
 )
 from mimcli.models.masked import check_maskable, encode_visible, random_mask
 from mimcli.models.teacher import Teacher, load_teachers
+from mimcli.objectives import check_option_values
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.objectives.parts import SingleView, step_generator
 from mimcli.runtime import autocast as runtime_autocast
@@ -99,14 +100,9 @@ class MRMAEObjective(Objective):
         cfg = ctx.cfg
         encoder = ctx.encoder
         check_maskable(encoder, self.name)
+        check_option_values(vars(cfg))
         self.mask_ratio = float(cfg.mask_ratio)
-        if not 0 < self.mask_ratio < 1:
-            raise MimcliError(
-                f"--mask-ratio must lie strictly between 0 and 1, got {cfg.mask_ratio}"
-            )
         self.mimic_weight = float(cfg.mimic_weight)
-        if self.mimic_weight < 0:
-            raise MimcliError(f"--mimic-weight must be 0 or more, got {cfg.mimic_weight}")
         self.reconstruction = bool(cfg.reconstruction)
         if not self.reconstruction and cfg.decoder is not None:
             raise MimcliError("--decoder has no use with --no-reconstruction; drop one of them")
