@@ -146,6 +146,25 @@ class Batch:
     bad: list[int]  # ImageList positions of unreadable files in this batch
 
 
+def labelled_pair(
+    train: str | os.PathLike[str],
+    val: str | os.PathLike[str],
+    limit_train: int | None,
+    limit_val: int | None,
+    seed: int = 0,
+) -> tuple[ImageList, ImageList]:
+    """The labelled ``--train`` and ``--val`` folders of probe and eval, each subsampled; one
+    clear line when their classes differ."""
+    train_images = subsample(scan_folder(train, what="--train"), limit_train, seed)
+    val_images = subsample(scan_folder(val, what="--val"), limit_val, seed)
+    if train_images.classes != val_images.classes:
+        raise MimcliError(
+            f"--train has classes {train_images.classes[:5]}... but --val has "
+            f"{val_images.classes[:5]}...; both folders need the same class sub-folders"
+        )
+    return train_images, val_images
+
+
 def collate(items: list[tuple[Any, int, int]]) -> Batch:
     good = [it for it in items if it[0] is not None]
     bad = [it[2] for it in items if it[0] is None]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mimcli.data import eval_transform, scan_folder, subsample
+from mimcli.data import eval_transform, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import knn_accuracy
 from mimcli.features import FeatureSet, extract_features
@@ -140,13 +140,9 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
-    train_images = subsample(scan_folder(cfg.train, what="--train"), cfg.limit_train, cfg.seed)
-    val_images = subsample(scan_folder(cfg.val, what="--val"), cfg.limit_val, cfg.seed)
-    if train_images.classes != val_images.classes:
-        raise MimcliError(
-            f"--train has classes {train_images.classes[:5]}... but --val has "
-            f"{val_images.classes[:5]}...; both folders need the same class sub-folders"
-        )
+    train_images, val_images = labelled_pair(
+        cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed
+    )
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(cfg.model)

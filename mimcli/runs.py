@@ -34,6 +34,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 EXPORT = "export"
+PROBE_DIR = "probe"  # refine --probe-train/--probe-val probes here; push reads it for the card
+EVAL_DIR = "eval"  # where `mimcli eval BASE RUN --out RUN/eval` puts results; push reads them
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
@@ -145,6 +147,14 @@ class RunFolder:
     @property
     def checkpoint_path(self) -> Path:
         return self.root / CHECKPOINT
+
+    @property
+    def probe_dir(self) -> Path:
+        return self.root / PROBE_DIR
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / EVAL_DIR
 
     @property
     def export_dir(self) -> Path:

@@ -294,5 +294,3 @@ def lowshot_eval(
             "l2_rule": " + ".join(sorted(rules)),
         }
     return results
-
-

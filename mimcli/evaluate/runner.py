@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimcli.data import eval_transform, scan_folder, subsample
+from mimcli.data import eval_transform, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import last_block_knn
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
 from mimcli.models.sources import load_model
-from mimcli.results import EvalResult, ModelEval, save_eval_json
+from mimcli.results import REFINED_SUFFIX, EvalResult, ModelEval, save_eval_json
+from mimcli.runs import RunFolder
 from mimcli.runtime import Progress, configure_threads, select_device, torch_threads
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
@@ -53,9 +54,9 @@ class EvalConfig:
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
     """A refine run folder evaluates its exported encoder; anything else is a MODEL argument."""
-    folder = Path(spec)
-    if (folder / "export" / "config.json").is_file() and (folder / "config.json").is_file():
-        return str(folder / "export"), f"{spec} (refined, export/)"
+    run = RunFolder.at(Path(spec))
+    if run is not None:
+        return str(run.export_dir), f"{spec}{REFINED_SUFFIX}"
     return spec, spec
 
 
@@ -176,10 +177,9 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
-    train_images = subsample(scan_folder(cfg.train, what="--train"), cfg.limit_train, cfg.seed)
-    val_images = subsample(scan_folder(cfg.val, what="--val"), cfg.limit_val, cfg.seed)
-    if train_images.classes != val_images.classes:
-        raise MimcliError("--train and --val need the same class sub-folders")
+    train_images, val_images = labelled_pair(
+        cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed
+    )
     names = _display_names(cfg.models)
     models = [
         evaluate_model(spec, name, cfg, train_images, val_images, progress, device, backend)

@@ -30,7 +30,6 @@ from mimcli.runs import CONFIG, EXPORT, RunFolder
 
 MARKER = "mimcli_run.json"  # present in every folder ``build_repo_folder`` wrote
 # where ``mimcli eval`` / ``mimcli probe`` results are picked up from when not given
-EVAL_DIR, PROBE_DIR = "eval", "probe"
 PLOTS = "plots"
 
 
@@ -124,9 +123,9 @@ def build_repo_folder(
             f"--to {dest}: exists and is not a folder written by mimcli push; choose a new folder"
         )
     if eval_path is None:
-        eval_path = _existing(run_dir / EVAL_DIR / EVAL_FILE)
+        eval_path = _existing(RunFolder(run_dir).eval_dir / EVAL_FILE)
     if probe_path is None:
-        probe_path = _existing(run_dir / PROBE_DIR / PROBE_FILE)
+        probe_path = _existing(RunFolder(run_dir).probe_dir / PROBE_FILE)
     evaluation = _eval_option(eval_path) if eval_path is not None else None
     probe_file = None
     if probe_path is not None:

@@ -13,15 +13,14 @@ from mimcli.refine.config import RefineConfig, RefineResult, RefineStart
 from mimcli.refine.loop import Refiner
 from mimcli.refine.setup import with_saved_options
 from mimcli.results import PROBE_FILE
+from mimcli.runs import RunFolder
 from mimcli.runtime import StepProgress
-
-PROBE_DIR = "probe"  # RUN_DIR/probe/probe.json
 
 
 def probe_for_blocks(cfg: RefineConfig) -> Path:
     """Probe the base model on ``--probe-train``/``--probe-val`` into ``RUN_DIR/probe`` (rank 0;
     a resumed run reuses the first probe) and return its probe.json."""
-    out = Path(cfg.out) / PROBE_DIR
+    out = RunFolder(cfg.out).probe_dir
     if dist.rank() == 0 and not (out / PROBE_FILE).exists():
         run_probe(
             ProbeConfig(
