@@ -22,13 +22,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def group_size() -> int:
-    """Size of the default process group, 1 when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def backend() -> str | None:
     """The default process group's backend (``nccl``, ``gloo``), None when there is none."""
     if dist.is_available() and dist.is_initialized():
@@ -72,10 +65,17 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (nothing in one process)."""
-    if is_distributed():
-        dist.barrier()
+def wait_for_rank0(hours: float = 24.0) -> None:
+    """Every rank waits here until rank 0 arrives (nothing in one process), for work only rank 0
+    does (a probe) that may outlast the process group's collective timeout (10 min on NCCL): the
+    wait runs on a gloo group with a timeout of ``hours``."""
+    if not is_distributed():
+        return
+    from datetime import timedelta
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

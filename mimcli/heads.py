@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from mimcli.distributed import all_reduce_sum, backend, group_size
+from mimcli.distributed import all_reduce_sum, backend, world_size
 from mimcli.errors import MimcliError
 
 PAPER_HIDDEN = 2048
@@ -49,7 +49,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
             Tensor of the same shape and dtype.
         """
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not use_batch_stats or group_size() == 1:
+        if not use_batch_stats or world_size() == 1:
             return super().forward(input)
         self._check_input_dim(input)
         return self._synced_forward(input)

@@ -67,6 +67,19 @@ def configure_threads(num_threads: int | None = None) -> int:
     return num_threads
 
 
+@contextmanager
+def rng_kept() -> Iterator[None]:
+    """Run a block without moving python's, numpy's or torch's (CPU and CUDA) random state, so
+    work done on one rank only (a probe) leaves every rank's next draw the same."""
+    states = (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -245,14 +245,19 @@ def test_beit_refuses_local_crops(tmp_path, data_dir):
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_match_one_process(tiny_model_dir, data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo): same losses and weights as one process on the same
-    global batch; the run itself checks that the ranks' weights stay identical."""
+    global batch; the run itself checks that the ranks' weights stay identical. Blocks come from
+    a probe run first (rank 0 probes, the other waits; heads start the same on both ranks)."""
     common = [
         "refine",
         str(tiny_model_dir),
         "--data",
         str(data_dir),
         "--blocks",
-        "last2",
+        "auto",
+        "--probe-train",
+        str(data_dir),
+        "--probe-val",
+        str(data_dir),
         "--head-steps",
         "2",
         "--steps",
@@ -304,6 +309,8 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, data_dir, tmp_path
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["resolved"]["world_size"] == 2
+    assert config["resolved"]["blocks_reason"].startswith("probe ")
+    assert (tmp_path / "two" / "probe" / "probe.json").is_file()
     one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").open()]
     two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").open()]
     assert len(one) == len(two) == 4

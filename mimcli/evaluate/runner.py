@@ -18,6 +18,7 @@ from pathlib import Path
 from mimcli.data import eval_transform, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import last_block_knn
+from mimcli.evaluate.linear import LAST_BLOCKS
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
 from mimcli.models.sources import load_model
@@ -82,7 +83,7 @@ def evaluate_model(
     if getattr(loaded.model, "cls_token", None) is None:
         raise MimcliError(f"{spec}: the model has no class token; eval reads the CLS token")
     depth = loaded.num_blocks
-    blocks = list(range(max(1, depth - 3), depth + 1))
+    blocks = list(range(max(1, depth - LAST_BLOCKS + 1), depth + 1))
     model = loaded.model.to(device)
     transform = eval_transform(loaded.pretrained_cfg)
     tcfg = {

@@ -69,7 +69,6 @@ from mimcli.ema import ema_update, momentum_copy
 from mimcli.errors import MimcliError
 from mimcli.heads import batch_norm, head_widths
 from mimcli.models.masked import check_maskable, encode_masked, patch_grid, random_mask
-from mimcli.objectives import check_option_values
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.objectives.mimco import patch_contrastive_loss
 from mimcli.objectives.parts import outside_autograd, step_generator
@@ -202,7 +201,6 @@ class ConMIMObjective(Objective):
         spec = cfg.head_width
         widths = head_widths(dim, int(spec) if str(spec).isdigit() else spec)
         self.hidden, self.out = widths.predictor_hidden, widths.out
-        check_option_values(vars(cfg))
         self.tau = float(cfg.temperature)
         self.mask_ratio = float(cfg.mask_ratio)
         self.base_momentum = float(cfg.momentum)

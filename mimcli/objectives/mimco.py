@@ -43,7 +43,6 @@ from mimcli.errors import MimcliError
 from mimcli.heads import head_widths
 from mimcli.models.masked import check_maskable, encode_masked, patch_grid, random_mask
 from mimcli.models.teacher import Teacher
-from mimcli.objectives import check_option_values
 from mimcli.objectives.base import Objective, ObjectiveContext, Transform
 from mimcli.objectives.parts import SingleView, outside_autograd, step_generator
 from mimcli.runtime import autocast as runtime_autocast
@@ -162,7 +161,6 @@ class MimCoObjective(Objective):
             raise MimcliError(
                 f"--objective mimco takes one --teacher, got {len(sources)}: {', '.join(sources)}"
             )
-        check_option_values(vars(cfg))
         self.tau = float(cfg.temperature)
         self.mask_ratio = float(cfg.mask_ratio)
         self.image_weight = float(cfg.image_weight)

@@ -50,7 +50,6 @@ from mimcli.models.mae_decoder import (
 )
 from mimcli.models.masked import check_maskable, encode_visible, random_mask
 from mimcli.models.teacher import Teacher, load_teachers
-from mimcli.objectives import check_option_values
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.objectives.parts import SingleView, step_generator
 from mimcli.runtime import autocast as runtime_autocast
@@ -100,7 +99,6 @@ class MRMAEObjective(Objective):
         cfg = ctx.cfg
         encoder = ctx.encoder
         check_maskable(encoder, self.name)
-        check_option_values(vars(cfg))
         self.mask_ratio = float(cfg.mask_ratio)
         self.mimic_weight = float(cfg.mimic_weight)
         self.reconstruction = bool(cfg.reconstruction)

@@ -28,7 +28,7 @@ from mimcli.ema import ema_decay, ema_update
 from mimcli.errors import MimcliError
 from mimcli.models.build import build_model
 from mimcli.models.sources import load_model
-from mimcli.objectives import objective_class
+from mimcli.objectives import ignored_options, objective_class
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.optim import (
     apply_lr,
@@ -43,7 +43,6 @@ from mimcli.refine.monitor import Monitor
 from mimcli.refine.setup import (
     check_resume,
     fill_defaults,
-    ignored_options,
     stage_steps,
     trainable_encoder,
     validate,
@@ -102,10 +101,15 @@ class Refiner:
             )
         self.loaded = load_model(cfg.model)
         depth, dim = self.loaded.num_blocks, self.loaded.embed_dim
-        self.ignored_options = ignored_options(cfg, depth, dim)
+        self.ignored_options = ignored_options(cfg.objective, asdict(cfg), depth, dim)
         self.cfg = cfg = fill_defaults(cfg, depth, dim)
         probe = cfg.probe
-        if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val and prober:
+        if cfg.blocks == "auto" and probe is None and cfg.probe_train and cfg.probe_val:
+            if prober is None:
+                raise MimcliError(
+                    "--probe-train/--probe-val: probing first needs refine.pipeline.run_refine "
+                    "(or a prober passed to Refiner)"
+                )
             probe = prober(cfg)
         self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks or "auto", depth, probe)
         self.encoder = trainable_encoder(self.loaded, int(cfg.freeze_blocks or 0)).to(self.device)

@@ -14,30 +14,36 @@ from mimcli.refine.loop import Refiner
 from mimcli.refine.setup import with_saved_options
 from mimcli.results import PROBE_FILE
 from mimcli.runs import RunFolder
-from mimcli.runtime import StepProgress
+from mimcli.runtime import StepProgress, rng_kept
 
 
 def probe_for_blocks(cfg: RefineConfig) -> Path:
-    """Probe the base model on ``--probe-train``/``--probe-val`` into ``RUN_DIR/probe`` (rank 0;
-    a resumed run reuses the first probe) and return its probe.json."""
+    """Probe the base model on ``--probe-train``/``--probe-val`` into ``RUN_DIR/probe`` and
+    return its probe.json. Rank 0 probes (a resumed run reuses the first probe) with the random
+    state kept, so every rank still initialises the same heads; the others wait for it."""
     out = RunFolder(cfg.out).probe_dir
     if dist.rank() == 0 and not (out / PROBE_FILE).exists():
-        run_probe(
-            ProbeConfig(
-                model=cfg.model,
-                train=cfg.probe_train,  # type: ignore[arg-type]
-                val=cfg.probe_val,  # type: ignore[arg-type]
-                out=out,
-                limit_train=cfg.val_limit,
-                limit_val=cfg.val_limit,
-                device=cfg.device,
-                num_workers=cfg.num_workers,
-                knn_backend=cfg.knn_backend,
-                seed=cfg.seed,
-            )
-        )
-    dist.barrier()
+        with rng_kept():
+            _probe(cfg, out)
+    dist.wait_for_rank0()
     return out / PROBE_FILE
+
+
+def _probe(cfg: RefineConfig, out: Path) -> None:
+    run_probe(
+        ProbeConfig(
+            model=cfg.model,
+            train=cfg.probe_train,  # type: ignore[arg-type]
+            val=cfg.probe_val,  # type: ignore[arg-type]
+            out=out,
+            limit_train=cfg.val_limit,
+            limit_val=cfg.val_limit,
+            device=cfg.device,
+            num_workers=cfg.num_workers,
+            knn_backend=cfg.knn_backend,
+            seed=cfg.seed,
+        )
+    )
 
 
 def run_refine(

@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mimcli.errors import MimcliError
-from mimcli.objectives import (
-    OBJECTIVES,
-    check_option_values,
-    objective_defaults,
-)
-from mimcli.objectives import ignored_options as objective_ignored_options
+from mimcli.objectives import check_option_values, objective_defaults, objective_info
 from mimcli.refine.config import RESUME_KEYS, RefineConfig
 from mimcli.runs import RunFolder
 
@@ -32,8 +27,7 @@ TUPLE_OPTIONS = ("global_scale", "local_scale")
 
 def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
     """Every check that needs neither the model nor the data; the first failure is one line."""
-    if cfg.objective not in OBJECTIVES:
-        raise MimcliError(f"--objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    objective_info(cfg.objective)  # a known name
     if cfg.batch_size < 2:
         raise MimcliError("--batch-size must be at least 2 (in-batch negatives)")
     if cfg.batch_size % world_size:
@@ -60,12 +54,6 @@ def fill_defaults(cfg: RefineConfig, depth: int, embed_dim: int) -> RefineConfig
     defaults = objective_defaults(cfg.objective, depth, embed_dim)
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k, None) is None}
     return replace(cfg, **filled)
-
-
-def ignored_options(cfg: RefineConfig, depth: int, embed_dim: int) -> list[str]:
-    """Flags set to something other than their default that ``cfg.objective`` does not read
-    (shown as warnings)."""
-    return objective_ignored_options(cfg.objective, asdict(cfg), depth, embed_dim)
 
 
 def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfig:
@@ -95,7 +83,7 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
 
 def check_resume(cfg: RefineConfig, run: RunFolder) -> None:
     """``--resume`` continues the run only with its objective and the options that shape it."""
-    saved = run.read_config().get("config", {})
+    saved = run.saved_options() or {}
     was = saved.get("objective", "nna")
     if was != cfg.objective:
         raise MimcliError(
