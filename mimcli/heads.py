@@ -202,7 +202,8 @@ class IDHead(nn.Module):
 
     projector: Linear(in→hidden) → BN → act → Linear(hidden→hidden) → BN → act →
     Linear(hidden→out) → BN; predictor: Linear(out→predictor_hidden) → BN → act →
-    Linear(predictor_hidden→out) [→ BN]. Linears have no bias (BN follows each).
+    Linear(predictor_hidden→out) [→ BN]. Linears have no bias (BN follows each) and start
+    Xavier-uniform, as in the official code.
 
     BN statistics come from whatever batch is passed, so the training loop should concatenate all
     views of a step (2 global + N local crops, ``(V*B, in_dim)``) into one call, as in the paper,
@@ -248,6 +249,19 @@ class IDHead(nn.Module):
         if predictor_final_bn:
             predictor.append(batch_norm(out, sync=sync_bn))
         self.predictor = nn.Sequential(*predictor)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (METHOD §1.1): Xavier-uniform Linear weights (zero biases,
+        had they any); BatchNorm weight 1, bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def project(self, x: Tensor) -> Tensor:
         """Projector only.

@@ -281,3 +281,25 @@ def test_sync_batch_norm_two_gloo_processes_equal_full_batch(tmp_path, monkeypat
                 torch.testing.assert_close(summed, ref[key][step], **close)
                 # each rank alone holds only its share: the sum is what DDP reduces
                 assert not torch.allclose(ranks[0][name][key][step], ref[key][step], atol=1e-3)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_heads_start_with_the_official_initialisation(act):
+    """Xavier-uniform Linear weights (bound sqrt(6 / (fan_in + fan_out)), variance bound^2 / 3);
+    BatchNorm weight 1, bias 0 (METHOD §1.1). torch's default Linear init (kaiming-uniform with
+    a = sqrt(5): bound 1 / sqrt(fan_in)) fails the variance check for these shapes."""
+    torch.manual_seed(0)
+    head = IDHead(64, HeadWidths(hidden=256, out=32, predictor_hidden=128), act=act)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    for linear in linears:
+        fan_out, fan_in = linear.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = linear.weight.detach()
+        assert w.abs().max() <= bound
+        assert w.abs().max() > 0.95 * bound  # the whole range is used
+        assert w.var().item() == pytest.approx(bound**2 / 3, rel=0.1)
+        assert linear.bias is None
+    norms = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)

@@ -203,6 +203,16 @@ def refine(
             "--local-scale", help="Area range of local crops, lo,hi.", rich_help_panel=VIEWS
         ),
     ] = "0.05,0.25",
+    pos_embed_resize: Annotated[
+        str | None,
+        typer.Option(
+            "--pos-embed-resize",
+            help="Position table on small views: bicubic (official) or bicubic-antialias "
+            "(timm's). Default: bicubic; a resumed run keeps its own.",
+            rich_help_panel=VIEWS,
+            show_default=False,
+        ),
+    ] = None,
     head_width: Annotated[
         str,
         typer.Option(
@@ -404,6 +414,7 @@ def refine(
         photometric=photometric,
         global_scale=parse_scale(global_scale, "--global-scale"),
         local_scale=parse_scale(local_scale, "--local-scale"),
+        pos_embed_resize=pos_embed_resize,
         head_width=head_width,
         head_input=head_input,
         queue_size=queue_size,

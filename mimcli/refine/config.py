@@ -38,6 +38,9 @@ class RefineConfig:
     local_crops: int | None = None  # None: the objective's default (NNA 10)
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
+    # how local views resize the position table: None = the official plain bicubic for a new
+    # run; a resumed run keeps its recorded rule (timm's antialiased one when none is recorded)
+    pos_embed_resize: str | None = None
     head_width: str = "auto"
     head_input: str | None = None  # None: the objective's default (NNA cls)
     queue_size: str = "auto"
@@ -111,4 +114,5 @@ RESUME_KEYS = (
     "temperature", "local_crops", "global_scale", "local_scale", "photometric", "freeze_blocks",
     "teacher", "mask_ratio", "momentum", "image_weight", "mimic_weight", "reconstruction",
     "decoder", "lr", "head_lr", "layer_decay", "weight_decay", "head_weight_decay", "ema",
+    "pos_embed_resize",
 )  # fmt: skip

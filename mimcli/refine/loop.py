@@ -43,6 +43,7 @@ from mimcli.refine.monitor import Monitor
 from mimcli.refine.setup import (
     check_resume,
     fill_defaults,
+    settle_resize_rule,
     stage_steps,
     trainable_encoder,
     validate,
@@ -91,6 +92,7 @@ class Refiner:
         dist.init_from_env(self.device)
         self.run = RunFolder(cfg.out)
         validate(cfg, dist.world_size(), self.run)
+        self.cfg = cfg = settle_resize_rule(cfg, self.run)
         self.images = subsample(
             scan_folder(cfg.data, labelled=False, what="--data"), cfg.limit, cfg.seed
         )
@@ -112,7 +114,9 @@ class Refiner:
                 )
             probe = prober(cfg)
         self.blocks, self.blocks_reason = resolve_blocks(cfg.blocks or "auto", depth, probe)
-        self.encoder = trainable_encoder(self.loaded, int(cfg.freeze_blocks or 0)).to(self.device)
+        self.encoder = trainable_encoder(
+            self.loaded, int(cfg.freeze_blocks or 0), str(cfg.pos_embed_resize)
+        ).to(self.device)
         if cfg.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
         self.views = default_view_config(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mimcli.errors import MimcliError
+from mimcli.models import posembed
 from mimcli.objectives import check_option_values, objective_defaults, objective_info
 from mimcli.refine.config import RESUME_KEYS, RefineConfig
 from mimcli.runs import RunFolder
@@ -41,12 +42,29 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
     if cfg.topk < 1:
         raise MimcliError("--topk must be at least 1")
     check_option_values(asdict(cfg))
+    if cfg.pos_embed_resize is not None and cfg.pos_embed_resize not in posembed.RULES:
+        raise MimcliError(
+            f"--pos-embed-resize {cfg.pos_embed_resize!r}: choose one of "
+            f"{', '.join(posembed.RULES)}"
+        )
     if cfg.resume and not run.checkpoint_path.exists():
         raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
     if not cfg.resume and run.checkpoint_path.exists():
         raise MimcliError(
             f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"
         )
+
+
+def settle_resize_rule(cfg: RefineConfig, run: RunFolder) -> RefineConfig:
+    """``pos_embed_resize`` left unset: the official rule for a new run; on ``--resume``, the
+    rule the run recorded, or timm's antialiased one for runs recorded before the rule was (so a
+    run resumes as it started)."""
+    if cfg.pos_embed_resize is not None:
+        return cfg
+    rule = posembed.OFFICIAL
+    if cfg.resume:
+        rule = (run.saved_options() or {}).get("pos_embed_resize") or posembed.TIMM
+    return replace(cfg, pos_embed_resize=rule)
 
 
 def fill_defaults(cfg: RefineConfig, depth: int, embed_dim: int) -> RefineConfig:
@@ -83,7 +101,8 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
 
 def check_resume(cfg: RefineConfig, run: RunFolder) -> None:
     """``--resume`` continues the run only with its objective and the options that shape it."""
-    saved = run.saved_options() or {}
+    # runs recorded before the resize rule was resized the timm way
+    saved = {"pos_embed_resize": posembed.TIMM, **(run.saved_options() or {})}
     was = saved.get("objective", "nna")
     if was != cfg.objective:
         raise MimcliError(
@@ -111,15 +130,18 @@ def stage_steps(epochs: float, steps: int | None, steps_per_epoch: int) -> int:
     return int(math.ceil(epochs * steps_per_epoch))
 
 
-def trainable_encoder(loaded: LoadedModel, freeze_blocks: int) -> nn.Module:
+def trainable_encoder(
+    loaded: LoadedModel, freeze_blocks: int, resize_rule: str = posembed.OFFICIAL
+) -> nn.Module:
     """The encoder rebuilt with ``dynamic_img_size`` (local crops are smaller than the input
-    size), the fixed position table frozen, and the stem plus ``freeze_blocks`` blocks frozen."""
+    size) and its position table resized by ``resize_rule`` (:mod:`mimcli.models.posembed`),
+    the fixed position table frozen, and the stem plus ``freeze_blocks`` blocks frozen."""
     from mimcli.models.build import build_model
 
     args = dict(loaded.model_args)
     if "beit" not in loaded.arch:
         args["dynamic_img_size"] = True
-    encoder = build_model(loaded.arch, args)
+    encoder = posembed.apply_resize_rule(build_model(loaded.arch, args), resize_rule)
     encoder.load_state_dict(loaded.model.state_dict())
     encoder.pretrained_cfg = loaded.pretrained_cfg
     depth = len(encoder.blocks)
