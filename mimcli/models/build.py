@@ -254,6 +254,14 @@ def infer_vit_args(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     return args
 
 
+def model_num_heads(model: nn.Module) -> int | None:
+    """Attention heads of a timm ViT/BEiT (its first block's), None for other models."""
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+    heads = getattr(attn, "num_heads", None)
+    return int(heads) if isinstance(heads, int) else None
+
+
 def build_model(arch: str, model_args: dict[str, Any]) -> nn.Module:
     """An encoder (no classifier) with random weights: ``timm.create_model(num_classes=0)``."""
     try:

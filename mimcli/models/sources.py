@@ -44,6 +44,7 @@ from mimcli.models.build import (
     ConvertedCheckpoint,
     build_model,
     load_weights,
+    model_num_heads,
     recorded_num_heads,
     settle_num_heads,
 )
@@ -116,14 +117,6 @@ class LoadedModel:
     def note(self) -> str:
         """One line: ``SOURCE: <format> read as <arch>; N attention heads (from ...); ...``."""
         return f"{self.source}: {'; '.join(self.notes)}"
-
-
-def model_num_heads(model: nn.Module) -> int | None:
-    """Attention heads of a timm ViT/BEiT (its first block's), None for other models."""
-    blocks = getattr(model, "blocks", None)
-    attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
-    heads = getattr(attn, "num_heads", None)
-    return int(heads) if isinstance(heads, int) else None
 
 
 @dataclass(frozen=True)

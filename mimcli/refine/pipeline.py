@@ -25,6 +25,7 @@ def probe_for_blocks(cfg: RefineConfig) -> Path:
         run_probe(
             ProbeConfig(
                 model=cfg.model,
+                num_heads=cfg.num_heads,
                 train=cfg.probe_train,  # type: ignore[arg-type]
                 val=cfg.probe_val,  # type: ignore[arg-type]
                 out=out,
