@@ -6,8 +6,9 @@ Accepted forms:
 2. ``hf-hub:owner/repo`` — a timm layout (config.json + model.safetensors) or a transformers
    data2vec-vision repo (converted onto timm's BEiT).
 3. a folder with either layout (or ``local-dir:/path``).
-4. a checkpoint file: official MAE ``.pth``, data2vec 2.0 ``.pt``, MIM-Refiner/MAE-CT ``.th``, or a
-   timm state dict in ``.safetensors``.
+4. a checkpoint file: official MAE ``.pth`` (also ``main_pretrain.py``'s training checkpoints),
+   data2vec 2.0 ``.pt``, MIM-Refiner ``.th`` (``cls_tokens.tokens``), MAE-CT ``.th`` (timm names,
+   positions without a CLS slot), or a timm state dict (register tokens included).
 5. an ``http(s)://`` URL of a file in (4), cached after the first download.
 
 Any form takes a ``#heads=N`` suffix (``models.spec``) for checkpoints that do not record their
