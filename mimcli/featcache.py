@@ -1,6 +1,9 @@
-"""On-disk cache of extracted features, keyed by (model weights, image folder, transform, blocks).
+"""On-disk cache of extracted features, keyed by (model weights and structure, image folder,
+transform, blocks).
 
-The key changes when any of them changes: the weights are hashed, the folder is fingerprinted by
+The key changes when any of them changes: the weights are hashed together with what they do not
+show (architecture, class, attention-head count: the same weights with another head count give
+other features), the folder is fingerprinted by
 every file's relative path, size and modification time, the transform by its resolved config.
 Entries are written to a temporary folder and renamed, so a killed run never leaves half an entry.
 """
@@ -23,6 +26,7 @@ from torch import nn
 from mimcli.data import ImageList
 from mimcli.features import FeatureSet, extract_features
 from mimcli.fileio import cache_dir, write_json
+from mimcli.models.build import model_num_heads
 from mimcli.runtime import Progress
 
 CACHE_VERSION = 1
@@ -34,6 +38,16 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_structure(model: nn.Module) -> dict[str, Any]:
+    """What shapes the features besides the weights."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "class": type(model).__name__,
+        "architecture": cfg.get("architecture"),
+        "num_heads": model_num_heads(model),
+    }
 
 
 def folder_digest(images: ImageList) -> str:
@@ -56,6 +70,7 @@ def cache_key(
     spec = {
         "version": CACHE_VERSION,
         "weights": weights_digest(model),
+        "structure": model_structure(model),
         "images": folder_digest(images),
         "transform": {
             k: list(v) if isinstance(v, tuple) else v for k, v in sorted(transform_cfg.items())

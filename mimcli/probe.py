@@ -33,6 +33,7 @@ class ProbeConfig:
     train: Path
     val: Path
     out: Path | None = None
+    num_heads: int | None = None  # for a MODEL whose file has no head count (--num-heads)
     k: int = 10
     tau: float = 0.07
     blocks: list[int] | None = None
@@ -145,7 +146,7 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     )
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, num_heads=cfg.num_heads)
     timings["load"] = time.perf_counter() - start
     depth = loaded.num_blocks
     if getattr(loaded.model, "cls_token", None) is None:

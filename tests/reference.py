@@ -34,17 +34,23 @@ def prenorm_vit_blocks(
     pos_has_cls_slot: bool = True,
     cls_key: str = "cls_token",
     pos_key: str = "pos_embed",
+    reg_key: str | None = None,
 ) -> list[torch.Tensor]:
-    """Token sequences (B, 1+N, D) after every block of a pre-norm ViT (MAE / timm layout)."""
+    """Token sequences (B, 1+R+N, D) after every block of a pre-norm ViT (MAE / timm layout):
+    CLS, then the R register tokens of ``reg_key`` (if given), then the N patches. With
+    ``pos_has_cls_slot`` the positions cover all tokens, else the patches only."""
     w = sd["patch_embed.proj.weight"]
     x = F.conv2d(images, w, sd["patch_embed.proj.bias"], stride=w.shape[-1])
     x = x.flatten(2).transpose(1, 2)
-    cls = sd[cls_key].reshape(1, 1, -1).expand(x.shape[0], -1, -1)
+    prefix = [sd[cls_key].reshape(1, 1, -1)]
+    if reg_key is not None:
+        prefix.append(sd[reg_key].reshape(1, -1, x.shape[-1]))
+    prefix_tokens = torch.cat(prefix, dim=1).expand(x.shape[0], -1, -1)
     pos = sd[pos_key].reshape(1, -1, x.shape[-1])
     if pos_has_cls_slot:
-        x = torch.cat([cls, x], dim=1) + pos
+        x = torch.cat([prefix_tokens, x], dim=1) + pos
     else:
-        x = torch.cat([cls, x + pos], dim=1)
+        x = torch.cat([prefix_tokens, x + pos], dim=1)
     outs = []
     i = 0
     while f"blocks.{i}.norm1.weight" in sd:

@@ -248,3 +248,58 @@ def test_library_does_not_import_typer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def raw_checkpoint(path, embed_dim=128, num_heads=4):
+    """An MAE-style .pth of a ViT whose width (128) is no released width: no head count."""
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(3, embed_dim=embed_dim, num_heads=num_heads, depth=2)
+    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def test_probe_asks_for_the_head_count_and_notes_where_it_came_from(image_folders, tmp_path):
+    train, val = image_folders
+    ckpt = raw_checkpoint(tmp_path / "w128.pth")
+    base = ["--train", str(train), "--val", str(val), "--num-workers", "0"]
+    line = one_line_error(runner.invoke(app, ["probe", str(ckpt), *base]))
+    assert "width 128 is not a released ViT width" in line
+    assert "--num-heads N" in line and "#heads=N" in line
+    line = one_line_error(runner.invoke(app, ["probe", f"{ckpt}#heads=3", *base]))
+    assert "not divisible by 3 attention heads" in line
+    for args in ([str(ckpt), "--num-heads", "4"], [f"{ckpt}#heads=4"]):
+        result = runner.invoke(app, ["probe", *args, *base, "--json"])
+        assert result.exit_code == 0, result.output
+        notes = [x for x in result.stderr.splitlines() if x.startswith("note:")]
+        assert len(notes) == 1, result.stderr
+        assert "mae read as vit_base_patch16_224 (width 128, 2 blocks, patch 8)" in notes[0]
+        assert "4 attention heads (from " in notes[0]
+        assert json.loads(result.stdout)["num_blocks"] == 2
+
+
+def test_eval_num_heads_applies_to_models_without_their_own_count(
+    tiny_model_dir, image_folders, tmp_path
+):
+    train, val = image_folders
+    ckpt = raw_checkpoint(tmp_path / "w128.pth")
+    base = ["--train", str(train), "--val", str(val), "--num-workers", "0", "--protocols", "knn"]
+    # the suffix for the checkpoint; --num-heads 2 agrees with the folder's recorded count
+    models = [f"{ckpt}#heads=4", str(tiny_model_dir)]
+    result = runner.invoke(app, ["eval", *models, "--num-heads", "2", *base, "--json"])
+    assert result.exit_code == 0, result.output
+    notes = [x for x in result.stderr.splitlines() if x.startswith("note:")]
+    assert len(notes) == 2, result.stderr
+    assert "4 attention heads (from #heads=4)" in notes[0]
+    assert "2 attention heads (from config.json)" in notes[1]
+    sources = [m["source"] for m in json.loads(result.stdout)["models"]]
+    assert sources == models
+    # a count the folder's config.json contradicts is refused, naming the way out (after the
+    # first model's work: eval loads one model at a time)
+    result = runner.invoke(app, ["eval", *models, "--num-heads", "4", *base])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith("error:")
+        and "gives 2 attention heads, not 4; leave out --num-heads 4" in line
+    )

@@ -39,7 +39,7 @@ def test_mae_encoder_only_pth(tmp_path):
     sd = random_mae_encoder()
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": sd}, path)
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), num_heads=1)
     assert loaded.format == "mae" and loaded.decoder is None
     assert loaded.model_args["depth"] == 3 and loaded.model_args["embed_dim"] == 64
     assert loaded.model_args["img_size"] == 32 and loaded.model_args["patch_size"] == 8
@@ -59,7 +59,7 @@ def test_mae_full_pth_keeps_decoder_aside(tmp_path):
     }
     path = tmp_path / "mae_visualize_vit_tiny_full.pth"
     torch.save({"model": {**sd, **decoder}}, path)
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), num_heads=1)
     assert set(loaded.decoder) == set(decoder)
     assert torch.equal(loaded.decoder["decoder_pred.weight"], decoder["decoder_pred.weight"])
     assert_matches_reference(loaded, sd, heads=1)
@@ -74,7 +74,7 @@ def test_refiner_th(tmp_path):
     th["pos_embed.embed"] = pos
     path = tmp_path / "mae_refined_l16.th"
     torch.save({"state_dict": th, "ctx": {"epoch": 3}}, path)
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), num_heads=1)
     assert loaded.format == "refiner"
     ref_sd = dict(th)
     ref_sd["pos"] = pos
@@ -146,7 +146,7 @@ def test_refined_data2vec2_th_is_post_norm(tmp_path):
     th["embed_norm.bias"] = 0.1 * torch.randn(64)
     path = tmp_path / "d2v2_refined_tiny.th"
     torch.save({"state_dict": th}, path)
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), num_heads=1)
     assert loaded.arch == "mimcli_vit_postnorm" and loaded.model_args["depth"] == 3
     with torch.no_grad():
         taps = tap_blocks(loaded.model, X, [0, 1, 2])
@@ -196,6 +196,148 @@ def test_named_globals_in_zip_checkpoints_become_inert(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": random_mae_encoder(), "cfg": EvalExploit()}, path)
     assert "builtins.eval" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    loaded = load_model(str(path))  # the weights are fine; the payload is neutralised
+    loaded = load_model(str(path), num_heads=1)  # the weights are fine; the payload is neutralised
     assert loaded.num_blocks == 3
     assert not os.path.exists(marker)
+
+
+# ------------------------------------------------------------- attention-head count (issue 14)
+
+
+def test_head_count_is_asked_for_outside_the_table_and_given_count_is_used(tmp_path):
+    """Width 128 with 4 heads: no released width, nothing recorded. The old guess (64-dim heads,
+    2) loaded without a word and computed other features; now the load stops with one line
+    naming --num-heads and the #heads= suffix, and a given count matches the reference."""
+    model = make_tiny_vit(9, embed_dim=128, num_heads=4, depth=2)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "mae_pretrain_vit_w128.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(MimcliError) as info:
+        load_model(str(path))
+    msg = str(info.value)
+    assert "width 128 is not a released ViT width" in msg
+    assert "--num-heads N" in msg and f"{path}#heads=N" in msg
+    for loaded in (load_model(f"{path}#heads=4"), load_model(str(path), num_heads=4)):
+        assert loaded.model_args["num_heads"] == 4 and loaded.num_heads == 4
+        assert_matches_reference(loaded, sd, heads=4)
+    note = load_model(f"{path}#heads=4").note
+    assert (
+        note == f"{path}#heads=4: mae read as vit_base_patch16_224 (width 128, 2 blocks, patch 8); "
+        "4 attention heads (from #heads=4)"
+    )
+    assert "(from --num-heads 4)" in load_model(str(path), num_heads=4).note
+    with pytest.raises(MimcliError, match="width 128 is not divisible by 3 attention heads"):
+        load_model(f"{path}#heads=3")
+    for bad in (f"{path}#heads=0", f"{path}#heads=x", "#heads=4"):
+        with pytest.raises(MimcliError, match="#heads="):
+            load_model(bad)
+
+
+def test_table_width_says_where_its_head_count_came_from(tmp_path):
+    sd = {
+        k: v.clone()
+        for k, v in make_tiny_vit(1, embed_dim=192, num_heads=3, depth=1).state_dict().items()
+    }
+    decoder = {"decoder_embed.weight": torch.randn(16, 192), "mask_token": torch.randn(1, 1, 16)}
+    path = tmp_path / "mae_visualize_vit_ti_full.pth"
+    torch.save({"model": {**sd, **decoder}}, path)
+    loaded = load_model(str(path))
+    assert loaded.model_args["num_heads"] == 3
+    assert loaded.note == (
+        f"{path}: mae read as vit_base_patch16_224 (width 192, 1 blocks, patch 8); 3 attention "
+        "heads (from the table of released widths; override with --num-heads); left out: MAE "
+        "decoder (2 tensors, kept aside for MR-MAE)"
+    )
+    assert_matches_reference(loaded, sd, heads=3)
+
+
+def test_mae_training_checkpoint_reads_heads_from_its_args(tmp_path):
+    """MAE's main_pretrain.py saves args (an argparse Namespace) beside the weights; its model
+    name gives the head count when the width matches (here ViT-Ti width 192, 3 heads)."""
+    import argparse
+
+    sd = {
+        k: v.clone()
+        for k, v in make_tiny_vit(2, embed_dim=192, num_heads=3, depth=1).state_dict().items()
+    }
+    args = argparse.Namespace(model="mae_vit_tiny_patch16", mask_ratio=0.75, norm_pix_loss=True)
+    path = tmp_path / "checkpoint-399.pth"
+    torch.save({"model": sd, "optimizer": {}, "epoch": 399, "scaler": {}, "args": args}, path)
+    loaded = load_model(str(path))
+    assert "3 attention heads (from the file's args.model mae_vit_tiny_patch16)" in loaded.note
+    assert_matches_reference(loaded, sd, heads=3)
+    with pytest.raises(MimcliError, match=r"records 3 attention heads \(args.model"):
+        load_model(str(path), num_heads=6)
+    # A name whose size does not match the width says nothing: the table decides.
+    torch.save({"model": sd, "args": argparse.Namespace(model="mae_vit_large_patch16")}, path)
+    assert "from the table of released widths" in load_model(str(path)).note
+
+
+def test_timm_names_and_layouts_refuse_a_different_head_count(tiny_model_dir):
+    assert "2 attention heads (from config.json)" in load_model(str(tiny_model_dir)).note
+    assert load_model(f"{tiny_model_dir}#heads=2").num_heads == 2
+    with pytest.raises(MimcliError, match="gives 2 attention heads, not 4; leave out #heads=4"):
+        load_model(f"{tiny_model_dir}#heads=4")
+
+
+# ---------------------------------------------------------------------------------- MAE-CT .th
+
+
+def maect_encoder(seed=6):
+    """MAE-CT's encoder in timm terms: CLS token without a position, positions for patches."""
+    return make_tiny_vit(seed, no_embed_class=True)
+
+
+def test_maect_th_is_named_and_computes_like_timm(tmp_path):
+    model = maect_encoder()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sd["pos_embed"].shape == (1, 16, 32) and sd["cls_token"].shape == (1, 1, 32)
+    ctor = {"kind": "vit.masked_encoder", "patch_size": 8, "embedding_dim": 32, "depth": 4}
+    path = tmp_path / "maect_tiny8.th"
+    torch.save({"state_dict": sd, "ctor_kwargs": {**ctor, "attention_heads": 2}}, path)
+    loaded = load_model(str(path))
+    assert loaded.format == "MAE-CT"
+    assert loaded.model_args["no_embed_class"] is True and loaded.model_args["num_heads"] == 2
+    assert "MAE-CT read as" in loaded.note
+    assert "2 attention heads (from the file's ctor_kwargs.attention_heads)" in loaded.note
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.forward_features(X), model.forward_features(X))
+        torch.testing.assert_close(loaded.model(X), model(X))
+    ref = prenorm_vit_blocks(X, sd, 2, pos_has_cls_slot=False)
+    with torch.no_grad():
+        taps = tap_blocks(loaded.model, X, [3])
+    torch.testing.assert_close(taps.cls[:, 0], ref[-1][:, 0], atol=1e-5, rtol=1e-5)
+    # Without ctor_kwargs the layout still says MAE-CT; the head count is then given.
+    torch.save({"state_dict": sd}, path)
+    again = load_model(f"{path}#heads=2")
+    assert again.format == "MAE-CT"
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(X), model(X))
+
+
+# ------------------------------------------------------------------------- register tokens
+
+
+@pytest.mark.parametrize("no_embed_class", [False, True])
+def test_register_token_state_dict(tmp_path, no_embed_class):
+    """A raw state dict of a ViT with 4 register tokens: reg_tokens and the position layout come
+    from the shapes, outputs are identical, and taps' mean patch leaves the registers out."""
+    model = make_tiny_vit(4, reg_tokens=4, no_embed_class=no_embed_class)
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    assert sd["reg_token"].shape == (1, 4, 32)
+    path = tmp_path / "vit_reg4.safetensors"
+    save_file(sd, str(path))
+    loaded = load_model(f"{path}#heads=2")
+    args = loaded.model_args
+    assert args["reg_tokens"] == 4 and args["num_heads"] == 2 and args["img_size"] == 32
+    assert args.get("no_embed_class", False) is no_embed_class
+    assert loaded.model.num_prefix_tokens == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(X), model(X))
+        taps = tap_blocks(loaded.model, X, list(range(4)))
+    ref = prenorm_vit_blocks(X, sd, 2, pos_has_cls_slot=not no_embed_class, reg_key="reg_token")
+    for i, tokens in enumerate(ref):
+        torch.testing.assert_close(taps.cls[:, i], tokens[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(taps.patch[:, i], tokens[:, 5:].mean(1), atol=1e-5, rtol=1e-5)
+    final = layer_norm(ref[-1], sd, "norm")
+    torch.testing.assert_close(taps.patch_norm, final[:, 5:].mean(1), atol=1e-5, rtol=1e-5)

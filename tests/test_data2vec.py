@@ -20,6 +20,7 @@ from mimcli.models.data2vec import (
     looks_like_data2vec2,
     looks_like_data2vec_vision,
 )
+from mimcli.models.sources import load_model
 
 IMG, PATCH = 32, 8
 GRID = IMG // PATCH
@@ -138,6 +139,12 @@ def assert_matches_d2v2(checkpoint: dict, weights: dict, heads: int, depth: int)
     converted = convert_data2vec2(checkpoint)
     model = build_model(converted.arch, json.loads(json.dumps(converted.model_args))).eval()
     load_weights(model, converted.state_dict, "data2vec2 test")
+    assert_model_matches_d2v2(model, weights, heads, depth)
+
+
+def assert_model_matches_d2v2(
+    model: torch.nn.Module, weights: dict, heads: int, depth: int
+) -> None:
     images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = d2v2_reference(weights, images, heads)
@@ -166,13 +173,13 @@ def test_data2vec2_matches_fairseq_reference_and_reads_architecture() -> None:
 
 
 class FairseqConfigStandIn:
-    """Stands in for the omegaconf/argparse objects fairseq pickles beside the weights."""
+    """Stands in for a config object fairseq pickles beside the weights, without a head count."""
 
     def __init__(self) -> None:
         self.model = {"_name": "data2vec_multi", "depth": 2}
 
 
-def test_data2vec2_pt_with_pickled_config_loads_and_drops_decoder_and_ema(tmp_path: Path) -> None:
+def test_data2vec2_pt_without_head_count_asks_for_it(tmp_path: Path) -> None:
     weights = d2v2_weights(dim=128, prenet=0, depth=2, seed=3)
     extra = {
         IMAGE + "decoder.blocks.0.0.weight": torch.randn(128, 128, 3, 3),
@@ -180,9 +187,9 @@ def test_data2vec2_pt_with_pickled_config_loads_and_drops_decoder_and_ema(tmp_pa
         "shared_decoder.proj.weight": torch.randn(4, 4),
         "recon_proj.weight": torch.randn(128, 128),
         "modality_encoders.AUDIO.local_encoder.conv.weight": torch.randn(4, 1, 3),
+        "_ema.blocks.0.norm1.weight": torch.randn(128),
     }
     stored = {"model." + k: v for k, v in {**weights, **extra}.items()}  # wrapped model layout
-    stored["model._ema"] = {"blocks.0.norm1.weight": torch.randn(128)}  # fairseq's EMA teacher
     path = tmp_path / "checkpoint_best.pt"
     torch.save(
         {"cfg": FairseqConfigStandIn(), "model": stored, "optimizer_history": [{"step": 1}]}, path
@@ -191,8 +198,112 @@ def test_data2vec2_pt_with_pickled_config_loads_and_drops_decoder_and_ema(tmp_pa
     assert looks_like_data2vec2(checkpoint)
     converted = convert_data2vec2(checkpoint)
     assert not [k for k in converted.state_dict if "decoder" in k or "ema" in k or "recon" in k]
-    assert converted.model_args["num_heads"] == 2  # cfg unreadable: guessed from width 128
-    assert_matches_d2v2(checkpoint, weights, heads=2, depth=2)
+    assert "num_heads" not in converted.model_args and converted.heads_from == ""
+    assert converted.dropped == [
+        "decoder (3 tensors)",
+        "recon_proj (1 tensors)",
+        "other modalities (1 tensors)",
+        "EMA teacher (1 tensors)",
+    ]
+    # Width 128 is no released width and the cfg has no num_heads: one line asking for it.
+    with pytest.raises(MimcliError, match=r"width 128 .*--num-heads N or as MODEL#heads=N"):
+        load_model(str(path))
+    for spec, heads in ((f"{path}#heads=4", 4), (str(path), 2)):
+        loaded = load_model(spec, num_heads=2)  # the suffix wins over --num-heads
+        assert loaded.model_args["num_heads"] == heads
+        assert_model_matches_d2v2(loaded.model, weights, heads=heads, depth=2)
+    note = load_model(f"{path}#heads=4").note
+    assert note.startswith(f"{path}#heads=4: data2vec2 read as mimcli_vit_postnorm (width 128, ")
+    assert "4 attention heads (from #heads=4)" in note
+    assert "left out: decoder (3 tensors), recon_proj (1 tensors)" in note
+    assert "EMA teacher (1 tensors)" in note
+
+
+def install_omegaconf_standin(monkeypatch: pytest.MonkeyPatch) -> type:
+    """Classes named and pickled like omegaconf 2.x's (``omegaconf.dictconfig.DictConfig``,
+    ``omegaconf.nodes.AnyNode``, ``omegaconf.base.ContainerMetadata``): the state pickle gets is
+    the instance ``__dict__`` minus ``_flags_cache`` — ``_metadata``, ``_parent`` (a cycle back to
+    the parent container) and ``_content`` (key -> node) or ``_val`` (a leaf's value), as
+    omegaconf's ``__getstate__`` returns it. omegaconf itself is not needed."""
+    import sys
+    import types
+    import typing
+    from collections import defaultdict
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Metadata:
+        ref_type: typing.Any
+        object_type: typing.Any
+        optional: bool
+        key: typing.Any
+        flags: dict = field(default_factory=dict)
+        flags_root: bool = False
+        resolver_cache: dict = field(default_factory=lambda: defaultdict(dict))
+
+    @dataclass
+    class ContainerMetadata(Metadata):
+        key_type: typing.Any = None
+        element_type: typing.Any = None
+
+    class Node:
+        def __getstate__(self) -> dict:
+            state = dict(self.__dict__)
+            del state["_flags_cache"]
+            return state
+
+    class DictConfig(Node):
+        def __init__(self, content: dict, parent: typing.Any = None, key: typing.Any = None):
+            meta = ContainerMetadata(typing.Any, dict, True, key, key_type=typing.Any)
+            self.__dict__.update(_metadata=meta, _parent=parent, _flags_cache=None)
+            self.__dict__["_content"] = {
+                k: DictConfig(v, self, k) if isinstance(v, dict) else AnyNode(v, self, k)
+                for k, v in content.items()
+            }
+
+    class AnyNode(Node):
+        def __init__(self, value: typing.Any, parent: typing.Any, key: typing.Any):
+            meta = Metadata(typing.Any, None, True, key)
+            self.__dict__.update(_metadata=meta, _parent=parent, _flags_cache=None, _val=value)
+
+    modules = {
+        "omegaconf.base": (Metadata, ContainerMetadata, Node),
+        "omegaconf.dictconfig": (DictConfig,),
+        "omegaconf.nodes": (AnyNode,),
+    }
+    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+    for name, classes in modules.items():
+        module = types.ModuleType(name)
+        for cls in classes:
+            cls.__module__, cls.__qualname__ = name, cls.__name__
+            setattr(module, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, name, module)
+    return DictConfig
+
+
+def test_data2vec2_head_count_from_pickled_omegaconf_config(tmp_path: Path, monkeypatch) -> None:
+    """fairseq saves ``cfg`` as an OmegaConf DictConfig: the weights-only loader keeps its state
+    as inert data and the converter reads ``cfg.model.num_heads`` from it (width 128, 4 heads: the
+    old 64-dim-head guess said 2)."""
+    weights = d2v2_weights(dim=128, prenet=1, depth=1, seed=5)
+    with monkeypatch.context() as patched:
+        dict_config = install_omegaconf_standin(patched)
+        cfg = dict_config(
+            {"common": {"seed": 1}, "model": {"_name": "data2vec_multi", "num_heads": 4}}
+        )
+        path = tmp_path / "d2v2_omegaconf.pt"
+        torch.save({"cfg": cfg, "model": weights}, path)
+    import sys
+
+    assert "omegaconf" not in sys.modules  # the stand-in is gone; nothing can import it
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert "omegaconf.dictconfig.DictConfig" in unsafe and "omegaconf.nodes.AnyNode" in unsafe
+    loaded = load_model(str(path))
+    assert loaded.model_args["num_heads"] == 4
+    assert "4 attention heads (from the file's cfg.model.num_heads)" in loaded.note
+    assert_model_matches_d2v2(loaded.model, weights, heads=4, depth=2)
+    with pytest.raises(MimcliError, match=r"records 4 attention heads .*not 2; leave out #heads=2"):
+        load_model(f"{path}#heads=2")
 
 
 def test_looks_like_data2vec2() -> None:

@@ -33,6 +33,11 @@ def test_feature_cache_hits_and_invalidates(tiny_model_dir, image_folders, tmp_p
     key = cache_key(loaded.model, images, tcfg, [3, 4], "float16")
     assert cache_key(loaded.model, images, {"input_size": (3, 48, 48)}, [3, 4], "float16") != key
     assert cache_key(loaded.model, images, tcfg, [4], "float16") != key
+    # The same weights read with another attention-head count give other features.
+    four = load_model(str(tiny_model_dir / "model.safetensors"), num_heads=4).model
+    assert four.state_dict().keys() == loaded.model.state_dict().keys()
+    assert all(torch.equal(four.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
+    assert cache_key(four, images, tcfg, [3, 4], "float16") != key
     with torch.no_grad():
         loaded.model.blocks[0].attn.qkv.weight.add_(1e-3)
     assert cache_key(loaded.model, images, tcfg, [3, 4], "float16") != key  # weights changed

@@ -27,10 +27,11 @@ GROUP = typer.main.get_command(app)
 COMMANDS = ["", *GROUP.commands]  # "" is `mimcli --help` itself
 
 PANELS = {  # each command's options, grouped
-    "probe": ["Data", "Output", "k-NN", "Runtime", "Head recommendation", "Transform"],
+    "probe": ["Data", "Model", "Output", "k-NN", "Runtime", "Head recommendation", "Transform"],
     "refine": [
         "Data",
         "Output",
+        "Model",
         "Objective",
         "Heads and queue",
         "Schedule",
@@ -40,7 +41,7 @@ PANELS = {  # each command's options, grouped
         "k-NN monitoring",
         "Runtime",
     ],
-    "eval": ["Data", "Output", "Protocols", "Runtime"],
+    "eval": ["Data", "Model", "Output", "Protocols", "Runtime"],
     "push": ["Hub repo", "Output", "Model card", "Retries"],
 }
 

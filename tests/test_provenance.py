@@ -45,6 +45,7 @@ def test_license_and_base_model_are_inherited():
     hub_id, lic = base_model_info("vit_large_patch16_224.mae", {})
     assert (hub_id, lic) == ("timm/vit_large_patch16_224.mae", "cc-by-nc-4.0")
     assert base_model_info("examples/models/fmnist-mae-tiny", {}) == (None, "apache-2.0")
+    assert base_model_info("examples/models/fmnist-mae-tiny#heads=4", {}) == (None, "apache-2.0")
     assert base_model_info("nonexistent-thing", {"license": "mit"}) == (None, "mit")
     assert base_model_info("nonexistent-thing", {}) == (None, None)
 

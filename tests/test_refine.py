@@ -114,6 +114,10 @@ def test_cli_end_to_end(tiny_model_dir, data_dir, tmp_path, image_folders, tiny_
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["blocks"] == [3, 4] and config["resolved"]["queue_size"] == 24
     assert config["resolved"]["temperature"] == 0.2 and config["environment"]["torch"]
+    assert config["resolved"]["num_heads"] == 2 and config["config"]["num_heads"] is None
+    note = f"note: {tiny_model_dir}: timm layout read as vit_base_patch16_224 (width 32, 4 blocks"
+    assert result.stderr.startswith(note), result.stderr  # the load note comes before the banner
+    assert "2 attention heads (from config.json)" in result.stderr.splitlines()[0]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(6))
     assert all(r["loss"] > 0 and r["lr"] > 0 for r in lines)

@@ -1,6 +1,7 @@
 """A run's settings before any work (mimcli.refine.setup): option checks, objective defaults,
 options a resumed run takes from its folder, and the resume checks."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,24 @@ def test_resume_takes_unset_options_from_the_run_and_keeps_given_ones(tmp_path):
         check_resume(merged, run)
     with pytest.raises(MimcliError, match="is a --objective nnclr run"):
         check_resume(cfg(tmp_path, resume=True), run)
+
+
+def test_resume_keeps_the_head_count_the_run_was_read_with(tmp_path):
+    """A MODEL given again without its #heads= suffix (or with another --num-heads) would load
+    the same weights with another head count: the resume check refuses it."""
+    run = RunFolder(tmp_path / "run")
+    saved = replace(cfg(tmp_path), model="ckpt.pth#heads=4")
+    record = {**saved.__dict__, "data": "/data", "out": "/run"}
+    run.write_config({"config": record, "resolved": {"num_heads": 4}})
+    again = replace(cfg(tmp_path, resume=True), model="ckpt.pth")
+    check_resume(again, run, num_heads=4)
+    with pytest.raises(MimcliError) as err:
+        check_resume(again, run, num_heads=2)
+    message = str(err.value)
+    assert "read with 4 attention heads, it now loads with 2" in message
+    assert "--num-heads 4 or MODEL#heads=4" in message and "ckpt.pth#heads=4" in message
+    # --num-heads is a resume key: unset, it comes from the run; set differently, refused
+    run.write_config({"config": {**record, "num_heads": 4}, "resolved": {}})
+    assert with_saved_options(again, given={"model"}).num_heads == 4
+    with pytest.raises(MimcliError, match="--num-heads 4 -> 8"):
+        check_resume(cfg(tmp_path, resume=True, num_heads=8), run)

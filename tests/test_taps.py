@@ -20,6 +20,8 @@ def manual_block_outputs(model, x):
     [
         ("vit_base_patch16_224", {}),
         ("mimcli_vit_postnorm", {}),
+        ("vit_base_patch16_224", {"reg_tokens": 4}),
+        ("vit_base_patch16_224", {"reg_tokens": 2, "no_embed_class": True}),
     ],
 )
 def test_taps_equal_manual_forward(arch, extra):
@@ -33,13 +35,15 @@ def test_taps_equal_manual_forward(arch, extra):
         outs = manual_block_outputs(model, x)
         features = model.forward_features(x)
     assert taps.cls.shape == (3, 4, 32) and taps.patch.shape == (3, 4, 32)
+    prefix = 1 + extra.get("reg_tokens", 0)  # CLS, then register tokens, then the 16 patches
+    assert outs[0].shape[1] == prefix + 16
     for i, tokens in enumerate(outs):
         torch.testing.assert_close(taps.cls[:, i], tokens[:, 0])
-        torch.testing.assert_close(taps.patch[:, i], tokens[:, 1:].mean(1))
+        torch.testing.assert_close(taps.patch[:, i], tokens[:, prefix:].mean(1))
     if arch == "vit_base_patch16_224":
         # the final-norm variant is the encoder's own output
         torch.testing.assert_close(taps.cls_norm, features[:, 0])
-        torch.testing.assert_close(taps.patch_norm, features[:, 1:].mean(1))
+        torch.testing.assert_close(taps.patch_norm, features[:, prefix:].mean(1))
     else:  # data2vec 2.0 has no final norm: the last block's output is the encoder's output
         assert taps.cls_norm is None
         torch.testing.assert_close(taps.cls[:, -1], features[:, 0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 import time
 import warnings
@@ -32,9 +34,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Help panels (typer's rich_help_panel) shared by the commands.
 DATA = "Data"
+MODEL = "Model"
 OUTPUT = "Output"
 RUNTIME = "Runtime"
 TRANSFORM = "Transform"
+
+# What a MODEL may end with, for the commands' epilogs (a paragraph of its own).
+HEADS_HELP = (
+    "\nAny MODEL may end in #heads=N: the attention-head count of a checkpoint that does not "
+    "record it (widths outside the released ViTs'). Each load prints a note: format, "
+    "architecture, where the head count came from, what was left out."
+)
 
 DeviceOpt = Annotated[
     str,
@@ -101,6 +111,15 @@ InterpolationOpt = Annotated[
         rich_help_panel=TRANSFORM,
     ),
 ]
+NumHeadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-heads",
+        min=1,
+        help="Attention heads of MODEL if its file has no count (= MODEL#heads=N).",
+        rich_help_panel=MODEL,
+    ),
+]
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT),
@@ -152,15 +171,53 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, *rest
         _default_showwarning(message, category, filename, lineno, *rest)
 
 
+_pending_notes: list[str] = []
+
+
+class _NoteCollector(logging.Handler):
+    """Holds the library's load notes (logger ``mimcli``, INFO) until :func:`show_notes`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _pending_notes.append(record.getMessage())
+
+
+def show_notes() -> None:
+    """Print the load notes held so far as ``note:`` lines on stderr (rank 0 only under
+    torchrun). Called when work starts (the first progress update, refine's banner) and when a
+    command ends, so a command that fails before any work prints only its error line."""
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    while _pending_notes:
+        line = _pending_notes.pop(0)
+        if not quiet:
+            stderr.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def collecting_notes() -> Iterator[None]:
+    logger = logging.getLogger("mimcli")
+    handler, level = _NoteCollector(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    _pending_notes.clear()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        _pending_notes.clear()
+
+
 def handle_errors(func: F) -> F:
     """User mistakes and remote failures become one line on stderr and an exit code, no trace."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), collecting_notes():
                 warnings.showwarning = _show_warning
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+                show_notes()
+                return result
         except MimcliError as err:
             stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
@@ -198,6 +255,8 @@ class ImageProgress:
     def __call__(
         self, stage: str, done: int, total: int, metrics: dict[str, float] | None = None
     ) -> None:
+        if _pending_notes:
+            show_notes()
         if not self.live:
             self.progress.start()
             self.live = True

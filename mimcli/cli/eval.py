@@ -9,6 +9,8 @@ import typer
 
 from mimcli.cli._common import (
     DATA,
+    HEADS_HELP,
+    MODEL,
     OUTPUT,
     RUNTIME,
     BackendOpt,
@@ -31,7 +33,8 @@ HELP = (
 
 PROTOCOLS = "Protocols"
 
-EPILOG = """\
+EPILOG = (
+    """\
 Examples:
 
   mimcli eval examples/models/fmnist-mae-tiny runs/tiny \\
@@ -40,8 +43,14 @@ Examples:
   mimcli eval vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
       --protocols knn,lowshot --json
 
-A refine run folder (RUN_DIR) evaluates its exported encoder.
+  mimcli eval ckpt/vit_w512.pth#heads=8 vit_base_patch16_224.mae \\
+      --train data/train --val data/val
+
+A refine run folder (RUN_DIR) evaluates its exported encoder. --num-heads applies to every \
+MODEL without its own #heads=N; a MODEL whose file records another count is refused.
 """
+    + HEADS_HELP
+)
 
 
 @handle_errors
@@ -55,6 +64,15 @@ def evaluate(
         Path,
         typer.Option("--val", help="Labelled ImageFolder (queries/test).", rich_help_panel=DATA),
     ],
+    num_heads: Annotated[
+        int | None,
+        typer.Option(
+            "--num-heads",
+            min=1,
+            help="Attention heads of each MODEL with no count in its file or #heads=N.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -132,6 +150,7 @@ def evaluate(
         train=train,
         val=val,
         out=out,
+        num_heads=num_heads,
         protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
         ks=ks,
         tau=tau,

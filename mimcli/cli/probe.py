@@ -10,6 +10,7 @@ import typer
 from mimcli.blocks import parse_blocks
 from mimcli.cli._common import (
     DATA,
+    HEADS_HELP,
     OUTPUT,
     RUNTIME,
     BackendOpt,
@@ -22,6 +23,7 @@ from mimcli.cli._common import (
     InterpolationOpt,
     JsonOpt,
     MeanOpt,
+    NumHeadsOpt,
     StdOpt,
     WorkersOpt,
     handle_errors,
@@ -41,7 +43,8 @@ HELP = (
 KNN = "k-NN"
 HEADS = "Head recommendation"
 
-EPILOG = """\
+EPILOG = (
+    """\
 Examples:
 
   mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
@@ -50,10 +53,14 @@ Examples:
   mimcli probe examples/models/fmnist-mae-tiny --train data/fmnist/train \\
       --val data/fmnist/test --json
 
+  mimcli probe ckpt/vit_w512.pth#heads=8 --train data/train --val data/val
+
 MODEL: a timm name with a pretrained tag, hf-hub:owner/repo, a folder (timm or transformers \
 data2vec-vision layout), a checkpoint file (MAE .pth, data2vec 2.0 .pt, MIM-Refiner/MAE-CT .th, \
 timm .safetensors) or an http(s) URL of such a file.
 """
+    + HEADS_HELP
+)
 
 
 @handle_errors
@@ -67,6 +74,7 @@ def probe(
         Path,
         typer.Option("--val", help="Labelled ImageFolder: k-NN queries.", rich_help_panel=DATA),
     ],
+    num_heads: NumHeadsOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Folder for probe.json and probe.png.", rich_help_panel=OUTPUT),
@@ -153,6 +161,7 @@ def probe(
         train=train,
         val=val,
         out=out,
+        num_heads=num_heads,
         k=k,
         tau=tau,
         blocks=parse_blocks(blocks),

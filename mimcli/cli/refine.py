@@ -10,14 +10,17 @@ import typer
 
 from mimcli.cli._common import (
     DATA,
+    HEADS_HELP,
     OUTPUT,
     RUNTIME,
     BackendOpt,
     DeviceOpt,
     ImageProgress,
+    NumHeadsOpt,
     WorkersOpt,
     handle_errors,
     print_json,
+    show_notes,
     stderr,
     stdout,
 )
@@ -45,7 +48,8 @@ AUGMENTATION = "Augmentation"
 MRMAE = "MR-MAE (--objective mrmae)"
 MONITOR = "k-NN monitoring"
 
-EPILOG = """\
+EPILOG = (
+    """\
 Examples:
 
   mimcli refine vit_large_patch16_224.mae --data in1k/train --out runs/mae-l \\
@@ -67,7 +71,11 @@ Examples:
 
   mimcli refine examples/models/fmnist-mae-tiny --objective mrmae \\
     --teacher runs/tiny/export --data data/fmnist/train --out runs/tiny-mrmae
+
+--num-heads is for MODEL only; a --teacher takes #heads=N.
 """
+    + HEADS_HELP
+)
 
 
 @handle_errors
@@ -84,6 +92,7 @@ def refine(
             "--out", help="Run folder (config, metrics, checkpoint).", rich_help_panel=OUTPUT
         ),
     ],
+    num_heads: NumHeadsOpt = None,
     objective: Annotated[
         str,
         typer.Option(
@@ -395,6 +404,7 @@ def refine(
         data=data,
         out=out,
         objective=objective,
+        num_heads=num_heads,
         teacher=list(teacher or []),
         blocks=blocks,
         probe=probe,
@@ -447,6 +457,7 @@ def refine(
     given = {f.name for f in fields(cfg) if _given(ctx, f.name)}
 
     def announce(start: RefineStart) -> None:
+        show_notes()
         for flag in start.ignored_flags:
             stderr.print(
                 f"warning: {flag} is not used by --objective {start.objective}; ignored",

@@ -22,6 +22,7 @@ from mimcli.evaluate.linear import LAST_BLOCKS
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
 from mimcli.models.sources import load_model
+from mimcli.models.spec import HEADS_SUFFIX, parse_model_spec
 from mimcli.results import REFINED_SUFFIX, EvalResult, ModelEval, save_eval_json
 from mimcli.runs import RunFolder
 from mimcli.runtime import Progress, configure_threads, select_device, torch_threads
@@ -35,6 +36,7 @@ class EvalConfig:
     train: Path
     val: Path
     out: Path | None = None
+    num_heads: int | None = None  # for every MODEL without a count in its file or #heads=N
     protocols: tuple[str, ...] = PROTOCOLS
     ks: tuple[int, ...] = (10, 20)
     tau: float = 0.07
@@ -54,10 +56,15 @@ class EvalConfig:
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
-    """A refine run folder evaluates its exported encoder; anything else is a MODEL argument."""
-    run = RunFolder.at(Path(spec))
+    """A refine run folder evaluates its exported encoder; anything else is a MODEL argument
+    (a ``#heads=N`` suffix stays on what is loaded, not on a run folder's label)."""
+    parsed = parse_model_spec(spec)
+    run = RunFolder.at(Path(parsed.source))
     if run is not None:
-        return str(run.export_dir), f"{spec}{REFINED_SUFFIX}"
+        export = str(run.export_dir)
+        if parsed.num_heads is not None:
+            export += f"{HEADS_SUFFIX}{parsed.num_heads}"
+        return export, f"{parsed.source}{REFINED_SUFFIX}"
     return spec, spec
 
 
@@ -79,7 +86,7 @@ def evaluate_model(
     source, label = resolve_eval_source(spec)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = load_model(source)
+    loaded = load_model(source, num_heads=cfg.num_heads)
     if getattr(loaded.model, "cls_token", None) is None:
         raise MimcliError(f"{spec}: the model has no class token; eval reads the CLS token")
     depth = loaded.num_blocks

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mimcli.errors import MimcliError
+from mimcli.models.spec import model_source
 from mimcli.results import EvalResult, ModelEval
 from mimcli.runs import RunFolder
 
@@ -21,7 +22,9 @@ def teacher_sources(run: dict[str, Any]) -> list[str]:
 
 def base_model_info(spec: str, pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None]:
     """(Hub repo id, license) of the model a run started from, where they can be known offline
-    (timm's pretrained configs, a local folder's model card) or from the Hub's cached card."""
+    (timm's pretrained configs, a local folder's model card) or from the Hub's cached card.
+    A MODEL's ``#heads=N`` suffix is not part of where it came from."""
+    spec = model_source(spec)
     hub_id: str | None = None
     license_: str | None = pretrained_cfg.get("license")
     if spec.startswith("hf-hub:"):

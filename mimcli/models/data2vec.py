@@ -13,8 +13,9 @@ Decisions:
   other modalities' encoders are dropped. Variants timm cannot represent (pre-norm
   ``layer_norm_first`` with a final ``norm``, ALiBi, cosine attention, several extra tokens) and any
   key we do not recognise are refused with their names, never silently dropped. Heads come from the
-  checkpoint's ``cfg["model"]["num_heads"]`` when the cfg was saved as a plain dict, else from
-  ``guess_num_heads``. Weights are cast to float32.
+  checkpoint's ``cfg.model.num_heads``, whether the cfg was saved as a plain dict or as an OmegaConf
+  ``DictConfig`` (read as inert data, omegaconf is never imported); without it the resolver
+  settles the count (``build.settle_num_heads``). Weights are cast to float32.
 - data2vec-vision LayerNorm eps: transformers' config says ``layer_norm_eps`` (1e-12 in the released
   configs); timm's Beit always uses 1e-6 and ``model_args`` must stay JSON, so no ``norm_layer`` can
   be passed. We keep timm's 1e-6, which is what the original BEiT-based data2vec training code used;
@@ -39,7 +40,7 @@ from mimcli.models.build import (
     ConvertedCheckpoint,
     count_blocks,
     default_pretrained_cfg,
-    guess_num_heads,
+    recorded_num_heads,
 )
 from mimcli.models.postnorm import POSTNORM_ARCH
 
@@ -100,13 +101,6 @@ def looks_like_data2vec2(checkpoint: dict[str, Any]) -> bool:
     return any(k.startswith("modality_encoders.") for k in _fairseq_weights(checkpoint))
 
 
-def _fairseq_num_heads(checkpoint: dict[str, Any]) -> int | None:
-    cfg = checkpoint.get("cfg")
-    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
-    heads = model_cfg.get("num_heads") if isinstance(model_cfg, dict) else None
-    return heads if isinstance(heads, int) and heads > 0 else None
-
-
 def convert_data2vec2(checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
     """Translate a data2vec 2.0 image checkpoint to ``mimcli_vit_postnorm``.
 
@@ -118,16 +112,20 @@ def convert_data2vec2(checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
         The converted checkpoint; the architecture (width, depth, patch, image size, MLP ratio) is
         read from tensor shapes.
     """
-    weights = _fairseq_weights(checkpoint)
-    kept = {
-        k: v
-        for k, v in weights.items()
-        if isinstance(v, torch.Tensor)
-        and "decoder" not in k
-        and "_ema" not in k
-        and not k.startswith("recon_proj.")
-        and not (k.startswith("modality_encoders.") and not k.startswith(IMAGE))
-    }
+    weights = {k: v for k, v in _fairseq_weights(checkpoint).items() if isinstance(v, torch.Tensor)}
+    left_out: dict[str, int] = {}
+    kept = {}
+    for k, v in weights.items():
+        if "decoder" in k:
+            left_out["decoder"] = left_out.get("decoder", 0) + 1
+        elif "_ema" in k:
+            left_out["EMA teacher"] = left_out.get("EMA teacher", 0) + 1
+        elif k.startswith("recon_proj."):
+            left_out["recon_proj"] = left_out.get("recon_proj", 0) + 1
+        elif k.startswith("modality_encoders.") and not k.startswith(IMAGE):
+            left_out["other modalities"] = left_out.get("other modalities", 0) + 1
+        else:
+            kept[k] = v
     required = [D2V2_PATCH + "weight", D2V2_PATCH + "bias", D2V2_CLS, D2V2_POS]
     required += [D2V2_NORM + "weight", D2V2_NORM + "bias"]
     missing = [k for k in required if k not in kept]
@@ -185,9 +183,6 @@ def convert_data2vec2(checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
             f"{_show(sorted(kept))}; expected only {D2V2_EXPECTED} (decoder and _ema are dropped)"
         )
 
-    num_heads = _fairseq_num_heads(checkpoint) or guess_num_heads(dim)
-    if dim % num_heads:
-        raise MimcliError(f"width {dim} is not divisible by {num_heads} attention heads")
     img_size = side * ph if ph == pw else [side * ph, side * pw]
     model_args: dict[str, Any] = dict(
         img_size=img_size,
@@ -195,10 +190,12 @@ def convert_data2vec2(checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
         in_chans=in_chans,
         embed_dim=dim,
         depth=depth,
-        num_heads=num_heads,
         mlp_ratio=_mlp_ratio(int(sd["blocks.0.mlp.fc1.weight"].shape[0]), dim),
         global_pool="token",
     )
+    heads = recorded_num_heads(checkpoint, dim)
+    if heads is not None:
+        model_args["num_heads"] = heads[0]
     return ConvertedCheckpoint(
         arch=POSTNORM_ARCH,
         model_args=model_args,
@@ -206,6 +203,8 @@ def convert_data2vec2(checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
         pretrained_cfg=default_pretrained_cfg(img_size if ph == pw else tuple(img_size)),
         decoder=None,
         format="data2vec2",
+        heads_from=heads[1] if heads is not None else "",
+        dropped=[f"{what} ({n} tensors)" for what, n in left_out.items()],
     )
 
 
@@ -271,7 +270,14 @@ def convert_data2vec_vision(
 
     # With the prefix, everything outside it is a head (classifier, segmentation); without it,
     # heads sit beside the encoder keys.
-    if any(k.startswith(VISION_PREFIX) for k in state_dict):
+    prefixed = any(k.startswith(VISION_PREFIX) for k in state_dict)
+    head_keys = [
+        k
+        for k in state_dict
+        if (not k.startswith(VISION_PREFIX) if prefixed else k.startswith(VISION_HEADS))
+    ]
+    dropped = [f"heads ({len(head_keys)} tensors)"] if head_keys else []
+    if prefixed:
         src = {
             k[len(VISION_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(VISION_PREFIX)
         }
@@ -381,6 +387,8 @@ def convert_data2vec_vision(
         pretrained_cfg=pretrained_cfg,
         decoder=None,
         format="data2vec-vision",
+        heads_from="config.json num_attention_heads",
+        dropped=dropped,
     )
 
 

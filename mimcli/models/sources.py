@@ -6,15 +6,23 @@ Accepted forms:
 2. ``hf-hub:owner/repo`` — a timm layout (config.json + model.safetensors) or a transformers
    data2vec-vision repo (converted onto timm's BEiT).
 3. a folder with either layout (or ``local-dir:/path``).
-4. a checkpoint file: official MAE ``.pth``, data2vec 2.0 ``.pt``, MIM-Refiner/MAE-CT ``.th``, or a
-   timm state dict in ``.safetensors``.
+4. a checkpoint file: official MAE ``.pth`` (also ``main_pretrain.py``'s training checkpoints),
+   data2vec 2.0 ``.pt``, MIM-Refiner ``.th`` (``cls_tokens.tokens``), MAE-CT ``.th`` (timm names,
+   positions without a CLS slot), or a timm state dict (register tokens included).
 5. an ``http(s)://`` URL of a file in (4), cached after the first download.
+
+Any form takes a ``#heads=N`` suffix (``models.spec``) for checkpoints that do not record their
+attention-head count; ``load_model(..., num_heads=N)`` (the commands' ``--num-heads``) does the same
+for a MODEL without the suffix. A count the file records is never overridden (a different one
+given is an error). Every load logs one note (``LoadedModel.note``) on the ``mimcli`` logger:
+format, architecture, where the head count came from, what was left out.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +40,21 @@ from mimcli.hub.download import (
     hub_file,
     hub_file_exists,
 )
-from mimcli.models.build import ConvertedCheckpoint, build_model, load_weights
+from mimcli.models.build import (
+    HEADS_FLAG,
+    ConvertedCheckpoint,
+    build_model,
+    load_weights,
+    model_num_heads,
+    recorded_num_heads,
+    settle_num_heads,
+)
 from mimcli.models.checkpoints import PICKLE_SUFFIXES, read_checkpoint, tensors_only
 from mimcli.models.converters import (
+    convert_maect,
     convert_refiner,
     convert_timm_vit,
+    looks_like_maect,
     looks_like_refiner,
     model_args_from_metadata,
     strip_prefixes,
@@ -47,8 +65,10 @@ from mimcli.models.data2vec import (
     looks_like_data2vec2,
     looks_like_data2vec_vision,
 )
+from mimcli.models.spec import HEADS_SUFFIX, parse_model_spec
 
 CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,12 +79,16 @@ class LoadedModel:
         model: timm encoder (``num_classes=0``), eval mode, on CPU.
         arch / model_args: ``timm.create_model(arch, num_classes=0, **model_args)`` rebuilds it.
         pretrained_cfg: input size, mean/std, crop and interpolation for evaluation.
-        source: the MODEL argument as given; ``source_kind`` says how it was read.
-        format: checkpoint format (``timm``, ``mae``, ``data2vec2``, ``data2vec-vision``, ...).
+        source: the MODEL argument as given (with any ``#heads=`` suffix); ``source_kind`` says
+            how it was read.
+        format: checkpoint format (``timm``, ``mae``, ``MAE-CT``, ``refiner``, ``data2vec2``,
+            ``data2vec-vision``).
         decoder: MAE decoder weights when the source carried them (an MAE ``_full`` checkpoint,
             or ``decoder.safetensors`` beside the weights of a folder), else None.
         decoder_metadata: that ``decoder.safetensors``'s metadata (``decoder_num_heads``,
             ``layer_norm_eps``, ``norm_pix_loss``, ``patch_size``), else None.
+        notes: the load note's parts: format and architecture, where the attention-head count
+            came from, what was left out (decoder, EMA teacher, classifier).
     """
 
     model: nn.Module
@@ -86,8 +110,46 @@ class LoadedModel:
     def embed_dim(self) -> int:
         return int(self.model.embed_dim)  # type: ignore[arg-type]
 
+    @property
+    def num_heads(self) -> int | None:
+        return model_num_heads(self.model)
 
-def _finish(converted: ConvertedCheckpoint, source: str, kind: str) -> LoadedModel:
+    @property
+    def note(self) -> str:
+        """One line: ``SOURCE: <format> read as <arch>; N attention heads (from ...); ...``."""
+        return f"{self.source}: {'; '.join(self.notes)}"
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """The head count the user gave for one MODEL, and how (for messages and the note)."""
+
+    count: int | None = None
+    given_by: str = HEADS_FLAG
+
+
+def _describe(
+    fmt: str, arch: str, model: nn.Module, heads_note: str, dropped: list[str]
+) -> list[str]:
+    shape = []
+    if hasattr(model, "embed_dim"):
+        shape.append(f"width {model.embed_dim}")
+    if hasattr(model, "blocks"):
+        shape.append(f"{len(model.blocks)} blocks")  # type: ignore[arg-type]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        shape.append("patch " + "x".join(str(p) for p in dict.fromkeys(patch)))
+    reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    if reg:
+        shape.append(f"{reg} register tokens")
+    notes = [f"{fmt} read as {arch} ({', '.join(shape)})", heads_note]
+    if dropped:
+        notes.append(f"left out: {', '.join(dropped)}")
+    return notes
+
+
+def _finish(converted: ConvertedCheckpoint, source: str, kind: str, heads: _Heads) -> LoadedModel:
+    heads_note = settle_num_heads(converted, heads.count, heads.given_by, source)
     model = build_model(converted.arch, converted.model_args)
     load_weights(model, converted.state_dict, source)
     cfg = dict(model.pretrained_cfg)
@@ -104,6 +166,7 @@ def _finish(converted: ConvertedCheckpoint, source: str, kind: str) -> LoadedMod
         source_kind=kind,
         format=converted.format,
         decoder=converted.decoder,
+        notes=_describe(converted.format, converted.arch, model, heads_note, converted.dropped),
     )
 
 
@@ -115,7 +178,9 @@ def convert_checkpoint(path: Path, source: str) -> ConvertedCheckpoint:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata()
     if isinstance(top.get("state_dict"), dict) and looks_like_refiner(top["state_dict"]):
-        return convert_refiner(tensors_only(top["state_dict"]))
+        sd = tensors_only(top["state_dict"])
+        dim = next((int(v.shape[-1]) for k, v in sd.items() if k.endswith("cls_tokens.tokens")), 0)
+        return convert_refiner(sd, heads=recorded_num_heads(top, dim))
     if looks_like_data2vec2(top):
         return convert_data2vec2(top)
     inner = top.get("model") if isinstance(top.get("model"), dict) else None
@@ -126,23 +191,31 @@ def convert_checkpoint(path: Path, source: str) -> ConvertedCheckpoint:
     if looks_like_refiner(weights):
         return convert_refiner(weights)
     if "patch_embed.proj.weight" in weights:
+        if looks_like_maect(top, weights):
+            return convert_maect(top, weights)
         fmt = "mae" if inner is not None and "model" in top else "timm"
         cfg = None
         if metadata and "pretrained_cfg" in metadata:
             cfg = json.loads(metadata["pretrained_cfg"])
+        dim = int(weights["patch_embed.proj.weight"].shape[0])
         return convert_timm_vit(
-            weights, fmt=fmt, model_args=model_args_from_metadata(metadata), pretrained_cfg=cfg
+            weights,
+            fmt=fmt,
+            model_args=model_args_from_metadata(metadata),
+            pretrained_cfg=cfg,
+            heads=recorded_num_heads(top, dim),
         )
     sample = ", ".join(list(weights)[:4]) or "no tensors"
     raise MimcliError(
         f"{source}: unsupported checkpoint (found keys like {sample}); expected an MAE .pth "
         "('model' with patch_embed.proj.*, blocks.<i>.*), a data2vec 2.0 .pt "
-        "(modality_encoders.IMAGE.*), a MIM-Refiner/MAE-CT .th (state_dict with cls_tokens.tokens, "
-        "pos_embed.embed) or a timm ViT state dict in .safetensors"
+        "(modality_encoders.IMAGE.*), a MIM-Refiner .th (state_dict with cls_tokens.tokens, "
+        "pos_embed.embed), an MAE-CT .th (state_dict with cls_token, pos_embed without a CLS "
+        "slot, blocks.<i>.*) or a timm ViT state dict in .safetensors"
     )
 
 
-def _load_timm(spec: str, name: str, kind: str) -> LoadedModel:
+def _load_timm(spec: str, name: str, kind: str, heads: _Heads) -> LoadedModel:
     """Through timm's own loader (timm names, ``hf-hub:`` and ``local-dir:`` timm layouts)."""
     try:
         if kind == "folder":
@@ -164,6 +237,14 @@ def _load_timm(spec: str, name: str, kind: str) -> LoadedModel:
     model_args: dict[str, Any] = {}
     if kind in ("hf-hub", "folder"):
         model_args = dict(_read_layout_config(spec, kind).get("model_args") or {})
+    count = model_num_heads(model)
+    where = "config.json" if kind in ("hf-hub", "folder") else f"timm's {arch}"
+    if heads.count is not None and count is not None and heads.count != count:
+        raise MimcliError(
+            f"{spec}: its {where} gives {count} attention heads, not {heads.count}; leave out "
+            f"{heads.given_by} for this MODEL"
+        )
+    heads_note = f"{count} attention heads (from {where})" if count else "no attention blocks"
     return LoadedModel(
         model=model,
         arch=arch,
@@ -172,6 +253,7 @@ def _load_timm(spec: str, name: str, kind: str) -> LoadedModel:
         source=spec,
         source_kind=kind,
         format="timm",
+        notes=_describe("timm layout" if kind != "timm" else "timm", arch, model, heads_note, []),
     )
 
 
@@ -191,7 +273,7 @@ def _folder_of(spec: str) -> Path:
 
 
 def _load_data2vec_vision(
-    spec: str, config: dict[str, Any], files: dict[str, Path | None], kind: str
+    spec: str, config: dict[str, Any], files: dict[str, Path | None], kind: str, heads: _Heads
 ) -> LoadedModel:
     weights_path = files.get("model.safetensors") or files.get("pytorch_model.bin")
     if weights_path is None:
@@ -199,10 +281,10 @@ def _load_data2vec_vision(
             f"{spec}: data2vec-vision layout without model.safetensors or pytorch_model.bin"
         )
     state = tensors_only(read_checkpoint(weights_path))
-    return _finish(convert_data2vec_vision(state, config), spec, kind)
+    return _finish(convert_data2vec_vision(state, config), spec, kind, heads)
 
 
-def _load_layout(spec: str, kind: str) -> LoadedModel:
+def _load_layout(spec: str, kind: str, heads: _Heads) -> LoadedModel:
     """A folder or Hub repo: timm layout, or transformers data2vec-vision layout."""
     config = _read_layout_config(spec, kind)
     if looks_like_data2vec_vision(config):
@@ -218,7 +300,7 @@ def _load_layout(spec: str, kind: str) -> LoadedModel:
                 )
             if files[name] is not None:
                 break
-        return _load_data2vec_vision(spec, config, files, kind)
+        return _load_data2vec_vision(spec, config, files, kind, heads)
     if "architecture" not in config:
         raise MimcliError(
             f"{spec}: config.json has neither timm's 'architecture' nor transformers' "
@@ -231,10 +313,10 @@ def _load_layout(spec: str, kind: str) -> LoadedModel:
             and not (folder / "pytorch_model.bin").is_file()
         ):
             raise MimcliError(f"{spec}: timm layout folder without model.safetensors")
-        loaded = _load_timm(spec, f"local-dir:{folder}", kind)
+        loaded = _load_timm(spec, f"local-dir:{folder}", kind, heads)
         _attach_folder_decoder(loaded, folder)
         return loaded
-    return _load_timm(spec, spec, kind)
+    return _load_timm(spec, spec, kind, heads)
 
 
 DECODER_FILE = "decoder.safetensors"
@@ -269,25 +351,49 @@ def _timm_name_error(spec: str) -> MimcliError:
     return MimcliError(f"unknown model {spec!r}: not a file, folder or timm pretrained name{hint}")
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Resolve a MODEL argument to an encoder in eval mode on CPU (see the module docstring)."""
-    spec = spec.strip()
+def load_model(spec: str, num_heads: int | None = None) -> LoadedModel:
+    """Resolve a MODEL argument to an encoder in eval mode on CPU (see the module docstring).
+
+    Args:
+        spec: the MODEL argument, optionally ending in ``#heads=N``.
+        num_heads: attention heads for a checkpoint that does not record them (``--num-heads``);
+            the MODEL's own ``#heads=`` suffix wins over it.
+
+    Returns:
+        The loaded model; its one-line ``note`` is also logged (logger ``mimcli``, INFO).
+    """
+    parsed = parse_model_spec(spec)
+    if parsed.num_heads is not None:
+        heads = _Heads(parsed.num_heads, HEADS_SUFFIX + str(parsed.num_heads))
+    elif num_heads is not None:
+        if num_heads < 1:
+            raise MimcliError(f"{HEADS_FLAG} must be at least 1, got {num_heads}")
+        heads = _Heads(num_heads, f"{HEADS_FLAG} {num_heads}")
+    else:
+        heads = _Heads()
+    loaded = _resolve(parsed.source, heads)
+    loaded.source = spec.strip()
+    log.info(loaded.note)
+    return loaded
+
+
+def _resolve(spec: str, heads: _Heads) -> LoadedModel:
     if not spec:
         raise MimcliError("empty MODEL argument")
     if spec.startswith(("http://", "https://")):
         path = download_url(spec)
-        return _finish(convert_checkpoint(path, spec), spec, "url")
+        return _finish(convert_checkpoint(path, spec), spec, "url", heads)
     if spec.startswith("hf-hub:"):
-        return _load_layout(spec, "hf-hub")
+        return _load_layout(spec, "hf-hub", heads)
     path = _folder_of(spec)
     if spec.startswith("local-dir:") or path.is_dir():
         if not path.is_dir():
             raise MimcliError(f"{spec}: no such folder")
-        return _load_layout(spec, "folder")
+        return _load_layout(spec, "folder", heads)
     if path.is_file():
-        return _finish(convert_checkpoint(path, spec), spec, "file")
+        return _finish(convert_checkpoint(path, spec), spec, "file", heads)
     if _looks_like_path(spec):
         raise MimcliError(f"{spec}: no such file or folder")
     if not timm.list_pretrained(spec) and not timm.list_pretrained(spec + ".*"):
         raise _timm_name_error(spec)
-    return _load_timm(spec, spec, "timm")
+    return _load_timm(spec, spec, "timm", heads)

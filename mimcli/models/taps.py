@@ -20,7 +20,9 @@ class BlockTaps:
 
     Attributes:
         cls: (B, K, D) CLS token after each tapped block (raw residual stream).
-        patch: (B, K, D) mean of the patch tokens after each tapped block.
+        patch: (B, K, D) mean of the patch tokens after each tapped block (register tokens are
+            prefix tokens: ``forward_intermediates`` hands them over with the CLS token, so
+            they are never in this mean).
         cls_norm: (B, D) CLS token of the last block after the final norm (None if no norm).
         patch_norm: (B, D) mean patch token of the last block after the final norm.
     """
@@ -72,6 +74,7 @@ def tap_blocks(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) ->
         return_prefix_tokens=True,
         stop_early=True,
     )
+    # prefix = CLS then any register tokens (timm's _pos_embed order); the rest are patches
     cls = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)
     patch = torch.stack([tokens.mean(dim=1) for tokens, _ in outputs], dim=1)
     cls_norm = patch_norm = None

@@ -20,6 +20,7 @@ class RefineConfig:
     data: Path
     out: Path
     objective: str = "nna"
+    num_heads: int | None = None  # MODEL's attention heads when its file has no count
     blocks: str | None = None  # None: the objective's default (NNA: auto)
     probe: Path | None = None
     head_epochs: float = 20.0
@@ -114,5 +115,5 @@ RESUME_KEYS = (
     "temperature", "local_crops", "global_scale", "local_scale", "photometric", "freeze_blocks",
     "teacher", "mask_ratio", "momentum", "image_weight", "mimic_weight", "reconstruction",
     "decoder", "lr", "head_lr", "layer_decay", "weight_decay", "head_weight_decay", "ema",
-    "pos_embed_resize",
+    "pos_embed_resize", "num_heads",
 )  # fmt: skip

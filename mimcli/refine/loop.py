@@ -101,7 +101,7 @@ class Refiner:
                 f"--data has {len(self.images)} images, fewer than one batch "
                 f"(--batch-size {cfg.batch_size})"
             )
-        self.loaded = load_model(cfg.model)
+        self.loaded = load_model(cfg.model, num_heads=cfg.num_heads)
         depth, dim = self.loaded.num_blocks, self.loaded.embed_dim
         self.ignored_options = ignored_options(cfg.objective, asdict(cfg), depth, dim)
         self.cfg = cfg = fill_defaults(cfg, depth, dim)
@@ -178,6 +178,7 @@ class Refiner:
                 "arch": self.loaded.arch,
                 "model_args": self.loaded.model_args,
                 "format": self.loaded.format,
+                "num_heads": self.loaded.num_heads,
             },
             "environment": environment(),
         }
@@ -362,7 +363,7 @@ class Refiner:
                 f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
                 "resume with the same options"
             )
-        check_resume(self.cfg, self.run)
+        check_resume(self.cfg, self.run, self.loaded.num_heads)
         self.encoder.load_state_dict(state["encoder"])
         self.ema.load_state_dict(state["ema"])
         self.objective.load_state_dict(state["objective"])

@@ -33,6 +33,7 @@ def _probe(cfg: RefineConfig, out: Path) -> None:
     run_probe(
         ProbeConfig(
             model=cfg.model,
+            num_heads=cfg.num_heads,
             train=cfg.probe_train,  # type: ignore[arg-type]
             val=cfg.probe_val,  # type: ignore[arg-type]
             out=out,

@@ -99,10 +99,20 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
     return replace(cfg, **updates)
 
 
-def check_resume(cfg: RefineConfig, run: RunFolder) -> None:
-    """``--resume`` continues the run only with its objective and the options that shape it."""
+def check_resume(cfg: RefineConfig, run: RunFolder, num_heads: int | None = None) -> None:
+    """``--resume`` continues the run only with its objective, the options that shape it and
+    the attention-head count its MODEL was read with (``num_heads``: the one loaded now; a MODEL
+    given again without its ``#heads=`` suffix could load with another count)."""
+    record = run.read_config()
     # runs recorded before the resize rule was resized the timm way
-    saved = {"pos_embed_resize": posembed.TIMM, **(run.saved_options() or {})}
+    saved = {"pos_embed_resize": posembed.TIMM, **record.get("config", {})}
+    was_heads = record.get("resolved", {}).get("num_heads")
+    if was_heads is not None and num_heads is not None and was_heads != num_heads:
+        raise MimcliError(
+            f"--resume: {cfg.out} refined MODEL read with {was_heads} attention heads, it now "
+            f"loads with {num_heads}; resume with --num-heads {was_heads} or MODEL#heads="
+            f"{was_heads} (the run's MODEL was {saved.get('model', '?')})"
+        )
     was = saved.get("objective", "nna")
     if was != cfg.objective:
         raise MimcliError(
