@@ -42,11 +42,13 @@ from mimcli.models.converters import (
     strip_prefixes,
 )
 from mimcli.models.data2vec import (
+    NO_FINAL_NORM_NOTE,
     convert_data2vec2,
     convert_data2vec_vision,
     looks_like_data2vec2,
     looks_like_data2vec_vision,
 )
+from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH
 
 CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
 
@@ -65,6 +67,8 @@ class LoadedModel:
             or ``decoder.safetensors`` beside the weights of a folder), else None.
         decoder_metadata: that ``decoder.safetensors``'s metadata (``decoder_num_heads``,
             ``layer_norm_eps``, ``norm_pix_loss``, ``patch_size``), else None.
+        notes: how the source was read where a reader would not guess it (one sentence each),
+            e.g. a data2vec-vision model loaded with no final norm.
     """
 
     model: nn.Module
@@ -199,7 +203,10 @@ def _load_data2vec_vision(
             f"{spec}: data2vec-vision layout without model.safetensors or pytorch_model.bin"
         )
     state = tensors_only(read_checkpoint(weights_path))
-    return _finish(convert_data2vec_vision(state, config), spec, kind)
+    loaded = _finish(convert_data2vec_vision(state, config), spec, kind)
+    if loaded.arch == BEIT_NO_FINAL_NORM_ARCH:
+        loaded.notes.append(NO_FINAL_NORM_NOTE)
+    return loaded
 
 
 def _load_layout(spec: str, kind: str) -> LoadedModel:
