@@ -40,7 +40,11 @@ Examples:
   mimcli eval vit_large_patch16_224.mae --train in1k/train --val in1k/val \\
       --protocols knn,lowshot --json
 
-A refine run folder (RUN_DIR) evaluates its exported encoder.
+  mimcli eval vit_large_patch16_224.mae runs/mae-l \\
+      mim-refiner:mae_refined_l16 --train in1k/train --val in1k/val
+
+A refine run folder (RUN_DIR) evaluates its exported encoder; mim-refiner:NAME is a model the \
+MIM-Refiner paper released (the last example: base model, your run and the paper's result).
 """
 
 

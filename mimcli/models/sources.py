@@ -9,6 +9,8 @@ Accepted forms:
 4. a checkpoint file: official MAE ``.pth``, data2vec 2.0 ``.pt``, MIM-Refiner/MAE-CT ``.th``, or a
    timm state dict in ``.safetensors``.
 5. an ``http(s)://`` URL of a file in (4), cached after the first download.
+6. ``mim-refiner:NAME`` — a model the MIM-Refiner paper released (``models.released``), downloaded
+   like (5) and checked against its published architecture.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from mimcli.models.data2vec import (
     looks_like_data2vec2,
     looks_like_data2vec_vision,
 )
-from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH
+from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH, POSTNORM_ARCH
+from mimcli.models.released import is_released_spec, released_model
 
 CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
 
@@ -258,6 +261,24 @@ def _attach_folder_decoder(loaded: LoadedModel, folder: Path) -> None:
         loaded.decoder_metadata = fh.metadata()
 
 
+def _load_released(spec: str) -> LoadedModel:
+    """``mim-refiner:NAME``: the paper's file through the URL cache, with its published head
+    count (heads cannot be read off weights) and its architecture checked."""
+    release = released_model(spec)
+    path = download_url(release.url, label=spec)
+    converted = convert_checkpoint(path, spec)
+    converted.model_args["num_heads"] = release.num_heads
+    problem = release.mismatch(converted.model_args, converted.arch == POSTNORM_ARCH)
+    if problem:
+        raise MimcliError(
+            f"{spec}: {path} (from {release.url}) is not the published {release.describe()}: "
+            f"{problem}; delete it to download again"
+        )
+    loaded = _finish(converted, spec, "mim-refiner")
+    loaded.notes.append(f"MIM-Refiner's {release.name}: {release.describe()}, from {release.url}")
+    return loaded
+
+
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.startswith((".", "~")) or Path(spec).suffix in CHECKPOINT_SUFFIXES
 
@@ -281,6 +302,8 @@ def load_model(spec: str) -> LoadedModel:
     spec = spec.strip()
     if not spec:
         raise MimcliError("empty MODEL argument")
+    if is_released_spec(spec):
+        return _load_released(spec)
     if spec.startswith(("http://", "https://")):
         path = download_url(spec)
         return _finish(convert_checkpoint(path, spec), spec, "url")
