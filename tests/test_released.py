@@ -18,6 +18,7 @@ from mimcli.hub.provenance import choose_license
 from mimcli.hub.urls import url_cache_path
 from mimcli.models.released import PREFIX, RELEASED
 from mimcli.models.sources import load_model
+from mimcli.models.taps import final_norm_of
 from tests.fileserver import FileServer
 
 # name: (postnorm, width, depth, heads, patch), as MIM-Refiner's hubconf.py publishes them
@@ -122,8 +123,9 @@ def test_every_released_name_loads_with_its_published_architecture(
     )
     assert args["img_size"] == 224 and loaded.num_blocks == depth
     assert loaded.model.blocks[0].attn.num_heads == heads
-    assert loaded.arch == ("mimcli_vit_postnorm" if postnorm else loaded.arch)
+    # post-norm: data2vec 2.0 blocks and no final norm; pre-norm: timm's ViT with its final norm
     assert postnorm == (loaded.arch == "mimcli_vit_postnorm")
+    assert postnorm == (final_norm_of(loaded.model) is None)
     assert (loaded.source, loaded.source_kind, loaded.format) == (
         f"{PREFIX}{name}",
         "mim-refiner",
