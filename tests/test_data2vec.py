@@ -443,7 +443,10 @@ def vision_checkpoint(
 
 def vision_reference(sd: dict, config: dict, images: torch.Tensor, prefix: str = ""):
     """transformers' Data2VecVisionModel: pre-norm layers with separate q/k/v (no key bias), BEiT
-    relative position bias (shared and/or per layer), layer scale; returns (blocks, pooled)."""
+    relative position bias (shared and/or per layer), layer scale; returns (blocks, sequence,
+    pooled). With ``use_mean_pooling`` the sequence has no final norm; the pooled mean goes through
+    ``pooler.layernorm`` when the weights have one (``add_pooling_layer=True``), else through
+    nothing (transformers' default ``add_pooling_layer=False`` builds no pooler)."""
     w = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     eps, heads = config["layer_norm_eps"], config["num_attention_heads"]
     x = patchify(
@@ -484,9 +487,11 @@ def vision_reference(sd: dict, config: dict, images: torch.Tensor, prefix: str =
         x = x + w.get(p + "lambda_2", 1.0) * h
         outs.append(x)
     if config["use_mean_pooling"]:
-        pooled = layer_norm(
-            x[:, 1:].mean(1), w["pooler.layernorm.weight"], w["pooler.layernorm.bias"], eps
-        )
+        pooled = x[:, 1:].mean(1)
+        if "pooler.layernorm.weight" in w:
+            pooled = layer_norm(
+                pooled, w["pooler.layernorm.weight"], w["pooler.layernorm.bias"], eps
+            )
         sequence = x
     else:
         sequence = layer_norm(x, w["layernorm.weight"], w["layernorm.bias"], eps)
@@ -562,10 +567,61 @@ def test_data2vec_vision_refuses_mismatched_weights_and_large_eps() -> None:
         convert_data2vec_vision(sd, {**config, "num_hidden_layers": 3})
     with pytest.raises(MimcliError, match=r"unexpected .*relative_position_bias_table"):
         convert_data2vec_vision(sd, {**config, "use_shared_relative_position_bias": False})
-    with pytest.raises(MimcliError, match=r"missing pooler\.layernorm\.weight"):
-        convert_data2vec_vision(sd, {**config, "use_mean_pooling": True})
     with pytest.raises(MimcliError, match="check image_size"):
         convert_data2vec_vision(sd, {**config, "image_size": 48})
     with pytest.raises(MimcliError, match="layer_norm_eps"):
         convert_data2vec_vision(sd, {**config, "layer_norm_eps": 1e-3})
     assert not looks_like_data2vec_vision({"model_type": "beit"})
+
+
+@pytest.mark.parametrize("prefix", ["", "data2vec_vision."])
+def test_data2vec_vision_without_pooler_runs_with_no_final_norm(prefix: str) -> None:
+    """transformers' default Data2VecVisionModel (add_pooling_layer=False) with use_mean_pooling,
+    or a segmentation model's backbone: no pooler.layernorm, so no final norm anywhere."""
+    sd, config = vision_checkpoint(shared=False, per_layer=True, mean_pooling=True, prefix=prefix)
+    sd = {k: v for k, v in sd.items() if ".pooler." not in f".{k}"}
+    if prefix:  # a segmentation model: decode and auxiliary heads beside the backbone
+        sd.pop("classifier.weight")
+        sd.pop("classifier.bias")
+        sd["decode_head.classifier.weight"] = torch.randn(5, 8, 1, 1)
+        sd["auxiliary_head.classifier.weight"] = torch.randn(5, 8, 1, 1)
+        sd["fpn1.0.weight"] = torch.randn(32, 32, 2, 2)
+    converted = convert_data2vec_vision(sd, config)  # refused before: "missing pooler.layernorm"
+    from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH
+    from mimcli.models.taps import final_norm_of
+
+    assert converted.arch == BEIT_NO_FINAL_NORM_ARCH
+    assert not [k for k in converted.state_dict if "norm." in k and not k.startswith("blocks.")]
+    args = json.loads(json.dumps(converted.model_args))
+    model = build_model(converted.arch, args).eval()
+    load_weights(model, converted.state_dict, "data2vec-vision test")
+    assert final_norm_of(model) is None
+    images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, sequence, pooled = vision_reference(
+            sd, {**config, "layer_norm_eps": 1e-6}, images, prefix
+        )
+        _, sequence_hf, _ = vision_reference(sd, config, images, prefix)
+        taps = tap_blocks(model, images)
+        got_sequence = model.forward_features(images)
+        got_pooled = model(images)
+    for got, want in zip(taps, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_sequence, expected[-1], atol=ATOL, rtol=0)  # identity norm
+    torch.testing.assert_close(got_sequence, sequence, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_sequence, sequence_hf, atol=EPS_ATOL, rtol=0)
+    torch.testing.assert_close(got_pooled, expected[-1][:, 1:].mean(1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_pooled, pooled, atol=ATOL, rtol=0)
+    # rebuilt from its name and JSON arguments alone (a refine export, a Hub repo): same function
+    rebuilt = build_model(converted.arch, args).eval()
+    load_weights(rebuilt, dict(model.state_dict()), "rebuilt")
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward_features(images), got_sequence)
+
+
+def test_data2vec_vision_final_layernorm_with_mean_pooling_is_refused() -> None:
+    """use_mean_pooling makes transformers' final ``layernorm`` an identity: weights holding one
+    contradict config.json."""
+    sd, config = vision_checkpoint(shared=True, per_layer=False, mean_pooling=False)
+    with pytest.raises(MimcliError, match=r"unexpected layernorm\.bias, layernorm\.weight"):
+        convert_data2vec_vision(sd, {**config, "use_mean_pooling": True})

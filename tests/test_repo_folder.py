@@ -218,6 +218,33 @@ def test_postnorm_encoder_is_published_with_a_loading_note(tmp_path):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
+def test_beit_without_final_norm_is_published_with_a_loading_note(tmp_path):
+    """A data2vec-vision model saved without its pooler loads as mimcli_beit_no_final_norm; timm
+    alone cannot build it, so the repo says how to load it and the build warns."""
+    from timm.models import save_for_hf
+
+    from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH
+
+    args = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_abs_pos_emb=False,
+        use_rel_pos_bias=True, init_values=0.1, global_pool="avg", use_fc_norm=True,
+    )  # fmt: skip
+    model = timm.create_model(BEIT_NO_FINAL_NORM_ARCH, num_classes=0, **args).eval()
+    run = tmp_path / "run"
+    save_for_hf(model, str(run / "export"), model_args=args, safe_serialization=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "d2v"}, "resolved": {}}))
+    built = build_repo_folder(run, tmp_path / "repo", "alice/d2v", license="apache-2.0")
+    assert not built.stock_timm
+    assert any("BEiT with no final norm" in w for w in built.warnings)
+    _, body = card_meta(built.path)
+    assert "Needs mimcli to load" in body and "*no final norm*" in body
+    assert "import mimcli.models.postnorm" in body and "post-norm* ViT" not in body
+    loaded = timm.create_model(f"local-dir:{built.path}", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x), model.forward_features(x))
+
+
 def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
     with pytest.raises(MimcliError, match="not a finished mimcli refine run"):
         build_repo_folder(tmp_path, tmp_path / "repo", "a/b")

@@ -62,6 +62,22 @@ def test_hf_hub_data2vec_vision_layout(hub, tmp_path):
         assert torch.equal(local.model.forward_features(X), loaded.model.forward_features(X))
 
 
+def test_data2vec_vision_folder_without_pooler_loads_with_no_final_norm(tmp_path):
+    """transformers' default Data2VecVisionModel save (use_mean_pooling, no pooler): loaded with
+    an identity final norm, and the load says so."""
+    sd, config = vision_checkpoint(shared=True, per_layer=False, mean_pooling=True)
+    sd = {k: v.contiguous() for k, v in sd.items() if not k.startswith("pooler.")}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_model(str(tmp_path))
+    assert loaded.arch == "mimcli_beit_no_final_norm" and loaded.format == "data2vec-vision"
+    assert any("no final norm" in note for note in loaded.notes)
+    with torch.no_grad():
+        blocks, sequence, _ = vision_reference(sd, {**config, "layer_norm_eps": 1e-6}, X)
+        torch.testing.assert_close(loaded.model.forward_features(X), sequence, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded.model(X), blocks[-1][:, 1:].mean(1), atol=1e-5, rtol=0)
+
+
 def test_hf_hub_errors(hub):
     with pytest.raises(MimcliError, match="no such repo"):
         load_model("hf-hub:nobody/nothing")

@@ -46,8 +46,13 @@ Examples:
   mimcli eval ckpt/vit_w512.pth#heads=8 vit_base_patch16_224.mae \\
       --train data/train --val data/val
 
-A refine run folder (RUN_DIR) evaluates its exported encoder. --num-heads applies to every \
-MODEL without its own #heads=N; a MODEL whose file records another count is refused.
+  mimcli eval vit_large_patch16_224.mae runs/mae-l \\
+      mim-refiner:mae_refined_l16 --train in1k/train --val in1k/val
+
+A refine run folder (RUN_DIR) evaluates its exported encoder; mim-refiner:NAME is a model the \
+MIM-Refiner paper released (the last example: base model, your run and the paper's result). \
+--num-heads applies to every MODEL without its own #heads=N; a MODEL whose file records another \
+count is refused.
 """
     + HEADS_HELP
 )

@@ -57,7 +57,8 @@ Examples:
 
 MODEL: a timm name with a pretrained tag, hf-hub:owner/repo, a folder (timm or transformers \
 data2vec-vision layout), a checkpoint file (MAE .pth, data2vec 2.0 .pt, MIM-Refiner/MAE-CT .th, \
-timm .safetensors) or an http(s) URL of such a file.
+timm .safetensors), an http(s) URL of such a file, or mim-refiner:NAME, a model the MIM-Refiner \
+paper released (mae_refined_l16, d2v2_refined_h14, ...; downloaded once, resumable).
 """
     + HEADS_HELP
 )

@@ -21,6 +21,8 @@ from mimcli.evaluate.knn import last_block_knn
 from mimcli.evaluate.linear import LAST_BLOCKS
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
+from mimcli.models.released import PREFIX as RELEASED_PREFIX
+from mimcli.models.released import is_released_spec
 from mimcli.models.sources import load_model
 from mimcli.models.spec import HEADS_SUFFIX, parse_model_spec
 from mimcli.results import REFINED_SUFFIX, EvalResult, ModelEval, save_eval_json
@@ -69,8 +71,20 @@ def resolve_eval_source(spec: str) -> tuple[str, str]:
 
 
 def _display_names(specs: Sequence[str]) -> list[str]:
-    names = [Path(s.rstrip("/")).name or s for s in specs]
+    """Column names: a path's last part; ``mim-refiner:NAME`` as given (it says whose model it
+    is); the whole MODEL arguments when those parts repeat."""
+    names = [s if is_released_spec(s) else Path(s.rstrip("/")).name or s for s in specs]
     return names if len(set(names)) == len(names) else list(specs)
+
+
+def _stage_labels(names: Sequence[str]) -> list[str]:
+    """Progress labels: at most 16 characters (``mim-refiner:`` dropped) and never two alike,
+    since the progress display keeps one bar per label."""
+    short = [n.removeprefix(RELEASED_PREFIX) for n in names]
+    short = [n if len(n) <= 16 else f"{n[:7]}…{n[-8:]}" for n in short]
+    if len(set(short)) < len(short):
+        short = [f"{i}:{n}" for i, n in enumerate(short, 1)]
+    return short
 
 
 def evaluate_model(
@@ -82,6 +96,7 @@ def evaluate_model(
     progress: Progress | None,
     device,
     backend: str,
+    label: str | None = None,
 ) -> ModelEval:
     source, label = resolve_eval_source(spec)
     timings: dict[str, float] = {}
@@ -109,7 +124,7 @@ def evaluate_model(
             device,
             use_cache=cfg.cache,
             progress=progress,
-            stage=f"{name[:12]}:{split}",
+            stage=f"{label or name[:12]}:{split}",
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
         )
@@ -189,9 +204,10 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed
     )
     names = _display_names(cfg.models)
+    labels = _stage_labels(names)
     models = [
-        evaluate_model(spec, name, cfg, train_images, val_images, progress, device, backend)
-        for spec, name in zip(cfg.models, names, strict=True)
+        evaluate_model(spec, name, cfg, train_images, val_images, progress, device, backend, label)
+        for spec, name, label in zip(cfg.models, names, labels, strict=True)
     ]
     result = EvalResult(
         models=models,

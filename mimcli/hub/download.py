@@ -1,18 +1,12 @@
-"""Remote sources: files from the Hugging Face Hub (through huggingface_hub) and plain URLs.
-
-Plain URLs are fetched once into ``$MIMCLI_CACHE`` (default ``~/.cache/mimcli``) under a name
-derived from the URL, through a temporary file that is renamed only when complete. Failures
-become one-line errors: offline or not found -> MimcliError (exit 2), a server failing after
+"""Remote sources: files from the Hugging Face Hub (through huggingface_hub) and plain URLs
+(``download_url``, from ``mimcli.hub.urls``: resumable, cached), with network and Hub errors
+mapped to one line: offline or not found -> MimcliError (exit 2), a server failing after
 retries -> RemoteError (exit 1).
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import socket
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -20,49 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mimcli.errors import MimcliError, RemoteError
-from mimcli.fileio import atomic_path, cache_dir
+from mimcli.hub.urls import download_url, url_cache_path
 
-RETRIES = 3
-BACKOFF_SECONDS = 0.5
-
-
-def url_cache_path(url: str) -> Path:
-    """Where ``url`` is cached: ``<cache>/downloads/<sha256 prefix>-<file name>``."""
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return cache_dir() / "downloads" / f"{digest}-{name}"
-
-
-def download_url(url: str, progress: bool = True) -> Path:
-    """Fetch ``url`` into the cache once and return the local path."""
-    target = url_cache_path(url)
-    if target.is_file():
-        return target
-    last_error: Exception | None = None
-    for attempt in range(RETRIES):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, atomic_path(target) as tmp:
-                with open(tmp, "wb") as fh:
-                    shutil.copyfileobj(response, fh, length=1 << 20)
-            return target
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403, 404, 410):
-                raise MimcliError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
-            last_error = exc
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, ConnectionRefusedError | OSError) and not isinstance(
-                reason, TimeoutError
-            ):
-                raise MimcliError(
-                    f"cannot download {url}: {reason} (offline?); it is not in the cache "
-                    f"{target.parent} — download it elsewhere and pass the local file instead"
-                ) from exc
-            last_error = exc
-        except (TimeoutError, ConnectionError) as exc:
-            last_error = exc
-        time.sleep(BACKOFF_SECONDS * 2**attempt)
-    raise RemoteError(f"cannot download {url} after {RETRIES} attempts: {last_error}")
+__all__ = [
+    "download_url",
+    "endpoint_reachable",
+    "hub_access",
+    "hub_errors_to_mimcli",
+    "hub_file",
+    "hub_file_exists",
+    "is_network_error",
+    "url_cache_path",
+]
 
 
 def hub_errors_to_mimcli(spec: str, exc: BaseException) -> MimcliError:

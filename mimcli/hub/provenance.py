@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mimcli.errors import MimcliError
+from mimcli.models.released import LICENSE_NOTE as RELEASE_LICENSE_NOTE
+from mimcli.models.released import is_released_spec
 from mimcli.models.spec import model_source
 from mimcli.results import EvalResult, ModelEval
 from mimcli.runs import RunFolder
@@ -78,12 +80,20 @@ def choose_license(
         base_spec: the MODEL argument the run started from.
 
     Returns:
-        (license, note for the card, warning or None); an unknown license is ``other``.
+        (license, note for the card, warning or None); an unknown license is ``other`` (for a
+        ``mim-refiner:NAME`` base, the note says the release states none and names its page).
     """
     if given:
         return given, "set with --license", None
     if inherited:
         return inherited, f"inherited from the base model {base_name}", None
+    if is_released_spec(base_spec):
+        return (
+            "other",
+            f"the base model {base_spec.strip()} was released with {RELEASE_LICENSE_NOTE}",
+            f"the license of {base_spec.strip()} is unknown ({RELEASE_LICENSE_NOTE}): the card "
+            "says `other`; pass --license",
+        )
     return (
         "other",
         "the base model's license is unknown; set it with --license",

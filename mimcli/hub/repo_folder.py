@@ -3,8 +3,9 @@ timm's layout, the model card, the run's configuration with secrets removed, eva
 and their plots. It is assembled under a temporary name beside the destination and renamed into
 place, so a failed build leaves an earlier folder as it was.
 
-Data2vec 2.0 encoders use mimcli's ``mimcli_vit_postnorm`` (post-norm blocks); no stock timm
-architecture computes that function, so such repos keep the architecture name, the card says that
+Data2vec 2.0 encoders use mimcli's ``mimcli_vit_postnorm`` (post-norm blocks), and data2vec-vision
+models saved without a pooler ``mimcli_beit_no_final_norm``; no stock timm architecture computes
+those functions, so such repos keep the architecture name, the card says that
 ``import mimcli.models.postnorm`` must run before ``timm.create_model``, and the build warns.
 """
 
@@ -23,7 +24,7 @@ from mimcli.fileio import write_json, write_text
 from mimcli.hub.provenance import base_model_info, choose_license, eval_columns, teacher_sources
 from mimcli.hub.scrub import scrub, scrub_literals
 from mimcli.hub.timm_layout import CONFIG_FILE, WEIGHTS_FILE, encoder_weights, write_timm_folder
-from mimcli.models.postnorm import POSTNORM_ARCH
+from mimcli.models.postnorm import MIMCLI_ARCHS, POSTNORM_ARCH
 from mimcli.report import modelcard
 from mimcli.results import EVAL_FILE, PROBE_FILE, EvalResult, load_eval, read_probe_json
 from mimcli.runs import CONFIG, EXPORT, RunFolder
@@ -41,7 +42,7 @@ class RepoFolder:
         path: the folder.
         files: its files, relative to ``path``, sorted.
         arch: the timm architecture of the encoder.
-        stock_timm: whether timm alone loads it (False for ``mimcli_vit_postnorm``).
+        stock_timm: whether timm alone loads it (False for ``postnorm.MIMCLI_ARCHS``).
         license: the license the card states.
         warnings: what the user should know (unknown license, post-norm, guessed eval column).
     """
@@ -139,10 +140,11 @@ def build_repo_folder(
     lic, note, unknown = choose_license(license, inherited, hub_id or base_spec, base_spec)
     if unknown:
         warnings.append(unknown)
-    stock = arch != POSTNORM_ARCH
+    stock = arch not in MIMCLI_ARCHS
     if not stock:
+        kind = "data2vec 2.0 post-norm" if arch == POSTNORM_ARCH else "BEiT with no final norm"
         warnings.append(
-            f"{arch} (data2vec 2.0 post-norm) is not a stock timm architecture: loading the repo "
+            f"{arch} ({kind}) is not a stock timm architecture: loading the repo "
             "needs `pip install mimcli` and `import mimcli.models.postnorm` before "
             "timm.create_model (the model card says so)"
         )

@@ -22,7 +22,11 @@ Decisions:
   the transformers eps differs from it by < 1e-6 relative for activations of variance >= 1 (the
   tests measure it). Configs with eps above 1e-5 are refused rather than approximated.
 - data2vec-vision pooling: ``use_mean_pooling`` -> ``global_pool="avg"`` with ``fc_norm``
-  (``pooler.layernorm``); otherwise ``"token"`` with the final ``norm`` (``layernorm``). The
+  (``pooler.layernorm``); otherwise ``"token"`` with the final ``norm`` (``layernorm``). With
+  ``use_mean_pooling`` and no ``pooler.*`` weights (transformers' ``Data2VecVisionModel`` builds no
+  pooler unless asked, and segmentation models keep none) transformers runs no final norm at all:
+  such weights load onto ``mimcli_beit_no_final_norm`` (timm's Beit with identity norms), which
+  the load note (``NO_FINAL_NORM_NOTE``) states. The
   released pre-trained checkpoints (facebook/data2vec-vision-base, -large) use a shared relative
   position bias and CLS pooling with a final norm; the ``-ft1k`` ones per-layer biases and mean
   pooling. ``mask_token``, ``relative_position_index`` buffers (timm rebuilds them) and heads
@@ -42,7 +46,7 @@ from mimcli.models.build import (
     default_pretrained_cfg,
     recorded_num_heads,
 )
-from mimcli.models.postnorm import POSTNORM_ARCH
+from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH, POSTNORM_ARCH
 
 IMAGE = "modality_encoders.IMAGE."
 D2V2_PATCH = IMAGE + "local_encoder.proj."
@@ -63,6 +67,10 @@ BLOCK_PARAMS = tuple(
 VISION_PREFIX = "data2vec_vision."
 VISION_HEADS = ("classifier.", "lm_head.", "decode_head.", "auxiliary_head.", "fpn")
 MAX_LAYER_NORM_EPS = 1e-5
+NO_FINAL_NORM_NOTE = (
+    "data2vec-vision with use_mean_pooling and no pooler.layernorm weights: loaded with no final "
+    "norm (identity), as transformers runs it; features are the last block's raw tokens"
+)
 BEIT_MEAN_STD = (0.5, 0.5, 0.5)
 
 
@@ -247,7 +255,8 @@ def convert_data2vec_vision(
 
     Returns:
         The converted checkpoint (arch ``beit_base_patch16_224`` or ``beit_large_patch16_224`` with
-        every size overridden in ``model_args``).
+        every size overridden in ``model_args``; ``mimcli_beit_no_final_norm`` for mean pooling
+        without pooler weights).
     """
     dim = int(config.get("hidden_size", 768))
     depth = int(config.get("num_hidden_layers", 12))
@@ -301,10 +310,14 @@ def convert_data2vec_vision(
     if shared_rel_pos:
         table = "relative_position_bias_table"
         renames[f"encoder.relative_position_bias.{table}"] = f"rel_pos_bias.{table}"
+    # Mean pooling with no pooler weights: transformers' final norm is an identity and there is
+    # no pooler norm either.
+    no_final_norm = mean_pooling and not any(k.startswith("pooler.") for k in src)
     final = "fc_norm" if mean_pooling else "norm"
     source_final = "pooler.layernorm" if mean_pooling else "layernorm"
-    for p in ("weight", "bias"):
-        renames[f"{source_final}.{p}"] = f"{final}.{p}"
+    if not no_final_norm:
+        for p in ("weight", "bias"):
+            renames[f"{source_final}.{p}"] = f"{final}.{p}"
     layer_scale = "encoder.layer.0.lambda_1" in src
     for i in range(depth):
         layer = f"encoder.layer.{i}."
@@ -328,7 +341,9 @@ def convert_data2vec_vision(
             f"data2vec-vision weights do not match config.json: missing {_show(missing)}; "
             f"unexpected {_show(unexpected)}; expected transformers keys [data2vec_vision.]"
             "embeddings.*, encoder.layer.<i>.attention.attention.query/key/value.*, "
-            f"encoder.layer.<i>.layernorm_before/after.*, {source_final}.* for this config"
+            "encoder.layer.<i>.layernorm_before/after.*, "
+            + ("no final norm" if no_final_norm else f"{source_final}.*")
+            + " for this config"
         )
     sd = {new: src[old].detach().to(torch.float32).contiguous() for old, new in renames.items()}
     for i in range(depth):
@@ -377,6 +392,8 @@ def convert_data2vec_vision(
         use_fc_norm=mean_pooling,
     )
     arch = f"beit_{'large' if dim >= 1024 else 'base'}_patch16_224"
+    if no_final_norm:
+        arch = BEIT_NO_FINAL_NORM_ARCH
     pretrained_cfg = default_pretrained_cfg(
         (img_h, img_w), mean=BEIT_MEAN_STD, std=BEIT_MEAN_STD, crop_pct=0.9
     )
@@ -393,6 +410,7 @@ def convert_data2vec_vision(
 
 
 __all__ = [
+    "NO_FINAL_NORM_NOTE",
     "convert_data2vec2",
     "convert_data2vec_vision",
     "looks_like_data2vec2",

@@ -4,6 +4,12 @@ data2vec 2.0 (Baevski et al., 2022) uses post-norm blocks, ``x = norm1(x + attn(
 x = norm2(x + mlp(x))``, a LayerNorm after the CLS concat and no final norm. timm has no such block,
 so we register one architecture, ``mimcli_vit_postnorm``, built from timm's VisionTransformer with
 ``block_fn=PostNormBlock``; block taps then work through timm's own ``forward_intermediates``.
+
+The other architecture timm lacks is registered here too, so that importing this module (as
+``models.build`` does, and as published model cards say) makes every mimcli architecture known:
+``mimcli_beit_no_final_norm``, timm's Beit with no final norm at all (data2vec-vision saved with
+mean pooling and no pooler, which transformers runs with an identity norm; timm's Beit always
+puts a LayerNorm either before or after pooling).
 """
 
 from __future__ import annotations
@@ -15,24 +21,32 @@ import torch
 from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed
 from timm.layers.attention import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 POSTNORM_ARCH = "mimcli_vit_postnorm"
+BEIT_NO_FINAL_NORM_ARCH = "mimcli_beit_no_final_norm"
+# Registered here, not in timm: loading them needs ``import mimcli.models.postnorm`` first.
+MIMCLI_ARCHS = (POSTNORM_ARCH, BEIT_NO_FINAL_NORM_ARCH)
 
 # timm looks up a default pretrained config per registered name; ours has no weights to fetch.
+_UNTRAINED = dict(
+    url="",
+    num_classes=0,
+    input_size=(3, 224, 224),
+    crop_pct=0.875,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    first_conv="patch_embed.proj",
+    classifier="head",
+)
 default_cfgs = generate_default_cfgs(
     {
-        f"{POSTNORM_ARCH}.untrained": dict(
-            url="",
-            num_classes=0,
-            input_size=(3, 224, 224),
-            crop_pct=0.875,
-            interpolation="bicubic",
-            mean=(0.485, 0.456, 0.406),
-            std=(0.229, 0.224, 0.225),
-            first_conv="patch_embed.proj",
-            classifier="head",
+        f"{POSTNORM_ARCH}.untrained": dict(_UNTRAINED),
+        f"{BEIT_NO_FINAL_NORM_ARCH}.untrained": dict(
+            _UNTRAINED, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9
         ),
     }
 )
@@ -121,3 +135,20 @@ def mimcli_vit_postnorm(pretrained: bool = False, **kwargs: Any) -> VisionTransf
     )
     args.update(kwargs)
     return build_model_with_cfg(VisionTransformer, POSTNORM_ARCH, pretrained, **args)
+
+
+class BeitNoFinalNorm(Beit):
+    """timm's Beit (same arguments) whose final ``norm`` and ``fc_norm`` are both identities: the
+    output is the last block's residual stream, as in transformers' Data2VecVisionModel with
+    ``use_mean_pooling`` and no pooler."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norm = nn.Identity()
+        self.fc_norm = nn.Identity()
+
+
+@register_model
+def mimcli_beit_no_final_norm(pretrained: bool = False, **kwargs: Any) -> Beit:
+    """BEiT with no final norm (``BeitNoFinalNorm``). Weights come from mimcli's converter."""
+    return build_model_with_cfg(BeitNoFinalNorm, BEIT_NO_FINAL_NORM_ARCH, pretrained, **kwargs)

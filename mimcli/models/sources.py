@@ -10,6 +10,8 @@ Accepted forms:
    data2vec 2.0 ``.pt``, MIM-Refiner ``.th`` (``cls_tokens.tokens``), MAE-CT ``.th`` (timm names,
    positions without a CLS slot), or a timm state dict (register tokens included).
 5. an ``http(s)://`` URL of a file in (4), cached after the first download.
+6. ``mim-refiner:NAME`` — a model the MIM-Refiner paper released (``models.released``), downloaded
+   like (5) and checked against its published architecture.
 
 Any form takes a ``#heads=N`` suffix (``models.spec``) for checkpoints that do not record their
 attention-head count; ``load_model(..., num_heads=N)`` (the commands' ``--num-heads``) does the same
@@ -60,11 +62,14 @@ from mimcli.models.converters import (
     strip_prefixes,
 )
 from mimcli.models.data2vec import (
+    NO_FINAL_NORM_NOTE,
     convert_data2vec2,
     convert_data2vec_vision,
     looks_like_data2vec2,
     looks_like_data2vec_vision,
 )
+from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH, POSTNORM_ARCH
+from mimcli.models.released import is_released_spec, released_model
 from mimcli.models.spec import HEADS_SUFFIX, parse_model_spec
 
 CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
@@ -88,7 +93,8 @@ class LoadedModel:
         decoder_metadata: that ``decoder.safetensors``'s metadata (``decoder_num_heads``,
             ``layer_norm_eps``, ``norm_pix_loss``, ``patch_size``), else None.
         notes: the load note's parts: format and architecture, where the attention-head count
-            came from, what was left out (decoder, EMA teacher, classifier).
+            came from, what was left out (decoder, EMA teacher, classifier), and anything a
+            reader would not guess (e.g. a data2vec-vision model loaded with no final norm).
     """
 
     model: nn.Module
@@ -281,7 +287,10 @@ def _load_data2vec_vision(
             f"{spec}: data2vec-vision layout without model.safetensors or pytorch_model.bin"
         )
     state = tensors_only(read_checkpoint(weights_path))
-    return _finish(convert_data2vec_vision(state, config), spec, kind, heads)
+    loaded = _finish(convert_data2vec_vision(state, config), spec, kind, heads)
+    if loaded.arch == BEIT_NO_FINAL_NORM_ARCH:
+        loaded.notes.append(NO_FINAL_NORM_NOTE)
+    return loaded
 
 
 def _load_layout(spec: str, kind: str, heads: _Heads) -> LoadedModel:
@@ -333,6 +342,26 @@ def _attach_folder_decoder(loaded: LoadedModel, folder: Path) -> None:
         loaded.decoder_metadata = fh.metadata()
 
 
+def _load_released(spec: str, heads: _Heads) -> LoadedModel:
+    """``mim-refiner:NAME``: the paper's file through the URL cache, with its published head
+    count (heads cannot be read off weights; a different count given is refused) and its
+    architecture checked."""
+    release = released_model(spec)
+    path = download_url(release.url, label=spec)
+    converted = convert_checkpoint(path, spec)
+    converted.model_args["num_heads"] = release.num_heads
+    converted.heads_from = "published release"
+    problem = release.mismatch(converted.model_args, converted.arch == POSTNORM_ARCH)
+    if problem:
+        raise MimcliError(
+            f"{spec}: {path} (from {release.url}) is not the published {release.describe()}: "
+            f"{problem}; delete it to download again"
+        )
+    loaded = _finish(converted, spec, "mim-refiner", heads)
+    loaded.notes.append(f"MIM-Refiner's {release.name}: {release.describe()}, from {release.url}")
+    return loaded
+
+
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.startswith((".", "~")) or Path(spec).suffix in CHECKPOINT_SUFFIXES
 
@@ -380,6 +409,8 @@ def load_model(spec: str, num_heads: int | None = None) -> LoadedModel:
 def _resolve(spec: str, heads: _Heads) -> LoadedModel:
     if not spec:
         raise MimcliError("empty MODEL argument")
+    if is_released_spec(spec):
+        return _load_released(spec, heads)
     if spec.startswith(("http://", "https://")):
         path = download_url(spec)
         return _finish(convert_checkpoint(path, spec), spec, "url", heads)

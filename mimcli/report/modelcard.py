@@ -22,7 +22,7 @@ class CardInputs:
 
     repo_id: str
     arch: str
-    stock_timm: bool  # loadable by timm alone (False for mimcli_vit_postnorm)
+    stock_timm: bool  # loadable by timm alone (False for postnorm.MIMCLI_ARCHS)
     run: dict[str, Any]  # the run's config.json (config / resolved / environment)
     base_spec: str  # the MODEL argument refine started from
     base_hub_id: str | None  # a Hub repo id for the ``base_model`` field, when there is one
@@ -288,12 +288,16 @@ def render_card(inputs: CardInputs) -> str:
         "model it started from.\n",
     ]
     if not inputs.stock_timm:
+        what = (
+            "a data2vec 2.0 style *post-norm* ViT"
+            if inputs.arch == "mimcli_vit_postnorm"
+            else "a BEiT with *no final norm* (data2vec-vision saved without its pooler)"
+        )
         parts.append(
-            "> **Needs mimcli to load.** This is a data2vec 2.0 style *post-norm* ViT; no stock "
-            "timm architecture computes the same function, so the weights use the "
-            "`mimcli_vit_postnorm` architecture that `pip install mimcli` registers with timm "
-            "on `import mimcli.models.postnorm`. Without it, `timm.create_model` fails with an "
-            "unknown architecture.\n"
+            f"> **Needs mimcli to load.** This is {what}; no stock timm architecture computes "
+            f"the same function, so the weights use the `{inputs.arch}` architecture that "
+            "`pip install mimcli` registers with timm on `import mimcli.models.postnorm`. "
+            "Without it, `timm.create_model` fails with an unknown architecture.\n"
         )
     parts += ["## How it was refined\n", "\n".join(_refine_summary(inputs.run)) + "\n"]
     parts.append(f"License: `{inputs.license}` ({inputs.license_note}).\n")
