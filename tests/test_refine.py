@@ -409,3 +409,33 @@ def test_checkpoints_from_before_objectives_still_resume(tiny_model_dir, data_di
         if key != "_extra_state":
             assert torch.equal(now[key], value), key
     assert torch.equal(resumed.objective.lookup_gen.get_state(), state["rng"]["lookup"])
+
+
+def test_resume_reads_model_with_the_runs_head_count_and_refuses_another_model(data_dir, tmp_path):
+    """A checkpoint without a head count, refined as FILE#heads=4, resumes from a bare FILE (the
+    run's recorded count is used), and a resume with another MODEL is one line, exit 2."""
+    import timm
+
+    def raw(width: int, heads: int):
+        vit = timm.create_model(
+            "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+            embed_dim=width, depth=1, num_heads=heads,
+        )  # fmt: skip
+        path = tmp_path / f"w{width}.pth"
+        torch.save(vit.state_dict(), path)
+        return path
+
+    w128, w192 = raw(128, 4), raw(192, 3)
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(run), "--head-steps", "1", "--steps", "1"]
+    args += ["--batch-size", "8", "--head-width", "32", "--num-workers", "0", "--local-crops", "1"]
+    first = runner.invoke(app, ["refine", f"{w128}#heads=4", *args])
+    assert first.exit_code == 0, first.output
+    assert json.loads((run / "config.json").read_text())["resolved"]["num_heads"] == 4
+    again = runner.invoke(app, ["refine", str(w128), *args, "--resume"])
+    assert again.exit_code == 0, again.output
+    other = runner.invoke(app, ["refine", str(w192), *args, "--resume"])
+    assert other.exit_code == 2
+    line = other.output.strip().splitlines()[-1]
+    assert "does not fit" in line or "attention heads" in line, other.output
+    assert "Traceback" not in other.output

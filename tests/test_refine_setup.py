@@ -8,7 +8,13 @@ import pytest
 
 from mimcli.errors import MimcliError
 from mimcli.refine.config import RefineConfig
-from mimcli.refine.setup import check_resume, fill_defaults, validate, with_saved_options
+from mimcli.refine.setup import (
+    check_resume,
+    fill_defaults,
+    resume_num_heads,
+    validate,
+    with_saved_options,
+)
 from mimcli.runs import RunFolder
 
 
@@ -70,9 +76,11 @@ def test_resume_keeps_the_head_count_the_run_was_read_with(tmp_path):
         check_resume(again, run, num_heads=2)
     message = str(err.value)
     assert "read with 4 attention heads, it now loads with 2" in message
-    assert "--num-heads 4 or MODEL#heads=4" in message and "ckpt.pth#heads=4" in message
-    # --num-heads is a resume key: unset, it comes from the run; set differently, refused
+    assert "resume with the run's MODEL (ckpt.pth#heads=4)" in message
+    # unset, --num-heads comes from the run's record (the count its MODEL was read with), so a
+    # MODEL given again without its suffix loads as it did; a given count is kept
+    assert resume_num_heads(again, run) == 4
+    assert resume_num_heads(replace(again, num_heads=8), run) == 8
+    assert resume_num_heads(replace(again, resume=False), run) is None
     run.write_config({"config": {**record, "num_heads": 4}, "resolved": {}})
     assert with_saved_options(again, given={"model"}).num_heads == 4
-    with pytest.raises(MimcliError, match="--num-heads 4 -> 8"):
-        check_resume(cfg(tmp_path, resume=True, num_heads=8), run)

@@ -150,3 +150,21 @@ def test_offline_with_nothing_cached_is_one_line_exit_2(tmp_path, image_folders)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert "cannot reach the Hub" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_converted_checkpoint_does_not_inherit_timms_tag_or_licence(tmp_path):
+    """The architecture name's timm cfg describes timm's weights (e.g. an augreg tag under
+    apache-2.0); a raw state dict loaded through it must not claim them (push would inherit the
+    licence)."""
+    import timm
+
+    vit = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+        embed_dim=192, depth=1, num_heads=3,
+    )  # fmt: skip
+    assert {"license", "tag"} <= set(vit.pretrained_cfg)  # what would leak
+    path = tmp_path / "weights.pth"
+    torch.save(vit.state_dict(), path)
+    loaded = load_model(str(path))
+    assert not {"license", "tag", "hf_hub_id", "url"} & set(loaded.pretrained_cfg)
+    assert loaded.pretrained_cfg["input_size"] == (3, 32, 32)

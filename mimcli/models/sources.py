@@ -154,11 +154,19 @@ def _describe(
     return notes
 
 
+FOREIGN_CFG_KEYS = frozenset(
+    {"tag", "license", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+     "paper_name", "notes", "source"}
+)  # fmt: skip
+
+
 def _finish(converted: ConvertedCheckpoint, source: str, kind: str, heads: _Heads) -> LoadedModel:
     heads_note = settle_num_heads(converted, heads.count, heads.given_by, source)
     model = build_model(converted.arch, converted.model_args)
     load_weights(model, converted.state_dict, source)
-    cfg = dict(model.pretrained_cfg)
+    # timm's default cfg of the architecture name describes timm's own weights (their tag,
+    # licence, Hub id): a converted checkpoint keeps only its preprocessing
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in FOREIGN_CFG_KEYS}
     cfg.update(converted.pretrained_cfg)
     cfg["architecture"] = converted.arch
     model.pretrained_cfg = cfg

@@ -48,11 +48,14 @@ class Teacher:
         try:
             loaded = load_model(source)
         except MimcliError as exc:
-            raise MimcliError(
-                f"--teacher {source}: cannot load it ({exc}). Pass --teacher with a model this "
-                "machine can read: a local folder, a checkpoint file, or a cached hf-hub:/timm "
-                "name"
-            ) from None
+            if "attention-head count" in str(exc):  # --num-heads is MODEL's; a teacher: suffix
+                advice = f"give the teacher's head count as --teacher {source}#heads=N"
+            else:
+                advice = (
+                    "Pass --teacher with a model this machine can read: a local folder, a "
+                    "checkpoint file, or a cached hf-hub:/timm name"
+                )
+            raise MimcliError(f"--teacher {source}: cannot load it ({exc}). {advice}") from None
         self.source = source
         self.loaded = loaded
         self.model = loaded.model.to(device).eval().requires_grad_(False)

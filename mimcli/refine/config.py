@@ -115,5 +115,5 @@ RESUME_KEYS = (
     "temperature", "local_crops", "global_scale", "local_scale", "photometric", "freeze_blocks",
     "teacher", "mask_ratio", "momentum", "image_weight", "mimic_weight", "reconstruction",
     "decoder", "lr", "head_lr", "layer_decay", "weight_decay", "head_weight_decay", "ema",
-    "pos_embed_resize", "num_heads",
+    "pos_embed_resize",
 )  # fmt: skip

@@ -43,6 +43,7 @@ from mimcli.refine.monitor import Monitor
 from mimcli.refine.setup import (
     check_resume,
     fill_defaults,
+    resume_num_heads,
     settle_resize_rule,
     stage_steps,
     trainable_encoder,
@@ -101,7 +102,7 @@ class Refiner:
                 f"--data has {len(self.images)} images, fewer than one batch "
                 f"(--batch-size {cfg.batch_size})"
             )
-        self.loaded = load_model(cfg.model, num_heads=cfg.num_heads)
+        self.loaded = load_model(cfg.model, num_heads=resume_num_heads(cfg, self.run))
         depth, dim = self.loaded.num_blocks, self.loaded.embed_dim
         self.ignored_options = ignored_options(cfg.objective, asdict(cfg), depth, dim)
         self.cfg = cfg = fill_defaults(cfg, depth, dim)
@@ -364,9 +365,16 @@ class Refiner:
                 "resume with the same options"
             )
         check_resume(self.cfg, self.run, self.loaded.num_heads)
-        self.encoder.load_state_dict(state["encoder"])
-        self.ema.load_state_dict(state["ema"])
-        self.objective.load_state_dict(state["objective"])
+        try:
+            self.encoder.load_state_dict(state["encoder"])
+            self.ema.load_state_dict(state["ema"])
+            self.objective.load_state_dict(state["objective"])
+        except RuntimeError as exc:  # another MODEL (or block choice) than the run's
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise MimcliError(
+                f"--resume: the checkpoint in {self.cfg.out} does not fit {self.cfg.model} "
+                f"({first}); resume with the run's MODEL and options (see its config.json)"
+            ) from None
         rank_extra = state.get("rank_extra") or []
         if dist.rank() < len(rank_extra) and rank_extra[dist.rank()] is not None:
             self.objective.load_rank_state(rank_extra[dist.rank()])

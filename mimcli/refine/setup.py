@@ -99,6 +99,19 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
     return replace(cfg, **updates)
 
 
+def resume_num_heads(cfg: RefineConfig, run: RunFolder) -> int | None:
+    """The head count to read MODEL with: ``--num-heads`` when given; on ``--resume``, else the
+    count the run recorded (so a MODEL given again without its ``#heads=`` suffix loads as it
+    did; a suffix still wins, and a file's own count must agree)."""
+    if cfg.num_heads is not None or not cfg.resume:
+        return cfg.num_heads
+    try:
+        heads = run.read_config().get("resolved", {}).get("num_heads")
+    except MimcliError:
+        return None
+    return int(heads) if heads else None
+
+
 def check_resume(cfg: RefineConfig, run: RunFolder, num_heads: int | None = None) -> None:
     """``--resume`` continues the run only with its objective, the options that shape it and
     the attention-head count its MODEL was read with (``num_heads``: the one loaded now; a MODEL
@@ -110,8 +123,7 @@ def check_resume(cfg: RefineConfig, run: RunFolder, num_heads: int | None = None
     if was_heads is not None and num_heads is not None and was_heads != num_heads:
         raise MimcliError(
             f"--resume: {cfg.out} refined MODEL read with {was_heads} attention heads, it now "
-            f"loads with {num_heads}; resume with --num-heads {was_heads} or MODEL#heads="
-            f"{was_heads} (the run's MODEL was {saved.get('model', '?')})"
+            f"loads with {num_heads}; resume with the run's MODEL ({saved.get('model', '?')})"
         )
     was = saved.get("objective", "nna")
     if was != cfg.objective:
