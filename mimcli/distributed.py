@@ -113,27 +113,6 @@ def mean_scalar(value: float, device: torch.device) -> float:
     return float(t.item()) / world_size()
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce and average gradients over ranks (what DDP does), after ``backward``.
-
-    Each rank's loss is the mean over its own queries against the gathered predictions of the
-    whole batch; averaging the gradients gives the gradient of the global-batch loss.
-    """
-    if not is_distributed():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
-
-
 def check_identical(tensors: list[torch.Tensor], what: str) -> None:
     """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
     if not is_distributed():

@@ -39,6 +39,7 @@ from mimcli.optim import (
     scaled_lr,
 )
 from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
+from mimcli.refine.engine import step_module
 from mimcli.refine.monitor import Monitor
 from mimcli.refine.setup import (
     check_resume,
@@ -262,6 +263,7 @@ class Refiner:
         total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
         self.encoder.train(not warmup)
         self.objective.train()
+        engine = step_module(self.encoder, self.objective, stage)  # DDP under torchrun
         tick = time.perf_counter()
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
             # schedules
@@ -273,18 +275,17 @@ class Refiner:
                     f"unreadable images in --data (dataset positions {batch.bad[:5]}); with "
                     "several processes every rank needs a full batch: remove or fix them"
                 )
-            loss, metrics = self.step_losses(batch, stage, step)
+            loss, metrics = engine(batch, stage, step)
             if not torch.isfinite(loss):
                 raise MimcliError(
                     f"loss became non-finite at {stage} step {step}; stopped. The last good "
                     f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
                 )
-            # backward / step
+            # backward (DDP averages the gradients over ranks as they are computed) / step
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            dist.average_gradients(params)
             if self.cfg.grad_clip:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.optimizer.step()
             # objective update (queues, momentum networks) / encoder EMA
