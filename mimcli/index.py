@@ -9,7 +9,7 @@ valid entries is padded with index -1 and score -inf at the end of its row."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -132,15 +132,52 @@ def _faiss_database_block(n_db: int) -> int:
     return int(min(high, max(low, n_db // FAISS_DATABASE_BLOCKS)))
 
 
+_GPU_RESOURCES: dict[int, Any] = {}
+
+
+def gpu_resources(device_index: int) -> Any:
+    """This process's ``faiss.StandardGpuResources`` for one GPU, made on first use and reused
+    (they hold the GPU's scratch memory and streams; making them per search costs more than the
+    search of a refinement step's queue)."""
+    import faiss
+
+    if device_index not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device_index] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device_index]
+
+
+def _topk_faiss_gpu(
+    queries: torch.Tensor, database: torch.Tensor, k: int, device_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k on the GPU with GPU FAISS, the database searched where it is (a queue on the GPU is
+    not copied to the host): ``faiss.knn_gpu`` on torch tensors (``faiss.contrib.torch_utils``),
+    with the process's cached resources. Answered as CPU tensors, like the other paths."""
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (lets faiss.knn_gpu take torch tensors)
+
+    index = torch.cuda.current_device() if device_index is None else device_index
+    scores, idx = faiss.knn_gpu(
+        gpu_resources(index),
+        queries.detach().float().contiguous(),
+        database.detach().float().contiguous(),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+        device=index,
+    )
+    return scores.cpu(), idx.cpu()
+
+
 def _topk_faiss(
     queries: torch.Tensor, database: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain top-k with FAISS, answered as CPU tensors: a GPU flat index on CUDA with GPU FAISS,
-    else ``faiss.knn`` on the CPU, which searches the array in place (building an ``IndexFlatIP``
+    """Plain top-k with FAISS, answered as CPU tensors: ``faiss.knn_gpu`` on CUDA with GPU FAISS
+    (:func:`_topk_faiss_gpu`), else ``faiss.knn`` on the CPU, which searches the array in place (building an ``IndexFlatIP``
     would first copy the whole database, on every call: a new queue every refinement step)."""
     import faiss
 
     device = queries.device
+    if device.type == "cuda" and faiss_gpu_available():
+        return _topk_faiss_gpu(queries, database, k, device.index)
     q_np = queries.detach().cpu().numpy()
     # Below this many queries FAISS skips BLAS for a scalar loop that is much slower for wide
     # features; queries arrive in batches, so always take the BLAS path.
@@ -150,15 +187,9 @@ def _topk_faiss(
     saved = cvar.distance_compute_blas_database_bs
     cvar.distance_compute_blas_database_bs = _faiss_database_block(database.shape[0])
     try:
-        if device.type == "cuda" and faiss_gpu_available():
-            res = faiss.StandardGpuResources()
-            index = faiss.GpuIndexFlatIP(res, database.shape[1])
-            index.add(database.detach().cpu().numpy())
-            scores, idx = index.search(q_np, k)
-        else:
-            scores, idx = faiss.knn(
-                q_np, database.detach().cpu().numpy(), k, metric=faiss.METRIC_INNER_PRODUCT
-            )
+        scores, idx = faiss.knn(
+            q_np, database.detach().cpu().numpy(), k, metric=faiss.METRIC_INNER_PRODUCT
+        )
     finally:
         cvar.distance_compute_blas_database_bs = saved
     return torch.from_numpy(scores), torch.from_numpy(idx)

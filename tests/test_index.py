@@ -209,3 +209,37 @@ def test_exclusion_without_shared_ids_is_plain_search(backend):
     )
     assert torch.equal(i, plain_i)
     torch.testing.assert_close(s, plain_s)
+
+
+def test_gpu_faiss_resources_are_made_once_and_the_database_is_searched_in_place(monkeypatch):
+    """The GPU path (not runnable without a GPU) with FAISS's GPU entry points stood in for: one
+    ``StandardGpuResources`` per process and GPU, reused across searches, and the database
+    handed to ``faiss.knn_gpu`` as the torch tensor it is (no host copy of the queue)."""
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (imported first, as _topk_faiss_gpu does)
+
+    made, calls = [], []
+
+    class Resources:
+        def __init__(self):
+            made.append(self)
+
+    def knn_gpu(res, xq, xb, k, metric=None, device=None):
+        calls.append((res, xb, device))
+        scores, ids = torch.topk(xq @ xb.T, k, dim=1)
+        return scores, ids
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(index, "_GPU_RESOURCES", {})
+    gen = torch.Generator().manual_seed(0)
+    database = torch.randn(50, 8, generator=gen)
+    for _ in range(3):
+        queries = torch.randn(4, 8, generator=gen)
+        scores, ids = index._topk_faiss_gpu(queries, database, 5, 0)
+        expected = torch.topk(queries @ database.T, 5, dim=1)
+        assert torch.equal(ids, expected.indices) and torch.allclose(scores, expected.values)
+    assert len(made) == 1 and all(res is made[0] for res, _, _ in calls)
+    assert all(xb.data_ptr() == database.data_ptr() and dev == 0 for _, xb, dev in calls)
+    index._topk_faiss_gpu(torch.randn(2, 8), database, 1, 1)  # another GPU: its own resources
+    assert len(made) == 2
