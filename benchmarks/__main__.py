@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("probe_cost", "knn_search", "queue_lookup", "refine_step", "objective_step", "memory")
+NAMES = (
+    "probe_cost",
+    "knn_search",
+    "queue_lookup",
+    "refine_step",
+    "objective_step",
+    "memory",
+    "plan_memory",
+)
 
 
 def main() -> int:

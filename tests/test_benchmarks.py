@@ -16,7 +16,15 @@ import torch
 # ~2.5 min in all on 2 cores (the memory smoke starts three CLI processes): the slow suite.
 pytestmark = pytest.mark.slow
 
-BENCHMARKS = ("probe_cost", "knn_search", "queue_lookup", "refine_step", "objective_step", "memory")
+BENCHMARKS = (
+    "probe_cost",
+    "knn_search",
+    "queue_lookup",
+    "refine_step",
+    "objective_step",
+    "memory",
+    "plan_memory",
+)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from mimcli.blocks import resolve_blocks
 from mimcli.errors import MimcliError
 from mimcli.fileio import write_json
 from mimcli.heads import HeadEnsemble, head_widths
+from mimcli.objectives.nna import block_features, multiview_loss
 
 GIB = 1024**3
 MIB = 1024**2
@@ -150,9 +151,7 @@ def trace(
             saved[key] = t.untyped_storage().nbytes()
         return t
 
-    cast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    )
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     forward = FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS)
     with forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
         loss = run()
@@ -255,7 +254,6 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     gradient being produced exist together while it is still held).
     """
     from mimcli.objectives import objective_class, objective_defaults
-    from mimcli.objectives.nna import block_features, multiview_loss
     from mimcli.views import default_view_config
 
     _check(cfg)
@@ -277,7 +275,10 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     tau = float(defaults.get("temperature") or 0.2)
 
     heads = HeadEnsemble(
-        blocks, dim, widths, act=getattr(obj, "activation", "gelu"),
+        blocks,
+        dim,
+        widths,
+        act=getattr(obj, "activation", "gelu"),
         predictor_final_bn=getattr(obj, "predictor_final_bn", True),
     )
     encoder_params = sum(p.numel() for p in encoder.parameters())
@@ -292,23 +293,9 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     params = [*fenc.parameters(), *fheads.parameters()]
     view_sizes = [global_size] * 2 + [local_size] * local_crops
 
-    def step(batch: int) -> Tensor:
-        imgs = [torch.empty(batch, 3, s, s) for s in view_sizes]
-        feats = block_features(fenc, torch.cat(imgs[:2]), blocks, head_input)
-        if local_crops:
-            local = block_features(fenc, torch.cat(imgs[2:]), blocks, head_input)
-            feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
-        total = torch.zeros(())
-        for block in blocks:
-            z, p = fheads.head(block)(feats[block])
-            z, p = z.float(), p.float()
-            zg = [z[:batch], z[batch : 2 * batch]]
-            # stand-in neighbours: the real look-up's nonzero cannot run on fake tensors
-            nn_g = [torch.empty_like(t) for t in zg]
-            p_views = [p[i * batch : (i + 1) * batch] for i in range(len(view_sizes))]
-            loss, _ = multiview_loss(zg, nn_g, p_views, tau, kind=getattr(obj, "loss_kind", "nna"))
-            total = total + loss
-        return total
+    step = nna_step(
+        fenc, fheads, blocks, head_input, view_sizes, getattr(obj, "loss_kind", "nna"), tau
+    )
 
     def encoder_only(size: int) -> Callable[[int], Tensor]:
         def run(batch: int) -> Tensor:
@@ -318,8 +305,9 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
         return run
 
     with mode:
-        one, two = trace(lambda: step(1), params, cfg.precision), trace(
-            lambda: step(2), params, cfg.precision
+        one, two = (
+            trace(lambda: step(1), params, cfg.precision),
+            trace(lambda: step(2), params, cfg.precision),
         )
         per_view: dict[str, int] = {}
         block_saved: dict[int, int] = {}
@@ -336,8 +324,8 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     notes = [
         "bytes per process; model FLOPs (recompute not counted); the queue look-up is counted "
         "analytically and its neighbours stood in for",
-        f"queue size {qsize}" + (" (auto without reading --data: the paper's size)" if
-                                  cfg.queue_size == "auto" else ""),
+        f"queue size {qsize}"
+        + (" (auto without reading --data: the paper's size)" if cfg.queue_size == "auto" else ""),
     ]
     if cfg.grad_checkpointing:
         # every block keeps only its input (the fp32 residual stream); backward recomputes one
@@ -418,6 +406,44 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     return plan
 
 
+def nna_step(
+    encoder: nn.Module,
+    heads: HeadEnsemble,
+    blocks: Sequence[int],
+    head_input: str,
+    view_sizes: Sequence[int],
+    loss_kind: str,
+    tau: float,
+    neighbours: Callable[[int, Tensor], Tensor] | None = None,
+) -> Callable[[int], Tensor]:
+    """The forward of ``NNAObjective.step`` on random images of ``view_sizes`` (2 global first),
+    as a function of the batch; returns the summed loss. ``neighbours(block, z)`` gives the
+    ``(B, D)`` queue neighbours of global targets ``z``; by default an empty stand-in (the real
+    look-up's ``nonzero`` cannot run on fake tensors)."""
+
+    def step(batch: int) -> Tensor:
+        imgs = [torch.randn(batch, 3, s, s) for s in view_sizes]
+        feats = block_features(encoder, torch.cat(imgs[:2]), blocks, head_input)
+        if len(view_sizes) > 2:
+            local = block_features(encoder, torch.cat(imgs[2:]), blocks, head_input)
+            feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
+        total = torch.zeros(())
+        for block in blocks:
+            z, p = heads.head(block)(feats[block])
+            z, p = z.float(), p.float()
+            zg = [z[:batch], z[batch : 2 * batch]]
+            with torch.no_grad():
+                nn_g = [
+                    neighbours(block, t.detach()) if neighbours else torch.empty_like(t) for t in zg
+                ]
+            p_views = [p[i * batch : (i + 1) * batch] for i in range(len(view_sizes))]
+            loss, _ = multiview_loss(zg, nn_g, p_views, tau, kind=loss_kind)
+            total = total + loss
+        return total
+
+    return step
+
+
 def _block_saved(encoder: nn.Module, size: int, params: Sequence[Tensor], precision: str) -> int:
     """Saved bytes of one block for one image of ``size`` pixels."""
     blk = encoder.blocks[0]  # type: ignore[index]
@@ -428,9 +454,10 @@ def _block_saved(encoder: nn.Module, size: int, params: Sequence[Tensor], precis
         x = torch.empty(batch, n, dim, requires_grad=True)
         return blk(x).float().sum()
 
-    return trace(lambda: run(2), params, precision).saved_bytes - trace(
-        lambda: run(1), params, precision
-    ).saved_bytes
+    return (
+        trace(lambda: run(2), params, precision).saved_bytes
+        - trace(lambda: run(1), params, precision).saved_bytes
+    )
 
 
 def gib(n: float) -> float:
@@ -444,5 +471,3 @@ def human(n: float) -> str:
 
 def tflop(n: float) -> str:
     return f"{n / 1e9:.1f} GFLOP" if n < 1e12 else f"{n / 1e12:.2f} TFLOP"
-
-
