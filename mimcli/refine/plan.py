@@ -129,6 +129,14 @@ class Trace:
     largest_saved: int
     forward_flops: int
     backward_flops: int
+    by_phase: dict[str, int] = field(default_factory=dict)  # saved bytes per Phases.current
+
+
+@dataclass
+class Phases:
+    """Which part of a step runs now (``global``, ``local``, ``heads``), for :func:`trace`."""
+
+    current: str = ""
 
 
 def _storage_key(t: Tensor) -> int:
@@ -139,16 +147,22 @@ def trace(
     run: Callable[[], Tensor],
     params: Sequence[Tensor],
     precision: str,
+    phases: Phases | None = None,
 ) -> Trace:
     """Run ``run()`` (which returns a scalar loss) forward and backward, summing the bytes of
-    every distinct storage autograd saves (parameters excluded) and the FLOPs of each pass."""
+    every distinct storage autograd saves (parameters excluded) and the FLOPs of each pass;
+    with ``phases``, saved bytes are also summed per phase (where each storage is first saved)."""
     skip = {_storage_key(p) for p in params}
     saved: dict[int, int] = {}
+    phase_of: dict[int, str] = {}
+    held: list[Any] = []  # keeps every saved storage alive, so no key is reused in this trace
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
-        if key not in skip:
-            saved[key] = t.untyped_storage().nbytes()
+        if key not in skip and key not in saved:
+            held.append(t.untyped_storage())
+            saved[key] = held[-1].nbytes()
+            phase_of[key] = phases.current if phases else ""
         return t
 
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -161,6 +175,10 @@ def trace(
     return Trace(
         saved_bytes=sum(saved.values()),
         largest_saved=max(saved.values(), default=0),
+        by_phase={
+            name: sum(n for k, n in saved.items() if phase_of[k] == name)
+            for name in set(phase_of.values())
+        },
         forward_flops=int(forward.get_total_flops()),
         backward_flops=int(backward.get_total_flops()),
     )
@@ -293,30 +311,21 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     params = [*fenc.parameters(), *fheads.parameters()]
     view_sizes = [global_size] * 2 + [local_size] * local_crops
 
-    step = nna_step(
-        fenc, fheads, blocks, head_input, view_sizes, getattr(obj, "loss_kind", "nna"), tau
-    )
-
-    def encoder_only(size: int) -> Callable[[int], Tensor]:
-        def run(batch: int) -> Tensor:
-            taps = block_features(fenc, torch.empty(batch, 3, size, size), blocks, head_input)
-            return torch.stack([t.float().sum() for t in taps.values()]).sum()
-
-        return run
+    phases = Phases()
+    loss_kind = getattr(obj, "loss_kind", "nna")
+    step = nna_step(fenc, fheads, blocks, head_input, view_sizes, loss_kind, tau, phases=phases)
 
     with mode:
-        one, two = (
-            trace(lambda: step(1), params, cfg.precision),
-            trace(lambda: step(2), params, cfg.precision),
-        )
-        per_view: dict[str, int] = {}
-        block_saved: dict[int, int] = {}
-        for size in sorted(set(view_sizes)):
-            a = trace(lambda s=size: encoder_only(s)(1), params, cfg.precision)
-            b = trace(lambda s=size: encoder_only(s)(2), params, cfg.precision)
-            per_view[str(size)] = b.saved_bytes - a.saved_bytes
-            if cfg.grad_checkpointing:
-                block_saved[size] = _block_saved(fenc, size, params, cfg.precision)
+        one = trace(lambda: step(1), params, cfg.precision, phases)
+        two = trace(lambda: step(2), params, cfg.precision, phases)
+        block_saved = {
+            size: _block_saved(fenc, size, params, cfg.precision)
+            for size in (set(view_sizes) if cfg.grad_checkpointing else ())
+        }
+    per_view = {str(global_size): (two.by_phase["global"] - one.by_phase["global"]) // 2}
+    if local_crops:
+        local_slope = two.by_phase["local"] - one.by_phase["local"]
+        per_view[str(local_size)] = local_slope // local_crops
 
     per_image = two.saved_bytes - one.saved_bytes
     weight_copies = max(0, one.saved_bytes - per_image)
@@ -415,18 +424,23 @@ def nna_step(
     loss_kind: str,
     tau: float,
     neighbours: Callable[[int, Tensor], Tensor] | None = None,
+    phases: Phases | None = None,
 ) -> Callable[[int], Tensor]:
     """The forward of ``NNAObjective.step`` on random images of ``view_sizes`` (2 global first),
     as a function of the batch; returns the summed loss. ``neighbours(block, z)`` gives the
     ``(B, D)`` queue neighbours of global targets ``z``; by default an empty stand-in (the real
-    look-up's ``nonzero`` cannot run on fake tensors)."""
+    look-up's ``nonzero`` cannot run on fake tensors). ``phases`` is told which part runs."""
+    tag = phases or Phases()
 
     def step(batch: int) -> Tensor:
         imgs = [torch.randn(batch, 3, s, s) for s in view_sizes]
+        tag.current = "global"
         feats = block_features(encoder, torch.cat(imgs[:2]), blocks, head_input)
         if len(view_sizes) > 2:
+            tag.current = "local"
             local = block_features(encoder, torch.cat(imgs[2:]), blocks, head_input)
             feats = {k: torch.cat([feats[k], local[k]]) for k in feats}
+        tag.current = "heads"
         total = torch.zeros(())
         for block in blocks:
             z, p = heads.head(block)(feats[block])
