@@ -50,6 +50,17 @@ CASES: tuple[dict[str, Any], ...] = (
         "smoke": (4, 12),
     },
     {
+        "name": "vit_small_patch16 @64/32, grad checkpointing",
+        "model": "vit_small_patch16_224",
+        "blocks": "last4",
+        "global": 64,
+        "local": 32,
+        "crops": 2,
+        "batches": (16, 48),
+        "smoke": (4, 12),
+        "grad_checkpointing": True,
+    },
+    {
         "name": "vit_small_patch16 @224/96",
         "model": "vit_small_patch16_224",
         "blocks": "last4",
@@ -80,6 +91,7 @@ def measure(case: dict[str, Any], batch: int) -> int:
     torch.manual_seed(0)
     encoder, _, _ = build_architecture(case["model"], None)
     encoder = encoder.to_empty(device="cpu").train()
+    encoder.set_grad_checkpointing(case.get("grad_checkpointing", False))
     with torch.no_grad():
         for p in encoder.parameters():
             p.normal_(0, 0.02)
@@ -117,6 +129,7 @@ def predict(case: dict[str, Any]) -> dict[str, int]:
             local_size=case["local"],
             precision="fp32",
             queue_size="4096",
+            grad_checkpointing=case.get("grad_checkpointing", False),
         )
     )
     return {

@@ -83,6 +83,16 @@ def test_plan_flops_count_encoder_and_heads(tiny_model_dir):
     assert h100.step_s == pytest.approx(step)
 
 
+def test_grad_checkpointing_keeps_block_inputs_only(tiny_model_dir):
+    plain = plan_refine(PlanConfig(str(tiny_model_dir), blocks="4", local_crops=0))
+    ckpt = plan_refine(
+        PlanConfig(str(tiny_model_dir), blocks="4", local_crops=0, grad_checkpointing=True)
+    )
+    inputs = DEPTH * 2 * TOKENS * D * 4  # fp32 residual stream into each block, 2 views
+    assert inputs < ckpt.activation_bytes_per_image < plain.activation_bytes_per_image
+    assert ckpt.flops_per_image == plain.flops_per_image  # model FLOPs: recompute not counted
+
+
 def test_cli_plan_writes_json_and_prints_table(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(

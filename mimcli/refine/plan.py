@@ -307,7 +307,8 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     fenc = fake_copy(encoder, mode).train()
     fheads = fake_copy(heads, mode).train()
     if hasattr(fenc, "set_grad_checkpointing"):
-        fenc.set_grad_checkpointing(False)  # traced without; checkpointing is applied below
+        # traced without: checkpointed blocks save through hooks of their own, out of sight
+        fenc.set_grad_checkpointing(False)
     params = [*fenc.parameters(), *fheads.parameters()]
     view_sizes = [global_size] * 2 + [local_size] * local_crops
 
@@ -337,17 +338,22 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
         + (" (auto without reading --data: the paper's size)" if cfg.queue_size == "auto" else ""),
     ]
     if cfg.grad_checkpointing:
-        # every block keeps only its input (the fp32 residual stream); backward recomputes one
-        # block at a time, holding that block's saved tensors again
-        kept = 0
-        extra = 0
-        for size in view_sizes:
-            inputs = depth * _tokens(fenc, size) * dim * 4
-            kept += inputs - depth * block_saved[size]
-            extra = max(extra, block_saved[size])
+        # each block keeps only its input (the fp32 residual stream) instead of what it saves;
+        # taps stop after the last tapped block
+        ran = max(blocks)
+        kept = sum(ran * (_tokens(fenc, s) * dim * 4 - block_saved[s]) for s in view_sizes)
+        outside = per_image - sum(ran * block_saved[s] for s in view_sizes)  # heads, stem, loss
         per_image = max(per_image + kept, 0)
-        transient += extra
-        notes.append("grad checkpointing: block inputs kept, one block recomputed at a time")
+        # backward recomputes one block of a pass (2 global views, or all the local ones) at a
+        # time; by then the heads' saved tensors are freed, so only the excess counts
+        passes = [2 * block_saved[global_size]]
+        if local_crops:
+            passes.append(local_crops * block_saved[local_size])
+        transient += max(0, max(passes) - max(outside, 0))
+        notes.append(
+            "grad checkpointing: block inputs kept, one block recomputed at a time (per-view "
+            "figures are without checkpointing)"
+        )
 
     trainable = encoder_trainable + head_params
     lookup_flops = 2 * 2 * qsize * widths.out * len(blocks)  # 2 global queries per head
