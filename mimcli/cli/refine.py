@@ -449,6 +449,7 @@ def refine(
                 head_width=head_width,
                 head_input=head_input,
                 local_crops=local_crops,
+                freeze_blocks=freeze_blocks,
                 batch_size=max(1, batch_size // world),
                 precision=precision,
                 grad_checkpointing=grad_checkpointing,

@@ -26,6 +26,7 @@ from mimcli.errors import MimcliError
 from mimcli.fileio import write_json
 from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.objectives.nna import block_features, multiview_loss
+from mimcli.refine.setup import freeze_parameters
 
 GIB = 1024**3
 MIB = 1024**2
@@ -71,6 +72,7 @@ class PlanConfig:
     head_width: str = "auto"
     head_input: str | None = None
     local_crops: int | None = None
+    freeze_blocks: int | None = None  # None: the objective's default
     global_size: int | None = None  # None: the model's input size
     local_size: int | None = None  # None: 96/224 of it, a multiple of the patch size
     batch_size: int = 256  # per process
@@ -238,8 +240,6 @@ def build_architecture(spec: str, num_heads: int | None) -> tuple[nn.Module, str
         args["dynamic_img_size"] = True
     with torch.device("meta"):
         encoder = posembed.apply_resize_rule(build_model(arch, args), posembed.OFFICIAL)
-    if getattr(encoder, "pos_embed", None) is not None:
-        encoder.pos_embed.requires_grad_(False)  # refine keeps the fixed table frozen
     return encoder, arch, cfg
 
 
@@ -279,6 +279,8 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     depth = len(encoder.blocks)  # type: ignore[arg-type]
     dim = int(encoder.embed_dim)  # type: ignore[arg-type]
     defaults = objective_defaults(cfg.objective, depth, dim)
+    freeze = cfg.freeze_blocks if cfg.freeze_blocks is not None else defaults["freeze_blocks"]
+    freeze_parameters(encoder, int(freeze))
     blocks_spec = cfg.blocks if cfg.blocks is not None else defaults.get("blocks") or "auto"
     blocks, _ = resolve_blocks(str(blocks_spec), depth, cfg.probe)
     head_input = cfg.head_input or defaults.get("head_input") or "cls"
