@@ -13,6 +13,7 @@ NAMES = (
     "objective_step",
     "ddp_step",
     "memory",
+    "plan_memory",
 )
 
 

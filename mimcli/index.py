@@ -171,8 +171,9 @@ def _topk_faiss(
     queries: torch.Tensor, database: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain top-k with FAISS, answered as CPU tensors: ``faiss.knn_gpu`` on CUDA with GPU FAISS
-    (:func:`_topk_faiss_gpu`), else ``faiss.knn`` on the CPU, which searches the array in place (building an ``IndexFlatIP``
-    would first copy the whole database, on every call: a new queue every refinement step)."""
+    (:func:`_topk_faiss_gpu`), else ``faiss.knn`` on the CPU, which searches the array in place
+    (building an ``IndexFlatIP`` would first copy the whole database, on every call: a new queue
+    every refinement step)."""
     import faiss
 
     device = queries.device

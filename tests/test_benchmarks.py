@@ -17,9 +17,15 @@ import torch
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = (
-    "probe_cost", "knn_search", "queue_lookup", "refine_step", "objective_step", "ddp_step",
+    "probe_cost",
+    "knn_search",
+    "queue_lookup",
+    "refine_step",
+    "objective_step",
+    "ddp_step",
     "memory",
-)  # fmt: skip
+    "plan_memory",
+)
 
 
 @pytest.fixture

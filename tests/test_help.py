@@ -40,6 +40,7 @@ PANELS = {  # each command's options, grouped
         "MR-MAE (--objective mrmae)",
         "k-NN monitoring",
         "Runtime",
+        "Plan (--plan: no training)",
     ],
     "eval": ["Data", "Model", "Output", "Protocols", "Runtime"],
     "push": ["Hub repo", "Output", "Model card", "Retries"],

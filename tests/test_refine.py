@@ -366,15 +366,15 @@ def test_grad_checkpointing_changes_nothing_but_memory(tiny_model_dir, data_dir,
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_dir, tmp_path):
     refiner = Refiner(small_cfg(tiny_model_dir, data_dir, tmp_path / "run", head_steps=4))
-    real = refiner.step_losses
+    real = refiner.objective.step
     calls = []
 
-    def poisoned(batch, stage, step):
-        loss, metrics = real(batch, stage, step)
+    def poisoned(encoder, batch, stage, step):
+        loss, metrics = real(encoder, batch, stage, step)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
-    refiner.step_losses = poisoned
+    refiner.objective.step = poisoned  # what the loop's step module calls
     with pytest.raises(MimcliError, match="non-finite at heads step 2"):
         refiner.run_all()
     from mimcli.runs import load_checkpoint

@@ -3,8 +3,9 @@ of the other objectives of the family (``--objective``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,6 +25,11 @@ from mimcli.cli._common import (
     stderr,
     stdout,
 )
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from mimcli.refine.plan import RefinePlan
 
 HELP = (
     "Refine a MIM encoder with MIM-Refiner: ID heads on late blocks trained with Nearest "
@@ -47,6 +53,7 @@ VIEWS = "Views"
 AUGMENTATION = "Augmentation"
 MRMAE = "MR-MAE (--objective mrmae)"
 MONITOR = "k-NN monitoring"
+PLAN = "Plan (--plan: no training)"
 
 EPILOG = (
     """\
@@ -59,6 +66,9 @@ Examples:
     --out runs/tiny --blocks last4 --head-steps 30 --steps 120 --local-crops 2
 
   mimcli refine ... --out runs/tiny --resume     (from the last checkpoint)
+
+  mimcli refine vit_large_patch16_224.mae --data in1k/train --out runs/plan \\
+    --plan --batch-size 96     (memory and speed; writes RUN_DIR/plan.json)
 
   mimcli refine examples/models/fmnist-mae-tiny --objective nnclr \\
     --data data/fmnist/train --out runs/tiny-nnclr --head-steps 30 --steps 90
@@ -390,11 +400,70 @@ def refine(
             "--probe-val", help="With --probe-train: probe now for auto.", rich_help_panel=HEADS
         ),
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print memory and speed of a step; write plan.json; no training, --data not read.",
+            rich_help_panel=PLAN,
+        ),
+    ] = False,
+    device_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--device-memory",
+            min=0.1,
+            help="GiB per process; default the local GPU's, else 80.",
+            rich_help_panel=PLAN,
+            show_default=False,
+        ),
+    ] = None,
+    mfu: Annotated[
+        float,
+        typer.Option(
+            "--mfu", min=0.01, max=1.0, help="Model FLOPs utilisation.", rich_help_panel=PLAN
+        ),
+    ] = 0.4,
+    precision: Annotated[
+        str,
+        typer.Option("--precision", help="bf16 or fp32 (--plan only).", rich_help_panel=PLAN),
+    ] = "bf16",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON.", rich_help_panel=OUTPUT)
     ] = False,
 ) -> None:
     from dataclasses import asdict, fields
+
+    if plan:
+        from mimcli.refine.plan import PlanConfig, plan_refine
+
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        result_plan = plan_refine(
+            PlanConfig(
+                model=model,
+                out=out,
+                num_heads=num_heads,
+                objective=objective,
+                blocks=blocks,
+                probe=probe,
+                head_width=head_width,
+                head_input=head_input,
+                local_crops=local_crops,
+                freeze_blocks=freeze_blocks,
+                batch_size=max(1, batch_size // world),
+                precision=precision,
+                grad_checkpointing=grad_checkpointing,
+                queue_size=queue_size,
+                device_memory_gib=device_memory,
+                mfu=mfu,
+            )
+        )
+        show_notes()
+        if as_json:
+            print_json(asdict(result_plan))
+        else:
+            stdout.print(plan_table(result_plan))
+        return
 
     from mimcli.refine.config import RefineConfig, RefineStart
     from mimcli.refine.pipeline import run_refine
@@ -505,6 +574,44 @@ def refine(
             soft_wrap=True,
         )
     stdout.print(f"Exported encoder: {result.export_dir}", markup=False, soft_wrap=True)
+
+
+def plan_table(plan: RefinePlan) -> Table:
+    """What one step costs: fixed bytes, bytes per image, the batch that fits, FLOPs, speed."""
+    from rich.table import Table
+
+    from mimcli.refine.plan import human, tflop
+
+    views = " + ".join(f"{v['count']}×{v['size']}" for v in plan.views)
+    table = Table(
+        title=f"refine --plan: {plan.arch}, {len(plan.blocks)} heads, views {views}",
+        caption=f"{plan.precision}, batch {plan.batch_size} per process"
+        + (", grad checkpointing" if plan.grad_checkpointing else "")
+        + f"; MFU {plan.mfu:g}",
+    )
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for key, value in plan.bytes.items():
+        table.add_row(key.replace("_", " "), human(value))
+    table.add_row("fixed, total", human(plan.fixed_bytes))
+    for size, value in plan.activation_bytes_per_view.items():
+        table.add_row(f"activations per {size}-px view", human(value))
+    table.add_row("activations per image", human(plan.activation_bytes_per_image))
+    table.add_row("backward transient per image", human(plan.transient_bytes_per_image))
+    table.add_row(f"total at batch {plan.batch_size}", human(plan.total_bytes))
+    table.add_row(
+        f"largest batch in {human(plan.device_memory)}", str(plan.max_batch), style="bold"
+    )
+    table.add_row("FLOPs per image (fwd + bwd)", tflop(plan.flops_per_image["total"]))
+    for gpu in plan.gpus:
+        table.add_row(
+            f"{gpu.gpu} ({gpu.peak_tflops:g} TFLOP/s)",
+            (f"{gpu.step_s:.2f} s" if gpu.step_s >= 1 else f"{gpu.step_s * 1e3:.1f} ms")
+            + f"/step, {gpu.images_per_s:,.0f} img/s",
+        )
+    if plan.path:
+        table.add_row("written", plan.path)
+    return table
 
 
 def steps_text(steps: dict[str, int]) -> str:

@@ -166,7 +166,13 @@ def trainable_encoder(
     encoder = posembed.apply_resize_rule(build_model(loaded.arch, args), resize_rule)
     encoder.load_state_dict(loaded.model.state_dict())
     encoder.pretrained_cfg = loaded.pretrained_cfg
-    depth = len(encoder.blocks)
+    return freeze_parameters(encoder, freeze_blocks)
+
+
+def freeze_parameters(encoder: nn.Module, freeze_blocks: int) -> nn.Module:
+    """Freeze the fixed position table, and with ``freeze_blocks`` the stem and that many
+    blocks; returned for convenience."""
+    depth = len(encoder.blocks)  # type: ignore[arg-type]
     if not 0 <= freeze_blocks <= depth:
         raise MimcliError(f"--freeze-blocks must lie in 0..{depth}")
     for name, param in encoder.named_parameters():
