@@ -14,6 +14,7 @@ NAMES = (
     "ddp_step",
     "memory",
     "plan_memory",
+    "gpu_refine",
 )
 
 

@@ -25,6 +25,7 @@ BENCHMARKS = (
     "ddp_step",
     "memory",
     "plan_memory",
+    "gpu_refine",
 )
 
 

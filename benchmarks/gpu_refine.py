@@ -1,0 +1,158 @@
+"""The refine step on one GPU: images/s, MFU and peak memory against ``refine --plan``, and what
+the ID heads and queues add over the bare encoder's forward and backward.
+
+    PYTHONPATH=. python -m benchmarks.gpu_refine [--smoke] [--batch N] [--steps 10]
+
+Runs from the source tree (no install). On CUDA: a ViT-L/16 with random weights (timm
+``vit_large_patch16_224``, saved to a temporary folder so the real loader reads it; nothing is
+downloaded), bf16 autocast, the paper's views (2 × 224 + 10 × 96 px), 8 ID heads on blocks
+17–24, 65,536-entry queues, the torch search backend (no FAISS needed), the largest batch the plan
+allows (or ``--batch``). Synthetic images; the first steps warm up and are not counted. Reported:
+images/s, model TFLOP/s and MFU against the GPU's bf16 dense peak (H100/H200 989, A100 312;
+model FLOPs from the plan, recompute not counted), ``max_memory_allocated`` against the plan's
+total, and the step time over a bare encoder forward+backward of the same views. ``--smoke`` runs
+a tiny ViT on the CPU (checks the script; figures meaningless). ``--compile`` is reported as not
+available until ``refine --compile`` exists (issue 15, item 5).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from benchmarks._common import parser, save, table
+from benchmarks.refine_step import DATASET, bare_step_fn, refine_steps
+from mimcli.refine.config import RefineConfig
+from mimcli.refine.loop import Refiner
+from mimcli.refine.plan import PlanConfig, plan_refine
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def gpu_peak(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def save_model(folder: Path, smoke: bool) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    args: dict[str, Any] = (
+        dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+        if smoke
+        else dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    )
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **args)
+    size = args["img_size"]
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size), crop_pct=1.0)
+    model.pretrained_cfg.pop("license", None)
+    save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=None, help="per GPU (default: the plan's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-ups)")
+    p.add_argument("--compile", action="store_true", help="also the compiled step (not yet)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    steps = 1 if args.smoke else args.steps
+    versions = {"torch": torch.__version__}
+    try:
+        import huggingface_hub
+        import timm
+
+        versions |= {"timm": timm.__version__, "huggingface_hub": huggingface_hub.__version__}
+    except ImportError:
+        pass
+    print("versions:", versions, "| device:", torch.cuda.get_device_name(0) if cuda else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        save_model(root / "model", smoke=not cuda)
+        blocks, local, queue = ("17-24", 10, "65536") if cuda else ("last2", 2, "256")
+        plan = plan_refine(
+            PlanConfig(
+                model=str(root / "model"), blocks=blocks, local_crops=local, queue_size=queue,
+                batch_size=args.batch or 8, precision="bf16" if cuda else "fp32",
+            )
+        )  # fmt: skip
+        batch = args.batch or (max(2, min(plan.max_batch, 256)) if cuda else 8)
+        plan = plan_refine(
+            PlanConfig(
+                model=str(root / "model"), blocks=blocks, local_crops=local, queue_size=queue,
+                batch_size=batch, precision="bf16" if cuda else "fp32",
+            )
+        )  # fmt: skip
+        data = root / "data"
+        for i in range(batch):  # blank images: the Refiner only scans them
+            (data / str(i % 10)).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(data / str(i % 10) / f"{i}.png")
+        cfg = RefineConfig(
+            model=str(root / "model"), data=data, out=root / "run", blocks=blocks,
+            local_crops=local, queue_size=queue, batch_size=batch, device=device, num_workers=0,
+            knn_backend="torch", checkpoint_every=10**9, lr=1e-4, head_lr=1e-4,
+        )  # fmt: skip
+        cfg.out.mkdir(parents=True)
+        refiner = Refiner(cfg)
+        refiner.save = lambda stage, done: None  # type: ignore[method-assign]
+        gen = torch.Generator().manual_seed(0)  # synthetic ids run over the whole DATASET range
+        refiner.objective.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)
+        sample = refiner.objective.transform()(Image.new("RGB", (256, 256)))
+        gen = torch.Generator().manual_seed(0)
+        views = [torch.randn(batch, *v.shape, generator=gen) for v in sample]
+        if cuda:
+            views = [v.to(device) for v in views]
+            torch.cuda.reset_peak_memory_stats()
+        refine_s = statistics.median(refine_steps(refiner, views, steps + 2, "refine")[2:])
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        bare_step, _, _ = bare_step_fn(refiner, views)
+        bare = []
+        for i in range(steps + 2):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            bare_step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= 2:
+                bare.append(time.perf_counter() - start)
+        bare_s = statistics.median(bare)
+    images_per_s = batch / refine_s
+    tflops = plan.flops_per_image["total"] * images_per_s / 1e12
+    peak_tflops = gpu_peak(torch.cuda.get_device_name(0)) if cuda else None
+    rows = [
+        ["batch per GPU (plan's largest)", f"{batch} ({plan.max_batch})"],
+        ["refine step s", refine_s],
+        ["images/s", images_per_s],
+        ["model TFLOP/s", tflops],
+        ["MFU", f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a (CPU or unknown GPU)"],
+        ["peak memory GiB (max_memory_allocated)", peak / 1024**3 if cuda else "n/a on CPU"],
+        ["plan's total GiB at this batch", plan.total_bytes / 1024**3],
+        ["peak / plan", peak / plan.total_bytes if cuda else "n/a"],
+        ["bare encoder fwd+bwd s", bare_s],
+        ["heads + queues overhead", f"{refine_s / bare_s - 1:+.1%}"],
+        ["compiled", "not available until refine --compile (issue 15, item 5)"],
+    ]
+    print(table("Refine step on one GPU" if cuda else "gpu_refine --smoke (CPU)", ["", ""], rows))
+    save(
+        "gpu_refine",
+        args.out,
+        {
+            "smoke": args.smoke, "cuda": cuda, "versions": versions, "batch": batch,
+            "max_batch": plan.max_batch, "refine_s": refine_s, "bare_s": bare_s,
+            "images_per_s": images_per_s, "tflops": tflops, "peak_bytes": peak,
+            "plan_total_bytes": plan.total_bytes,
+        },
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
