@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 
-# ~2.5 min in all on 2 cores (the memory smoke starts three CLI processes): the slow suite.
+# ~3 min in all on 2 cores (the memory smoke starts three CLI processes; plan_memory measures
+# real steps): the slow suite.
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = (
