@@ -13,21 +13,13 @@ import json
 import pytest
 import torch
 
+from benchmarks.__main__ import NAMES
+
 # ~3 min in all on 2 cores (the memory smoke starts three CLI processes; plan_memory measures
 # real steps): the slow suite.
 pytestmark = pytest.mark.slow
 
-BENCHMARKS = (
-    "probe_cost",
-    "knn_search",
-    "queue_lookup",
-    "refine_step",
-    "objective_step",
-    "ddp_step",
-    "memory",
-    "plan_memory",
-    "gpu_refine",
-)
+BENCHMARKS = NAMES  # every benchmark `python -m benchmarks` runs
 
 
 @pytest.fixture
