@@ -6,6 +6,7 @@ must stay the first plugin loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -124,3 +125,17 @@ def tiny_run(tmp_path_factory):
     )
     run_refine(cfg)
     return {"run": out, "base": base, "train": train, "val": val, "root": root}
+
+
+def unlicensed_run(run: Path, base_model: str = "weights.pth") -> Path:
+    """A finished-looking refine run folder: a tiny ViT export whose pretrained_cfg names no
+    licence, and a config.json saying it started from ``base_model`` (for push/card tests)."""
+    from timm.models import save_for_hf
+
+    model = make_tiny_vit()
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
+        "input_size": (3, 32, 32)
+    }
+    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": base_model}, "resolved": {}}))
+    return run

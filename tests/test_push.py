@@ -237,18 +237,10 @@ UPLOAD_KEYS = ["repo_id", "repo_url", "commit_url", "commit_oid", "pr_url", "unc
 
 
 def test_run_push_dry_run_reports_the_folder_and_its_warnings(tmp_path):
-    from timm.models import save_for_hf
-
     from mimcli.hub.push import PushConfig, run_push
-    from tests.conftest import TINY_ARGS, make_tiny_vit
+    from tests.conftest import unlicensed_run
 
-    model = make_tiny_vit()
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
-        "input_size": (3, 32, 32)
-    }
-    run = tmp_path / "run"
-    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
-    (run / "config.json").write_text(json.dumps({"config": {"model": "weights.pth"}}))
+    run = unlicensed_run(tmp_path / "run")
     warnings: list[str] = []
     outcome = run_push(
         PushConfig(run_dir=run, to=tmp_path / "dry", dry_run=True), on_warning=warnings.append

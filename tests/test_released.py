@@ -237,22 +237,13 @@ def test_card_license_for_a_released_base_is_other_naming_the_project_page():
 
 
 def test_card_of_a_run_started_from_a_released_model_states_other_and_why(tmp_path):
-    import json
 
     import yaml
-    from timm.models import save_for_hf
 
     from mimcli.hub.repo_folder import build_repo_folder
-    from tests.conftest import TINY_ARGS, make_tiny_vit
+    from tests.conftest import unlicensed_run
 
-    model = make_tiny_vit()
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
-        "input_size": (3, 32, 32)
-    }
-    run = tmp_path / "run"
-    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
-    config = {"config": {"model": "mim-refiner:mae_refined_l16"}, "resolved": {}}
-    (run / "config.json").write_text(json.dumps(config))
+    run = unlicensed_run(tmp_path / "run", base_model="mim-refiner:mae_refined_l16")
     built = build_repo_folder(run, tmp_path / "repo", "alice/x")
     head, body = (built.path / "README.md").read_text()[4:].split("\n---\n", 1)
     meta = yaml.safe_load(head)

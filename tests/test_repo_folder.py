@@ -18,7 +18,7 @@ from mimcli.errors import MimcliError
 from mimcli.evaluate.runner import EvalConfig, run_eval
 from mimcli.hub.repo_folder import MARKER, build_repo_folder
 from mimcli.probe import ProbeConfig, run_probe, save_probe
-from tests.conftest import TINY_ARGS, make_tiny_vit
+from tests.conftest import TINY_ARGS, unlicensed_run
 
 
 def card_meta(folder):
@@ -149,15 +149,7 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
 
 
 def test_unknown_license_is_other_with_a_warning(tmp_path):
-    from timm.models import save_for_hf
-
-    model = make_tiny_vit()
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "license"} | {
-        "input_size": (3, 32, 32)
-    }
-    run = tmp_path / "run"
-    save_for_hf(model, str(run / "export"), model_args=dict(TINY_ARGS), safe_serialization=True)
-    (run / "config.json").write_text(json.dumps({"config": {"model": "weights.pth"}}))
+    run = unlicensed_run(tmp_path / "run")
     built = build_repo_folder(run, tmp_path / "repo", "a/b")
     meta, body = card_meta(built.path)
     assert meta["license"] == "other"

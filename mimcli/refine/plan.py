@@ -26,7 +26,7 @@ from mimcli.errors import MimcliError
 from mimcli.fileio import write_json
 from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.objectives.nna import block_features, multiview_loss
-from mimcli.refine.setup import freeze_parameters
+from mimcli.refine.setup import freeze_parameters, trainable_architecture
 
 GIB = 1024**3
 MIB = 1024**2
@@ -224,7 +224,6 @@ def build_architecture(spec: str, num_heads: int | None) -> tuple[nn.Module, str
     """The trainable encoder's architecture on the meta device, as ``refine`` rebuilds it
     (``dynamic_img_size``, the official position-table resize): a timm name is built without
     downloading anything; other MODEL forms are loaded to read their architecture."""
-    from mimcli.models import posembed
     from mimcli.models.build import build_model
 
     if _looks_like_timm_name(spec):
@@ -236,10 +235,8 @@ def build_architecture(spec: str, num_heads: int | None) -> tuple[nn.Module, str
 
         loaded = load_model(spec, num_heads)
         arch, args, cfg = loaded.arch, dict(loaded.model_args), dict(loaded.pretrained_cfg)
-    if "beit" not in arch:
-        args["dynamic_img_size"] = True
     with torch.device("meta"):
-        encoder = posembed.apply_resize_rule(build_model(arch, args), posembed.OFFICIAL)
+        encoder = trainable_architecture(arch, args)
     return encoder, arch, cfg
 
 

@@ -158,15 +158,25 @@ def trainable_encoder(
     """The encoder rebuilt with ``dynamic_img_size`` (local crops are smaller than the input
     size) and its position table resized by ``resize_rule`` (:mod:`mimcli.models.posembed`),
     the fixed position table frozen, and the stem plus ``freeze_blocks`` blocks frozen."""
-    from mimcli.models.build import build_model
-
-    args = dict(loaded.model_args)
-    if "beit" not in loaded.arch:
-        args["dynamic_img_size"] = True
-    encoder = posembed.apply_resize_rule(build_model(loaded.arch, args), resize_rule)
+    encoder = trainable_architecture(loaded.arch, loaded.model_args, resize_rule)
     encoder.load_state_dict(loaded.model.state_dict())
     encoder.pretrained_cfg = loaded.pretrained_cfg
     return freeze_parameters(encoder, freeze_blocks)
+
+
+def trainable_architecture(
+    arch: str, model_args: dict[str, Any], resize_rule: str = posembed.OFFICIAL
+) -> nn.Module:
+    """The architecture refinement trains (fresh weights; built on the current default device,
+    e.g. ``meta`` for ``--plan``): ``dynamic_img_size`` where timm offers it (local crops are
+    smaller than the input size; BEiT has none) and the position table resized by
+    ``resize_rule``."""
+    from mimcli.models.build import build_model
+
+    args = dict(model_args)
+    if "beit" not in arch:
+        args["dynamic_img_size"] = True
+    return posembed.apply_resize_rule(build_model(arch, args), resize_rule)
 
 
 def freeze_parameters(encoder: nn.Module, freeze_blocks: int) -> nn.Module:
