@@ -105,6 +105,14 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the default process group in place (nothing in one process); no
+    gradient, nothing read back to the host."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
 def mean_scalar(value: float, device: torch.device) -> float:
     if not is_distributed():
         return value

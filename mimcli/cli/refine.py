@@ -357,6 +357,15 @@ def refine(
             rich_help_panel=OUTPUT,
         ),
     ] = 50,
+    log_every: Annotated[
+        int,
+        typer.Option(
+            "--log-every",
+            min=1,
+            help="Log metrics every N steps (means; also at checkpoints).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = 10,
     resume: Annotated[
         bool,
         typer.Option(
@@ -512,6 +521,7 @@ def refine(
         val_every=val_every,
         val_limit=val_limit,
         checkpoint_every=checkpoint_every,
+        log_every=log_every,
         resume=resume,
         seed=seed,
         device=device,

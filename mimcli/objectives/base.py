@@ -11,6 +11,14 @@ resume, never written to checkpoints). Each step the loop calls::
     ... backward, optimiser step ...
     objective.after_step(encoder, stage, step)                    # queues, momentum updates
 
+A step must not make the host wait for the device: no ``float()``/``int()``/``bool()``/
+``.item()``/``.tolist()``/``.cpu()`` of device values, no ``nonzero``, boolean-mask indexing or
+``unique`` in ``step``, ``after_step`` or what they call (``tests/test_sync_free.py`` counts them).
+Metrics are returned as 0-dim device tensors (host floats only for values known on the host,
+such as a schedule); the loop sums them on the device and reads them once per logging window.
+Conditions that must stop the run but are only known on the device (a queue with no valid
+neighbour) are counted on the device and reported through :meth:`Objective.alarms`.
+
 Building blocks live beside it: :mod:`mimcli.objectives.parts` (single view, outside-autograd,
 per-step generators), :mod:`mimcli.models.masked` (masks, mask-token and visible-token passes),
 :mod:`mimcli.models.teacher` (frozen teachers), :mod:`mimcli.ema` (momentum networks).
@@ -106,7 +114,7 @@ class Objective(nn.Module):
 
     def step(
         self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Forward pass and loss of one step.
 
         Args:
@@ -120,9 +128,17 @@ class Objective(nn.Module):
                 resumed run repeats the same masks).
 
         Returns:
-            ``(loss, metrics)``: a scalar loss to minimise and floats to log.
+            ``(loss, metrics)``: a scalar loss to minimise and what to log, each a 0-dim
+            tensor on the device (or a host float); the same keys every step of a stage. NaN
+            means "not defined at this step" (left out of the window's mean).
         """
         raise NotImplementedError
+
+    def alarms(self) -> dict[str, Tensor]:
+        """Errors found on the device, read by the loop with the metrics at its logging steps
+        (never on other steps): message -> 0-dim count on the device; a count above zero stops
+        the run with ``MimcliError(message)`` before anything is saved. Default: none."""
+        return {}
 
     def after_step(self, encoder: nn.Module, stage: str, step: int) -> None:
         """Called after the optimiser step: enqueue, update momentum networks."""

@@ -54,6 +54,7 @@ class RefineConfig:
     val_every: int = 0
     val_limit: int | None = 5000
     checkpoint_every: int = 50
+    log_every: int = 10  # metrics.jsonl: means over windows of N steps (see refine.window)
     resume: bool = False
     seed: int = 0
     device: str = "auto"

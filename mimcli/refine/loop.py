@@ -3,13 +3,15 @@
 warm-up with the encoder frozen, then full refinement), checkpoints, resumes and exports.
 
 ``train_stage`` reads top to bottom: schedules -> forward + losses (the objective) ->
-backward/step -> objective update (queues, momentum networks) and encoder EMA -> log ->
+backward/step -> objective update (queues, momentum networks) and encoder EMA -> metrics summed
+on the device -> log (every ``--log-every`` steps: the window's one read, its checks) ->
 checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ from mimcli.refine.setup import (
     trainable_encoder,
     validate,
 )
+from mimcli.refine.window import MetricWindow
 from mimcli.runs import (
     RunFolder,
     environment,
@@ -232,9 +235,9 @@ class Refiner:
     # -- one step's forward --
     def step_losses(
         self, batch: ViewBatch, stage: str = "refine", step: int = 0
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The objective's loss and metrics for one batch (its queue/momentum updates wait for
-        :meth:`Objective.after_step`)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The objective's loss and metrics (0-dim device tensors) for one batch (its
+        queue/momentum updates wait for :meth:`Objective.after_step`)."""
         return self.objective.step(self.encoder, batch, stage, step)
 
     def loader(self, stage: str, start: int) -> DataLoader:
@@ -258,13 +261,26 @@ class Refiner:
 
     # -- the loop --
     def train_stage(self, stage: str, start: int) -> None:
-        """Run ``stage`` from its step ``start`` to its end."""
+        """Run ``stage`` from its step ``start`` to its end.
+
+        Nothing in a step reads a device value on the host (a GPU would stall), except on
+        logging steps: every ``--log-every`` steps, the last step of the stage, checkpoint
+        steps and ``--val`` steps. There the loss and metrics of the window since the last
+        logging step, summed on the device (:class:`mimcli.refine.window.MetricWindow`), are
+        read at once: one ``metrics.jsonl`` record of their means, the non-finite check of
+        every step's loss and the objective's alarms, before anything is saved. A checkpoint
+        step always ends a window, so a resumed run logs the same windows.
+        """
         warmup = stage == "heads"
         total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
+        log_every = int(self.cfg.log_every)
+        if log_every < 1:
+            raise MimcliError(f"--log-every must be at least 1, got {log_every}")
         self.encoder.train(not warmup)
         self.objective.train()
         engine = step_module(self.encoder, self.objective, stage)  # DDP under torchrun
-        tick = time.perf_counter()
+        window = MetricWindow(self.device, log_every)
+        tick, images = time.perf_counter(), 0
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
             # schedules
             lr = lr_at(step, total, peak, warm)
@@ -276,11 +292,6 @@ class Refiner:
                     "several processes every rank needs a full batch: remove or fix them"
                 )
             loss, metrics = engine(batch, stage, step)
-            if not torch.isfinite(loss):
-                raise MimcliError(
-                    f"loss became non-finite at {stage} step {step}; stopped. The last good "
-                    f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
-                )
             # backward (DDP averages the gradients over ranks as they are computed) / step
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -293,32 +304,48 @@ class Refiner:
             decay = ema_decay(step, self.cfg.ema)
             if not warmup:
                 ema_update(self.ema, self.encoder, decay)
-            # log
-            now = time.perf_counter()
-            images_per_s = len(batch.indices) * dist.world_size() / max(now - tick, 1e-9)
-            tick = now
-            self.last_loss = dist.mean_scalar(float(loss.detach()), self.device)
-            record = {
-                "stage": stage,
-                "step": self.global_step(stage, step),
-                "stage_step": step,
-                "loss": self.last_loss,
-                "lr": lr,
-                "images_per_s": images_per_s,
-                **({} if warmup else {"ema_decay": decay}),
-                **metrics,
-            }
+            # metrics stay on the device until the window ends
+            window.add(step, loss, metrics)
+            images += len(batch.indices) * dist.world_size()
             done = step + 1
-            if self.monitor and (
-                done == total or (self.cfg.val_every and done % self.cfg.val_every == 0)
-            ):
-                record.update(self.measure(stage, step))
-            if dist.rank() == 0:
-                self.run.log(record)
-            if self.progress:
-                self.progress(stage, done, total, {"loss": self.last_loss, "img/s": images_per_s})
+            checkpoint = done == total or done % self.cfg.checkpoint_every == 0
+            measure = self.monitor is not None and (
+                done == total or bool(self.cfg.val_every and done % self.cfg.val_every == 0)
+            )
+            rate = images / max(time.perf_counter() - tick, 1e-9)
+            # log (the window's one read from the device), checks before anything is saved
+            if checkpoint or measure or done % log_every == 0:
+                means = window.read(self.objective.alarms())
+                rate = images / max(time.perf_counter() - tick, 1e-9)
+                tick, images = time.perf_counter(), 0
+                if means.first_non_finite is not None or not math.isfinite(means.loss):
+                    bad = step if means.first_non_finite is None else means.first_non_finite
+                    raise MimcliError(
+                        f"loss became non-finite at {stage} step {bad}; stopped. The last good "
+                        f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
+                    )
+                for message, count in means.alarms.items():
+                    if count:
+                        raise MimcliError(message)
+                self.last_loss = means.loss
+                record = {
+                    "stage": stage,
+                    "step": self.global_step(stage, step),
+                    "stage_step": step,
+                    "loss": means.loss,
+                    "lr": lr,
+                    "images_per_s": rate,
+                    **({} if warmup else {"ema_decay": decay}),
+                    **means.metrics,
+                }
+                if measure:
+                    record.update(self.measure(stage, step))
+                if dist.rank() == 0:
+                    self.run.log(record)
+            if self.progress:  # the loss of the last window; img/s of the window so far
+                self.progress(stage, done, total, {"loss": self.last_loss, "img/s": rate})
             # checkpoint
-            if done == total or done % self.cfg.checkpoint_every == 0:
+            if checkpoint:
                 self.save(stage, done)
 
     def measure(self, stage: str, step: int) -> dict[str, Any]:
