@@ -3,9 +3,12 @@ when GPU FAISS is installed) or chunked torch matmul + topk. Both return the sam
 ``auto`` picks per device (see :func:`resolve_backend`).
 
 Optional per-query exclusion by id (a sample must never retrieve its own earlier entry from the
-MIM-Refiner queue): the search asks for k plus the largest number of entries any one query must
-skip, drops the excluded hits and keeps the first k that remain; a query left with fewer than k
-valid entries is padded with index -1 and score -inf at the end of its row."""
+MIM-Refiner queue). The torch backend sets the similarities of excluded entries to -inf in each
+block it has materialised anyway, before its top-k: nothing depends on the ids' values, so a
+search on a GPU never waits for one (no ``unique``, boolean indexing or read-back). FAISS, which
+answers in host memory anyway, asks for k plus the largest number of entries any one query must
+skip, drops the excluded hits and keeps the first k that remain. Either way a query left with
+fewer than k valid entries is padded with index -1 and score -inf at the end of its row."""
 
 from __future__ import annotations
 
@@ -81,11 +84,20 @@ def _as_float32_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _topk_torch(
-    queries: torch.Tensor, database: torch.Tensor, k: int
+    queries: torch.Tensor,
+    database: torch.Tensor,
+    k: int,
+    query_ids: torch.Tensor | None = None,
+    database_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain top-k: blocks of at most ``MAX_BLOCK_ELEMENTS`` similarities, computed into one
-    reused buffer (a fresh 256 MB tensor per block costs page faults), running top-k merged across
-    database chunks."""
+    """Top-k: blocks of at most ``MAX_BLOCK_ELEMENTS`` similarities, computed into one reused
+    buffer (a fresh 256 MB tensor per block costs page faults), running top-k merged across
+    database chunks. With ids, entries sharing the query's id (database ids of -1 never do) are
+    set to -inf in the block before its top-k; -inf hits come back as index -1 (padding)."""
+    excluding = query_ids is not None and database_ids is not None
+    if excluding:
+        # a query id of -1 must match nothing: -2 is no database id
+        query_ids = torch.where(query_ids == -1, -2, query_ids)  # type: ignore[arg-type]
     n_query, n_db = queries.shape[0], database.shape[0]
     db_chunk = min(n_db, DATABASE_CHUNK)
     q_chunk = max(1, min(n_query, MAX_BLOCK_ELEMENTS // max(db_chunk, 1)))
@@ -100,6 +112,14 @@ def _topk_torch(
             block = database[d0 : d0 + db_chunk]
             sims = buffer[: q.shape[0] * block.shape[0]].view(q.shape[0], block.shape[0])
             torch.mm(q, block.T, out=sims)
+            if excluding:
+                same = (
+                    database_ids[d0 : d0 + db_chunk][None, :]
+                    == (  # type: ignore[index]
+                        query_ids[q0 : q0 + q_chunk][:, None]  # type: ignore[index]
+                    )
+                )
+                sims.masked_fill_(same, float("-inf"))
             if k == 1:  # a max is cheaper than topk(1)
                 s, i = sims.max(dim=1, keepdim=True)
             else:
@@ -114,6 +134,8 @@ def _topk_torch(
                 best_i = cat_i.gather(1, pick)
         out_scores[q0 : q0 + q.shape[0]] = best_s  # type: ignore[assignment]
         out_index[q0 : q0 + q.shape[0]] = best_i  # type: ignore[assignment]
+    if excluding:  # excluded entries (and only they: similarities are finite) scored -inf
+        out_index.masked_fill_(out_scores == float("-inf"), -1)
     return out_scores, out_index
 
 
@@ -278,20 +300,21 @@ def topk_inner_product(
         qid = _as_ids(query_ids, q.shape[0], "query_ids")
         dbid = _as_ids(database_ids, db.shape[0], "database_ids")
     k = min(k, db.shape[0])
-    if resolve_backend(backend, q.device) == "faiss":
-        search, where = _topk_faiss, torch.device("cpu")  # FAISS answers in host memory
-    else:
-        search, where = _topk_torch, q.device
-        db = db.to(where)
+    if resolve_backend(backend, q.device) == "torch":
+        db = db.to(q.device, non_blocking=True)
+        if qid is not None and dbid is not None:
+            qid = qid.to(q.device, non_blocking=True)
+            dbid = dbid.to(q.device, non_blocking=True)
+        return _topk_torch(q, db, k, qid, dbid)  # on q's device, nothing read back
     if qid is None or dbid is None:
-        scores, idx = search(q, db, k)
+        scores, idx = _topk_faiss(q, db, k)
     else:
-        # A query loses at most as many hits as the database holds entries with its id, so
-        # searching k + that maximum and dropping excluded hits leaves exactly the top k valid
-        # entries; both backends share this (no (Q, N) mask).
-        qid, dbid = qid.to(where), dbid.to(where)
+        # FAISS answers in host memory. A query loses at most as many hits as the database
+        # holds entries with its id, so searching k + that maximum and dropping excluded hits
+        # leaves exactly the top k valid entries (no (Q, N) mask).
+        qid, dbid = qid.cpu(), dbid.cpu()
         extra = _max_excluded(qid, dbid)
-        scores, idx = search(q, db, min(k + extra, db.shape[0]))
+        scores, idx = _topk_faiss(q, db, min(k + extra, db.shape[0]))
         if extra:
             scores, idx = _drop_excluded(scores, idx, qid, dbid, k)
     return scores.to(q.device), idx.to(q.device)

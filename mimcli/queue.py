@@ -38,7 +38,11 @@ class NeighbourQueue(nn.Module):
     """FIFO of L2-normalised projections with the dataset ids of their samples.
 
     All state lives in buffers, so ``state_dict()`` / ``load_state_dict()`` checkpoint the queue
-    exactly. The training loop drives it with explicit calls, in this order each step::
+    exactly. The write pointer and fill count are also kept as Python ints (the ``ptr`` and
+    ``filled`` buffers mirror them with ``fill_``, a write to the device, and are read back only
+    when a state is loaded), so neither call reads anything from the device: a refinement step on a
+    GPU never waits for it. The training loop drives it with explicit calls, in this order each
+    step::
 
         result = queue.lookup(projection, ids, topk=...)   # 1. look up (before enqueueing)
         ...loss uses result.neighbours...
@@ -61,6 +65,7 @@ class NeighbourQueue(nn.Module):
     ids: Tensor
     ptr: Tensor
     filled: Tensor
+    starved: Tensor
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -71,6 +76,16 @@ class NeighbourQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.int64))
         self.register_buffer("ptr", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("filled", torch.tensor(0, dtype=torch.int64))
+        # queries since the last check that found no entry but their own (see lookup); not
+        # part of the state: a run stops before it saves one with any
+        self.register_buffer("starved", torch.tensor(0, dtype=torch.int64), persistent=False)
+        self._ptr = 0
+        self._filled = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # the host copies follow the loaded buffers (one read when a state is loaded)
+        self._ptr, self._filled = int(self.ptr), int(self.filled)
 
     @property
     def size(self) -> int:
@@ -103,17 +118,25 @@ class NeighbourQueue(nn.Module):
         n_new = features.shape[0]
         if n_new == 0:
             return
-        rows = F.normalize(features.detach().float(), dim=1).to(self.features.device)
-        row_ids = ids.detach().long().to(self.ids.device)
-        start = int(self.ptr)
+        device = self.features.device
+        rows = F.normalize(features.detach().float(), dim=1).to(device, non_blocking=True)
+        row_ids = ids.detach().long().to(device, non_blocking=True)
+        start = self._ptr
         if n_new > self.size:
             rows, row_ids = rows[-self.size :], row_ids[-self.size :]
-            start += n_new - self.size
-        slots = (start + torch.arange(rows.shape[0], device=self.features.device)) % self.size
-        self.features[slots] = rows
-        self.ids[slots] = row_ids
-        self.ptr.fill_((int(self.ptr) + n_new) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + n_new))
+            start = (start + n_new - self.size) % self.size
+        # at most two contiguous runs of slots: up to the end, then from the front
+        first = min(rows.shape[0], self.size - start)
+        self.features[start : start + first] = rows[:first]
+        self.ids[start : start + first] = row_ids[:first]
+        rest = rows.shape[0] - first
+        if rest:
+            self.features[:rest] = rows[first:]
+            self.ids[:rest] = row_ids[first:]
+        self._ptr = (self._ptr + n_new) % self.size
+        self._filled = min(self.size, self._filled + n_new)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
 
     @torch.no_grad()
     def lookup(
@@ -142,35 +165,53 @@ class NeighbourQueue(nn.Module):
         Returns:
             the chosen entries, see :class:`NeighbourResult`.
 
-        Raises:
-            MimcliError: a query has no valid entry (every slot holds its own id).
+        A query with no valid entry (every slot holds its own id) is not an error here, which
+        would need a read from the device: it gets slot 0 and is counted in the ``starved``
+        buffer, which :meth:`check` (or the training loop at its logging steps, through
+        :meth:`mimcli.objectives.base.Objective.alarms`) turns into a :class:`MimcliError`.
         """
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        q = F.normalize(queries.detach().float(), dim=1).to(self.features.device)
-        q_ids = query_ids.detach().long().to(self.ids.device)
+        device = self.features.device
+        q = F.normalize(queries.detach().float(), dim=1).to(device, non_blocking=True)
+        q_ids = query_ids.detach().long().to(device, non_blocking=True)
         scores, slots = topk_inner_product(
             q, self.features, topk, backend=backend, query_ids=q_ids, database_ids=self.ids
         )
-        scores, slots = scores.to(self.features.device), slots.to(self.features.device)
+        scores = scores.to(device, non_blocking=True)
+        slots = slots.to(device, non_blocking=True)
         n_valid = (slots >= 0).sum(dim=1)  # valid hits come first; padding (-1) fills the rest
-        if bool((n_valid == 0).any()):
-            raise MimcliError(
-                f"the neighbour queue ({self.size} slots) holds only the query's own entries; "
-                "use a larger --queue-size"
-            )
+        self.starved.add_((n_valid == 0).sum())
         if slots.shape[1] == 1:
             choice = torch.zeros_like(n_valid)
         else:
-            draw = torch.rand(n_valid.shape[0], generator=generator).to(n_valid.device)
-            choice = (draw * n_valid).long().clamp_max(n_valid - 1)
-        positions = slots.gather(1, choice[:, None]).squeeze(1)
+            draw = torch.rand(n_valid.shape[0], generator=generator).to(device, non_blocking=True)
+            choice = (draw * n_valid).long().clamp_max(n_valid - 1).clamp_min(0)
+        positions = slots.gather(1, choice[:, None]).squeeze(1).clamp_min(0)
         return NeighbourResult(
             neighbours=self.features[positions].clone(),
             similarity=scores.gather(1, choice[:, None]).squeeze(1),
             positions=positions,
             ids=self.ids[positions].clone(),
         )
+
+    def starved_message(self) -> str:
+        """The error for a look-up that found only the query's own entries."""
+        return (
+            f"the neighbour queue ({self.size} slots) holds only the query's own entries; "
+            "use a larger --queue-size"
+        )
+
+    def check(self) -> None:
+        """Raise if a look-up since the last check found only the query's own entries (one
+        read from the device; the training loop reads the count with its metrics instead).
+
+        Raises:
+            MimcliError: with :meth:`starved_message`.
+        """
+        if int(self.starved):
+            self.starved.zero_()
+            raise MimcliError(self.starved_message())
 
 
 def queue_size(spec: str | int, dataset_size: int) -> int:
@@ -200,8 +241,9 @@ def queue_size(spec: str | int, dataset_size: int) -> int:
 
 def neighbour_label_agreement(
     result_ids: Tensor, query_labels: Tensor, labels_by_id: Tensor
-) -> float:
-    """Fraction of queries whose chosen neighbour has the query's label (a monitoring metric).
+) -> Tensor:
+    """Fraction of queries whose chosen neighbour has the query's label (a monitoring metric),
+    computed where ``labels_by_id`` lives without reading anything back (no boolean indexing).
 
     Neighbours with id -1 (random initial entries) are left out of both counts.
 
@@ -211,12 +253,14 @@ def neighbour_label_agreement(
         labels_by_id: (M,) int64 label of every dataset id.
 
     Returns:
-        agreement in [0, 1], or NaN when no neighbour has a real id yet.
+        0-dim float32 tensor on ``labels_by_id``'s device: agreement in [0, 1], or NaN when no
+        neighbour has a real id yet.
     """
     device = labels_by_id.device
-    result_ids, query_labels = result_ids.to(device), query_labels.to(device)
+    result_ids = result_ids.to(device, non_blocking=True)
+    query_labels = query_labels.to(device, non_blocking=True)
     real = result_ids >= 0
-    if not bool(real.any()):
-        return float("nan")
-    same = labels_by_id[result_ids[real]] == query_labels[real]
-    return float(same.float().mean())
+    same = (labels_by_id[result_ids.clamp_min(0)] == query_labels) & real
+    count = real.sum()
+    agreement = same.sum().float() / count.clamp_min(1).float()
+    return torch.where(count > 0, agreement, torch.full_like(agreement, float("nan")))

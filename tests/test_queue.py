@@ -186,11 +186,15 @@ def test_topk_larger_than_valid_entries_draws_only_valid(backend):
 
 
 def test_queue_with_only_own_entries_raises():
+    """Counted on the device by the look-up (no read there), raised by check()."""
     queue = NeighbourQueue(2, 3)
     queue.enqueue(_unit(2, 3, seed=0), torch.tensor([4, 4]))
+    queue.lookup(_unit(1, 3, seed=1), torch.tensor([4]), topk=3)
+    assert int(queue.starved) == 1 and "starved" not in queue.state_dict()
     with pytest.raises(MimcliError, match="queue-size"):
-        queue.lookup(_unit(1, 3, seed=1), torch.tensor([4]), topk=3)
+        queue.check()
     assert queue.lookup(_unit(1, 3, seed=1), torch.tensor([5])).ids.item() == 4
+    queue.check()  # counted since the last check: nothing
 
 
 def test_state_dict_round_trip():
@@ -234,7 +238,8 @@ def test_neighbour_label_agreement():
     result_ids = torch.tensor([1, 2, -1, 4, 3])
     query_labels = torch.tensor([0, 0, 2, 2, 0])
     # real neighbours: id1 (0 vs 0 ok), id2 (1 vs 0 no), id4 (2 vs 2 ok), id3 (1 vs 0 no)
-    assert neighbour_label_agreement(result_ids, query_labels, labels_by_id) == pytest.approx(0.5)
+    agreement = neighbour_label_agreement(result_ids, query_labels, labels_by_id)
+    assert agreement.dim() == 0 and float(agreement) == pytest.approx(0.5)
     assert math.isnan(
         neighbour_label_agreement(torch.tensor([-1]), torch.tensor([0]), labels_by_id)
     )
