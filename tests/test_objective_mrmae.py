@@ -273,7 +273,7 @@ def test_gradient_flow_and_frozen_teachers(tiny_model_dir, data_dir, teacher_dir
     refiner.encoder.train()
     loss, metrics = refiner.step_losses(batch, "refine", 0)
     assert set(metrics) == {"loss_rec", "loss_mimic/0"}
-    total = metrics["loss_rec"] + metrics["loss_mimic/0"]
+    total = float(metrics["loss_rec"] + metrics["loss_mimic/0"])
     assert float(loss.detach()) == pytest.approx(total, rel=1e-5)
     loss.backward()
     for module in (refiner.encoder, obj.mimic_heads, obj.decoder):
@@ -348,7 +348,7 @@ def test_cli_mimic_only_with_two_teachers(tiny_model_dir, data_dir, teacher_dir,
     args = [str(tiny_model_dir), "--objective", "mrmae", "--data", str(data_dir)]
     args += ["--teacher", str(teacher_dir), "--teacher", str(second), "--no-reconstruction"]
     args += ["--head-steps", "1", "--steps", "2", "--batch-size", "8", "--num-workers", "0"]
-    result = refine_cli([*args, "--out", str(tmp_path / "run")])
+    result = refine_cli([*args, "--log-every", "1", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     banner = result.output
     assert "decoder none: mimic only" in banner and "1x32px (25% visible" in banner

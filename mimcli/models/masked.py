@@ -11,12 +11,18 @@ from torch import Tensor, nn
 from mimcli.errors import MimcliError
 
 
-def random_mask(batch: int, num_patches: int, ratio: float, generator: torch.Generator) -> Tensor:
-    """``(batch, num_patches)`` bool, True = masked; exactly ``round(ratio * N)`` per row
-    (at least 1, at most N - 1), positions uniform at random."""
+def masked_count(num_patches: int, ratio: float) -> int:
+    """How many of ``num_patches`` :func:`random_mask` masks per row: ``round(ratio * N)``, at
+    least 1 and at most N - 1 (known on the host: nothing needs to count a mask's entries)."""
     if not 0 < ratio < 1:  # users' values are checked up front (objectives.OPTION_CHECKS)
         raise ValueError(f"mask ratio must lie strictly between 0 and 1, got {ratio}")
-    n_mask = min(num_patches - 1, max(1, int(round(ratio * num_patches))))
+    return min(num_patches - 1, max(1, int(round(ratio * num_patches))))
+
+
+def random_mask(batch: int, num_patches: int, ratio: float, generator: torch.Generator) -> Tensor:
+    """``(batch, num_patches)`` bool, True = masked; exactly :func:`masked_count` per row
+    (``round(ratio * N)``, at least 1, at most N - 1), positions uniform at random."""
+    n_mask = masked_count(num_patches, ratio)
     noise = torch.rand(batch, num_patches, generator=generator)
     order = noise.argsort(dim=1)
     mask = torch.zeros(batch, num_patches, dtype=torch.bool)

@@ -87,7 +87,9 @@ __all__ = [
 # --- loss ------------------------------------------------------------------------------------
 
 
-def conmim_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Tensor:
+def conmim_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, tau: float, check_mask: bool = True
+) -> Tensor:
     """ConMIM's denoising patch InfoNCE.
 
     For image ``b`` and masked position ``i``: cross-entropy of the logits
@@ -102,21 +104,27 @@ def conmim_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Tenso
         target: ``(B, N, D)`` momentum projector outputs of the strong view (detached here).
         mask: ``(B, N)`` bool, True = masked; the loss covers these positions only.
         tau: temperature.
+        check_mask: raise if the mask selects no patch (a read of the mask's values; False
+            for :func:`mimcli.models.masked.random_mask` masks, never empty).
 
     Returns:
         Scalar float32: mean over all masked positions of the batch.
     """
-    return patch_contrastive_loss(pred, target, _bool_mask(mask, pred), tau).loss
+    return patch_contrastive_loss(pred, target, _bool_mask(mask, pred), tau, check_mask).loss
 
 
 @torch.no_grad()
-def positive_accuracy(pred: Tensor, target: Tensor, mask: Tensor) -> float:
-    """Fraction of masked positions whose own-position key has the highest logit (chance 1/N).
+def positive_accuracy(
+    pred: Tensor, target: Tensor, mask: Tensor, check_mask: bool = True
+) -> Tensor:
+    """Fraction of masked positions whose own-position key has the highest logit (chance 1/N),
+    a 0-dim tensor on ``pred``'s device.
 
     Args:
         pred: ``(B, N, D)``; target: ``(B, N, D)``; mask: ``(B, N)`` bool.
+        check_mask: as in :func:`conmim_loss`.
     """
-    return float(patch_contrastive_loss(pred, target, _bool_mask(mask, pred), 1.0).accuracy)
+    return patch_contrastive_loss(pred, target, _bool_mask(mask, pred), 1.0, check_mask).accuracy
 
 
 def _bool_mask(mask: Tensor, pred: Tensor) -> Tensor:
@@ -269,12 +277,13 @@ class ConMIMObjective(Objective):
 
     def step(
         self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         device = self.ctx.device
         weak, strong = (v.to(device, non_blocking=True) for v in batch.views[:2])
         rows, cols = patch_grid(encoder, weak)
         generator = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
-        mask = random_mask(weak.shape[0], rows * cols, self.mask_ratio, generator).to(device)
+        mask = random_mask(weak.shape[0], rows * cols, self.mask_ratio, generator)
+        mask = mask.to(device, non_blocking=True)
         autocast = runtime_autocast(device)
         with autocast:
             # heads stage: gradient reaches the mask token through the frozen encoder
@@ -285,9 +294,9 @@ class ConMIMObjective(Objective):
                 keys = encode_masked(self.momentum_encoder, strong, None, None)[:, self.prefix :]
                 target = self.project(self.momentum_projector, keys)
         pred, target = pred.float(), target.float()
-        loss = conmim_loss(pred, target, mask, self.tau)
+        loss = conmim_loss(pred, target, mask, self.tau, check_mask=False)  # never empty
         metrics = {
-            "patch_acc": positive_accuracy(pred, target, mask),
+            "patch_acc": positive_accuracy(pred, target, mask, check_mask=False),
             "momentum": self.momentum(stage, step),
         }
         return loss, metrics

@@ -69,18 +69,26 @@ def _contrast(logits: Tensor, targets: Tensor) -> Contrast:
     return Contrast(loss, accuracy)
 
 
-def patch_contrastive_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: float) -> Contrast:
+def patch_contrastive_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, tau: float, check_mask: bool = True
+) -> Contrast:
     """Patch-level InfoNCE of MimCo with negatives from the same image.
 
     Row ``(b, i)`` for every masked position ``i`` of image ``b`` scores the student's prediction
     against all ``N`` teacher features of image ``b``: ``logits[j] = <p_bi, t_bj> / tau``
     (L2-normalised, float32); the target is ``j = i``.
 
+    Every row is scored and the unmasked ones are weighted out (no boolean indexing, whose size
+    depends on the mask: on a GPU it would wait for the device).
+
     Args:
         pred: ``(B, N, D)`` student patch-head outputs (receive the gradient).
         target: ``(B, N, D)`` teacher patch features on the student's grid (detached here).
         mask: ``(B, N)`` bool, True = masked; only masked positions are scored.
         tau: temperature.
+        check_mask: raise if the mask selects no patch, which reads the mask's values; a step
+            passes False for masks of :func:`mimcli.models.masked.random_mask` (at least one
+            masked patch per row by construction).
 
     Returns:
         Cross-entropy averaged over all masked positions of the batch, and its top-1 accuracy.
@@ -91,14 +99,19 @@ def patch_contrastive_loss(pred: Tensor, target: Tensor, mask: Tensor, tau: floa
             f"{tuple(target.shape)}, {tuple(mask.shape)}"
         )
     _check_tau(tau)
-    mask = mask.to(pred.device, torch.bool)
-    if not bool(mask.any()):
+    if check_mask and not bool(mask.any()):
         raise ValueError("the mask selects no patch")
+    b, n = pred.shape[:2]
+    weights = mask.to(pred.device, torch.float32, non_blocking=True).reshape(b * n)
     p = F.normalize(pred.float(), dim=-1)
     t = F.normalize(target.detach().float(), dim=-1)
     logits = torch.bmm(p, t.transpose(1, 2)) / tau  # (B, N, N): row i = position i's scores
-    positions = torch.arange(pred.shape[1], device=pred.device).expand(pred.shape[0], -1)
-    return _contrast(logits[mask], positions[mask])
+    logits = logits.reshape(b * n, n)
+    positions = torch.arange(n, device=pred.device).repeat(b)
+    rows = F.cross_entropy(logits, positions, reduction="none")
+    hits = (logits.detach().argmax(dim=-1) == positions).float()
+    count = weights.sum()
+    return Contrast((rows * weights).sum() / count, (hits * weights).sum() / count)
 
 
 def image_contrastive_loss(
@@ -225,7 +238,7 @@ class MimCoObjective(Objective):
 
     def step(
         self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Patch + weighted image InfoNCE of the masked view against the teacher's unmasked one.
 
         In the ``heads`` stage the encoder's parameters stay out of autograd; the gradient still
@@ -235,7 +248,7 @@ class MimCoObjective(Objective):
         images = batch.views[0].to(device, non_blocking=True)
         b = images.shape[0]
         grid = patch_grid(encoder, images)
-        mask = self.masks(b, grid[0] * grid[1], stage, step).to(device)
+        mask = self.masks(b, grid[0] * grid[1], stage, step).to(device, non_blocking=True)
         autocast = runtime_autocast(device)
         with autocast:
             target = self.teacher.features(images, grid)
@@ -244,15 +257,17 @@ class MimCoObjective(Objective):
             prefix = int(getattr(encoder, "num_prefix_tokens", 1))
             patch_pred = self.patch_head(tokens[:, prefix:])
             image_pred = self.image_head(tokens[:, 0])
-        patch = patch_contrastive_loss(patch_pred.float(), target.patches, mask, self.tau)
+        patch = patch_contrastive_loss(
+            patch_pred.float(), target.patches, mask, self.tau, check_mask=False
+        )
         image = image_contrastive_loss(
             image_pred.float(), dist.gather(target.cls), self.tau, offset=dist.rank() * b
         )
         loss = patch.loss + self.image_weight * image.loss
         metrics = {
-            "loss_patch": float(patch.loss.detach()),
-            "loss_image": float(image.loss.detach()),
-            "acc_patch": float(patch.accuracy),
-            "acc_image": float(image.accuracy),
+            "loss_patch": patch.loss.detach(),
+            "loss_image": image.loss.detach(),
+            "acc_patch": patch.accuracy,
+            "acc_image": image.accuracy,
         }
         return loss, metrics

@@ -48,7 +48,7 @@ from mimcli.models.mae_decoder import (
     read_decoder_file,
     reconstruction_loss,
 )
-from mimcli.models.masked import check_maskable, encode_visible, random_mask
+from mimcli.models.masked import check_maskable, encode_visible, masked_count, random_mask
 from mimcli.models.teacher import Teacher, load_teachers
 from mimcli.objectives.base import Objective, ObjectiveContext
 from mimcli.objectives.parts import SingleView, step_generator
@@ -76,10 +76,15 @@ def mimic_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred.float(), target)
 
 
-def visible_positions(mask: Tensor) -> Tensor:
-    """``(B, K)`` int64 positions of the unmasked patches, ascending (same K for every row)."""
+def visible_positions(mask: Tensor, visible: int | None = None) -> Tensor:
+    """``(B, K)`` int64 positions of the unmasked patches, ascending (same K for every row).
+
+    ``visible`` is K when the caller knows it (:func:`mimcli.models.masked.masked_count`);
+    otherwise it is counted in the mask's first row (a read of the mask's values)."""
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-    return order[:, : int((~mask[0]).sum())]
+    if visible is None:
+        visible = int((~mask[0]).sum())
+    return order[:, :visible]
 
 
 def gather_tokens(tokens: Tensor, positions: Tensor) -> Tensor:
@@ -200,7 +205,7 @@ class MRMAEObjective(Objective):
 
     def step(
         self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction of the masked patches plus the weighted mean mimic loss."""
         warmup = stage == "heads"
         device = self.ctx.device
@@ -208,15 +213,18 @@ class MRMAEObjective(Objective):
         b = images.shape[0]
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         gen = step_generator(self.ctx.seed, stage, step, salt=dist.rank())
-        mask = random_mask(b, grid[0] * grid[1], self.mask_ratio, gen)
-        keep = visible_positions(mask).to(device)
+        n = grid[0] * grid[1]
+        mask = random_mask(b, n, self.mask_ratio, gen)
+        keep = visible_positions(mask, n - masked_count(n, self.mask_ratio))
+        keep = keep.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
         autocast = runtime_autocast(device)
         with autocast, torch.set_grad_enabled(not warmup):
             latent = encode_visible(encoder, images, keep)
         if warmup:
             latent = latent.detach()
         visible = latent[:, self.prefix :]
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor] = {}
         total = torch.zeros((), device=device)
         if self.decoder is not None:
             with autocast:
@@ -225,7 +233,7 @@ class MRMAEObjective(Objective):
                 pred, images, mask, self.patch_size, self.decoder.spec.norm_pix_loss
             )
             total = total + rec
-            metrics["loss_rec"] = float(rec.detach())
+            metrics["loss_rec"] = rec.detach()
         terms = []
         for i, (teacher, head) in enumerate(zip(self.teachers, self.mimic_heads, strict=True)):
             with autocast:
@@ -233,6 +241,6 @@ class MRMAEObjective(Objective):
                 out = head(visible)
             term = mimic_loss(out, target)
             terms.append(term)
-            metrics[f"loss_mimic/{i}"] = float(term.detach())
+            metrics[f"loss_mimic/{i}"] = term.detach()
         total = total + self.mimic_weight * torch.stack(terms).mean()
         return total, metrics

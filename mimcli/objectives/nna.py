@@ -221,6 +221,7 @@ class NNAObjective(Objective):
         )
         self.lookup_gen = torch.Generator().manual_seed(ctx.seed + 1 + dist.rank())
         self.labels_by_id: Tensor | None = ctx.extra.get("labels_by_id")
+        self._labels_on_device: tuple[Tensor, Tensor] | None = None
         self._pending: dict[int, tuple[Tensor, Tensor]] = {}
 
     @classmethod
@@ -262,14 +263,15 @@ class NNAObjective(Objective):
 
     def step(
         self, encoder: nn.Module, batch: ViewBatch, stage: str, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over heads of the multi-view loss; remembers what each queue receives after the
-        optimiser step (global view 0's targets and ids, gathered over ranks)."""
+        optimiser step (global view 0's targets and ids, gathered over ranks). Metrics are
+        0-dim tensors on the device (nothing is read back)."""
         warmup = stage == "heads"
         device = self.ctx.device
         views = [v.to(device, non_blocking=True) for v in batch.views]
         b = views[0].shape[0]
-        ids = batch.indices.to(device)
+        ids = batch.indices.to(device, non_blocking=True)
         autocast = runtime_autocast(device)
         with autocast, torch.set_grad_enabled(not warmup):
             feats = block_features(encoder, torch.cat(views[:2]), self.blocks, self.head_input)
@@ -279,10 +281,13 @@ class NNAObjective(Objective):
         if warmup:
             feats = {k: v.detach() for k, v in feats.items()}
         total = torch.zeros((), device=device)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor] = {}
         self._pending = {}
         offset = dist.rank() * b
         gids = dist.gather(ids)
+        labels = None
+        if self.labels_by_id is not None:
+            labels = batch.labels.to(device, non_blocking=True)
         for block in self.blocks:
             with autocast:
                 z, p = self.heads.head(block)(feats[block])
@@ -314,14 +319,28 @@ class NNAObjective(Objective):
             )
             total = total + loss
             self._pending[block] = (dist.gather(t_globals[0]), gids)
-            metrics[f"loss/{block}"] = float(loss.detach())
-            metrics[f"align/{block}"] = float(alignment(t_globals[0], p[b : 2 * b]))
-            metrics[f"nn_sim/{block}"] = float(found[0].similarity.mean())
-            if self.labels_by_id is not None:
+            metrics[f"loss/{block}"] = loss.detach()
+            metrics[f"align/{block}"] = alignment(t_globals[0], p[b : 2 * b])
+            metrics[f"nn_sim/{block}"] = found[0].similarity.mean()
+            if labels is not None:
                 metrics[f"nn_agree/{block}"] = neighbour_label_agreement(
-                    found[0].ids.cpu(), batch.labels, self.labels_by_id
+                    found[0].ids, labels, self.device_labels()
                 )
         return total, metrics
+
+    def device_labels(self) -> Tensor:
+        """``labels_by_id`` on the device, copied once (and again if it is replaced)."""
+        source = self.labels_by_id
+        assert source is not None
+        if self._labels_on_device is None or self._labels_on_device[0] is not source:
+            copy = source.to(self.ctx.device, non_blocking=True)
+            self._labels_on_device = (source, copy)
+        return self._labels_on_device[1]
+
+    def alarms(self) -> dict[str, Tensor]:
+        """Look-ups that found only the query's own entries, summed over the queues."""
+        queues: list[NeighbourQueue] = list(self.queues.values())  # type: ignore[arg-type]
+        return {queues[0].starved_message(): torch.stack([q.starved for q in queues]).sum()}
 
     def after_step(self, encoder: nn.Module, stage: str, step: int) -> None:
         for block, (feats, ids) in self._pending.items():
