@@ -1,11 +1,13 @@
 """Optimiser parameter groups and schedules for refinement (METHOD §1.4).
 
-AdamW(0.9, 0.95). Encoder layer-wise lr decay follows the MIM-Refiner reference (BEiT-style): with
-L blocks counted from 0, block i gets decay^(L-i) (so the last block gets ×decay), the stem
-(patch embedding, tokens, positions, embedding norm) decay^(L+1), the final norm ×1. timm's
-``param_groups_layer_decay`` (checked on timm 1.0.31) gives the last block ×1 and the stem
-decay^L, one power less, so we assign layer ids ourselves. No weight decay on biases, norms and
-tokens. Heads get their own weight decay. Schedules are pure functions of the step.
+AdamW(0.9, 0.95), fused where the device has the kernel (CUDA, CPU, MPS...): one kernel per step,
+its step counters kept on the device (the foreach and single-tensor paths read every counter back
+to the host: a GPU sync per parameter). Encoder layer-wise lr decay follows the MIM-Refiner
+reference (BEiT-style): with L blocks counted from 0, block i gets decay^(L-i) (so the last block
+gets ×decay), the stem (patch embedding, tokens, positions, embedding norm) decay^(L+1), the final
+norm ×1. timm's ``param_groups_layer_decay`` (checked on timm 1.0.31) gives the last block ×1 and
+the stem decay^L, one power less, so we assign layer ids ourselves. No weight decay on biases,
+norms and tokens. Heads get their own weight decay. Schedules are pure functions of the step.
 """
 
 from __future__ import annotations
@@ -72,8 +74,43 @@ def head_param_groups(heads: nn.Module, weight_decay: float = 1e-5) -> list[dict
     return [g for g in groups if g["params"]]
 
 
+def fused_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters (floating point, on devices with the
+    fused kernel)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    params = list(params)
+    return bool(params) and all(
+        p.device.type in devices and torch.is_floating_point(p) for p in params
+    )
+
+
 def make_optimizer(groups: Iterable[dict]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(list(groups), lr=0.0, betas=(0.9, 0.95))
+    """AdamW(0.9, 0.95) over ``groups`` (lr set per step by :func:`apply_lr`), fused where
+    supported (:func:`fused_supported`).
+
+    ``load_state_dict`` takes the implementation the state was written with from its param
+    groups, as torch does: a checkpoint of a fused optimiser resumes fused, one written before
+    AdamW was fused (``fused`` unset) resumes unfused until its stage ends, so its steps repeat
+    the arithmetic of the run that wrote it exactly; the next stage's optimiser is fused. A
+    fused state loaded where the fused kernel is missing falls back to the unfused path.
+    """
+    groups = list(groups)
+    fused = fused_supported(p for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=fused or None)
+    optimizer.register_load_state_dict_post_hook(_fused_only_where_supported)
+    return optimizer
+
+
+def _fused_only_where_supported(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if group.get("fused") and not fused_supported(group["params"]):
+            group["fused"] = None
+            for p in group["params"]:  # the unfused path counts on the host
+                state = optimizer.state.get(p, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to("cpu")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, final: float = 0.0) -> float:
