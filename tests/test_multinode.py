@@ -13,7 +13,7 @@ import pytest
 ARGS = [
     "--blocks", "last2", "--head-steps", "2", "--steps", "2", "--batch-size", "8",
     "--local-crops", "1", "--head-width", "32", "--num-workers", "0", "--topk", "1",
-    "--lr", "1e-3",
+    "--lr", "1e-3", "--log-every", "1",
 ]  # fmt: skip
 
 

@@ -105,6 +105,8 @@ def test_cli_end_to_end(tiny_model_dir, data_dir, tmp_path, image_folders, tiny_
             "1e-3",
             "--checkpoint-every",
             "3",
+            "--log-every",
+            "1",
             "--json",
         ],
     )
@@ -278,6 +280,8 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, data_dir, tmp_path
         "1",
         "--lr",
         "1e-3",
+        "--log-every",
+        "1",
     ]
     env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     single = subprocess.run(
