@@ -13,6 +13,10 @@ model FLOPs from the plan, recompute not counted), ``max_memory_allocated`` agai
 total, and the step time over a bare encoder forward+backward of the same views. ``--smoke`` runs
 a tiny ViT on the CPU (checks the script; figures meaningless). ``--compile`` is reported as not
 available until ``refine --compile`` exists (issue 15, item 5).
+
+On CUDA the timed refine steps run under ``torch.cuda.set_sync_debug_mode("error")``: anything
+in a step that makes the host wait for the GPU raises, except the logging steps' one read of the
+metrics window and the benchmark's own ``synchronize`` between steps (for timing).
 """
 
 from __future__ import annotations
@@ -20,23 +24,61 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from benchmarks import refine_step
 from benchmarks._common import parser, save, table
 from benchmarks.refine_step import DATASET, bare_step_fn, refine_steps
 from mimcli.refine.config import RefineConfig
 from mimcli.refine.loop import Refiner
 from mimcli.refine.plan import PlanConfig, plan_refine
+from mimcli.refine.window import MetricWindow
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def gpu_peak(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+@contextmanager
+def sync_debug(mode: str) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside, the previous mode after."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def sync_free_steps(refiner: Refiner, views: list[torch.Tensor], n: int) -> list[float]:
+    """``refine_steps`` with every step under sync debug mode ``error``, but for the logging
+    steps' read of the metrics window and the per-step ``synchronize`` that times the steps."""
+    real_read, real_sync = MetricWindow.read, refine_step.sync
+
+    def read(self: MetricWindow, *args: Any, **kwargs: Any) -> Any:
+        with sync_debug("default"):
+            return real_read(self, *args, **kwargs)
+
+    def timing_sync(device: torch.device) -> None:
+        with sync_debug("default"):
+            real_sync(device)
+
+    MetricWindow.read = read  # type: ignore[method-assign]
+    refine_step.sync = timing_sync  # type: ignore[assignment]
+    try:
+        with sync_debug("error"):
+            return refine_steps(refiner, views, n, "refine")
+    finally:
+        MetricWindow.read = real_read  # type: ignore[method-assign]
+        refine_step.sync = real_sync
 
 
 def save_model(folder: Path, smoke: bool) -> None:
@@ -110,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             views = [v.to(device) for v in views]
             torch.cuda.reset_peak_memory_stats()
-        refine_s = statistics.median(refine_steps(refiner, views, steps + 2, "refine")[2:])
+        refine_steps(refiner, views, 2, "refine")  # warm-up: optimiser state, kernels, caches
+        timed = sync_free_steps(refiner, views, steps) if cuda else None
+        refine_s = statistics.median(timed or refine_steps(refiner, views, steps, "refine"))
         peak = torch.cuda.max_memory_allocated() if cuda else 0
         bare_step, _, _ = bare_step_fn(refiner, views)
         bare = []
@@ -138,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         ["peak / plan", peak / plan.total_bytes if cuda else "n/a"],
         ["bare encoder fwd+bwd s", bare_s],
         ["heads + queues overhead", f"{refine_s / bare_s - 1:+.1%}"],
+        ["host syncs outside logging steps", "none (sync debug mode error)" if cuda else "n/a"],
         ["compiled", "not available until refine --compile (issue 15, item 5)"],
     ]
     print(table("Refine step on one GPU" if cuda else "gpu_refine --smoke (CPU)", ["", ""], rows))
@@ -149,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch": plan.max_batch, "refine_s": refine_s, "bare_s": bare_s,
             "images_per_s": images_per_s, "tflops": tflops, "peak_bytes": peak,
             "plan_total_bytes": plan.total_bytes,
+            "sync_debug_error": cuda,
         },
     )  # fmt: skip
     return 0
