@@ -362,7 +362,7 @@ def refine(
         typer.Option(
             "--log-every",
             min=1,
-            help="Log metrics every N steps (means; also at checkpoints).",
+            help="Log metrics (means) every N steps.",
             rich_help_panel=OUTPUT,
         ),
     ] = 10,
