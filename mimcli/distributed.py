@@ -65,6 +65,12 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def barrier() -> None:
+    """Every rank waits for the others (nothing in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def wait_for_rank0(hours: float = 24.0) -> None:
     """Every rank waits here until rank 0 arrives (nothing in one process), for work only rank 0
     does (a probe) that may outlast the process group's collective timeout (10 min on NCCL): the
@@ -115,7 +121,7 @@ def mean_scalar(value: float, device: torch.device) -> float:
 
 def check_identical(tensors: list[torch.Tensor], what: str) -> None:
     """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
-    if not is_distributed():
+    if not is_distributed() or not tensors:
         return
     total = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
     parts = gather(total.to(tensors[0].device))
