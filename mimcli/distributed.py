@@ -4,6 +4,7 @@ go through the same calls, which then do nothing."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -90,7 +91,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in torch 2.14 for a private replacement
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
