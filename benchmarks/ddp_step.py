@@ -1,5 +1,5 @@
-"""Refine step time under torch's DistributedDataParallel against a hand-written gradient
-all-reduce (what mimcli did before), 2 gloo processes on this CPU, measured in one run.
+"""Refine step time under torch's DistributedDataParallel and FSDP2 against a hand-written
+gradient all-reduce (what mimcli did before), 2 gloo processes on this CPU, measured in one run.
 
     python -m benchmarks.ddp_step [--smoke] [--batch 128] [--steps 6] [--rounds 3]
 
@@ -7,8 +7,10 @@ Both variants run the same objective step (NNA, shipped tiny Fashion-MNIST MAE, 
 local crops, refinement stage) on synthetic views; the baseline runs the plain step module and
 then all-reduces one flat copy of every gradient after ``backward``, DDP overlaps bucketed
 all-reduces with the backward pass. Rounds alternate the two variants so drifting load on the
-machine hits both. Reported: median seconds per step of each and their ratio (target: DDP within
-10% of the hand-written version).
+machine hits both. Then the same refiner is sharded in place (``refine --shard on``: FSDP2 per
+block plus the step module as root, the EMA alike) and timed for as many rounds. Reported: median
+seconds per step of each and their ratios (target: DDP and FSDP within 10% of the hand-written
+version).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from benchmarks._common import parser, save, table
 from benchmarks.objective_step import make_refiner, objective_views
 from benchmarks.refine_step import batches
 from mimcli.optim import apply_lr
+from mimcli.refine import sharding
 from mimcli.refine.engine import StepModule, step_module
 
 
@@ -76,10 +79,15 @@ def worker(rank: int, world: int, port: int, root: str, batch: int, steps: int, 
     views = objective_views(refiner, batch // world)
     ddp = step_module(refiner.encoder, refiner.objective, "refine")
     plain = StepModule(refiner.encoder, refiner.objective, train_encoder=True)
-    times: dict[str, list[float]] = {"ddp": [], "manual": []}
+    times: dict[str, list[float]] = {"ddp": [], "manual": [], "fsdp": []}
     for _ in range(rounds):
         times["ddp"] += timed_steps(refiner, ddp, views, steps + 1, manual=False)[1:]
         times["manual"] += timed_steps(refiner, plain, views, steps + 1, manual=True)[1:]
+    fsdp = sharding.shard(plain, refiner.ema, refiner.device)  # in place: parameters -> DTensors
+    refiner.optimizer = refiner.make_optimizer("refine")
+    apply_lr(refiner.optimizer, 1e-5)
+    for _ in range(rounds):
+        times["fsdp"] += timed_steps(refiner, fsdp, views, steps + 1, manual=False)[1:]
     if rank == 0:
         results.put(times)
     torch_dist.barrier()
@@ -105,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         times = results.get()
     ddp, manual = statistics.median(times["ddp"]), statistics.median(times["manual"])
-    rows = [["DDP (torch)", ddp, batch / ddp], ["hand-written all-reduce", manual, batch / manual]]
+    fsdp = statistics.median(times["fsdp"])
+    rows = [["DDP (torch)", ddp, batch / ddp], ["FSDP2 (--shard on)", fsdp, batch / fsdp],
+            ["hand-written all-reduce", manual, batch / manual]]  # fmt: skip
     print(table(f"Refine step, 2 gloo processes x 1 thread, global batch {batch}",
                 ["variant", "s/step", "img/s"], rows))  # fmt: skip
     print(f"DDP / hand-written step time: {ddp / manual:.3f}")
+    print(f"FSDP2 / hand-written step time: {fsdp / manual:.3f}")
     payload = {"smoke": args.smoke, "batch": batch, "steps": steps, "rounds": rounds}
-    save("ddp_step", args.out, {**payload, "times": times, "ratio": ddp / manual})
+    ratios = {"ratio": ddp / manual, "fsdp_ratio": fsdp / manual}
+    save("ddp_step", args.out, {**payload, "times": times, **ratios})
     return 0
 
 

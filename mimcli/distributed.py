@@ -4,6 +4,7 @@ go through the same calls, which then do nothing."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -65,6 +66,12 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def barrier() -> None:
+    """Every rank waits for the others (nothing in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def wait_for_rank0(hours: float = 24.0) -> None:
     """Every rank waits here until rank 0 arrives (nothing in one process), for work only rank 0
     does (a probe) that may outlast the process group's collective timeout (10 min on NCCL): the
@@ -84,7 +91,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in torch 2.14 for a private replacement
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,7 @@ def mean_scalar(value: float, device: torch.device) -> float:
 
 def check_identical(tensors: list[torch.Tensor], what: str) -> None:
     """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
-    if not is_distributed():
+    if not is_distributed() or not tensors:
         return
     total = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
     parts = gather(total.to(tensors[0].device))

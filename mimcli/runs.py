@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
+SHARDED_CHECKPOINT = "checkpoint.dcp"  # refine --shard: a folder (mimcli.refine.sharding)
 EXPORT = "export"
 PROBE_DIR = "probe"  # refine --probe-train/--probe-val probes here; push reads it for the card
 EVAL_DIR = "eval"  # where `mimcli eval BASE RUN --out RUN/eval` puts results; push reads them
@@ -147,6 +148,16 @@ class RunFolder:
     @property
     def checkpoint_path(self) -> Path:
         return self.root / CHECKPOINT
+
+    @property
+    def sharded_checkpoint_path(self) -> Path:
+        return self.root / SHARDED_CHECKPOINT
+
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint to resume from is here (plain, or sharded by ``--shard``)."""
+        from_sharded = [self.sharded_checkpoint_path, self.root / (SHARDED_CHECKPOINT + ".old")]
+        return self.checkpoint_path.exists() or any((p / "trainer.safetensors").is_file()
+                                                     for p in from_sharded)
 
     @property
     def probe_dir(self) -> Path:

@@ -397,6 +397,24 @@ def refine(
             rich_help_panel=RUNTIME,
         ),
     ] = False,
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard",
+            help="FSDP2 under torchrun: on, off (DDP), auto (when the state > half a GPU).",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = "auto",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Processes (GPUs) to plan for; default $WORLD_SIZE, else 1.",
+            rich_help_panel=PLAN,
+            show_default=False,
+        ),
+    ] = None,
     probe_train: Annotated[
         Path | None,
         typer.Option(
@@ -446,7 +464,7 @@ def refine(
     if plan:
         from mimcli.refine.plan import PlanConfig, plan_refine
 
-        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        world = processes or max(1, int(os.environ.get("WORLD_SIZE", "1")))
         result_plan = plan_refine(
             PlanConfig(
                 model=model,
@@ -462,6 +480,8 @@ def refine(
                 batch_size=max(1, batch_size // world),
                 precision=precision,
                 grad_checkpointing=grad_checkpointing,
+                shard=shard,
+                processes=world,
                 queue_size=queue_size,
                 device_memory_gib=device_memory,
                 mfu=mfu,
@@ -529,6 +549,7 @@ def refine(
         knn_backend=knn_backend,
         grad_clip=grad_clip,
         grad_checkpointing=grad_checkpointing,
+        shard=shard,
         probe_train=probe_train,
         probe_val=probe_val,
     )
@@ -548,7 +569,7 @@ def refine(
             f"{start.objective}: {start.summary}; {blocks}{steps_text(start.steps)} "
             f"({start.steps_per_epoch}/epoch); lr {start.lr:.2e}, head lr {start.head_lr:.2e}; "
             f"views {start.views}; {start.device}, {start.precision}, {start.world_size} "
-            "process(es)",
+            "process(es)" + (f"; {start.shard}" if start.shard else ""),
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -597,6 +618,7 @@ def plan_table(plan: RefinePlan) -> Table:
         title=f"refine --plan: {plan.arch}, {len(plan.blocks)} heads, views {views}",
         caption=f"{plan.precision}, batch {plan.batch_size} per process"
         + (", grad checkpointing" if plan.grad_checkpointing else "")
+        + (f", sharded over {plan.processes} processes" if plan.sharded else "")
         + f"; MFU {plan.mfu:g}",
     )
     table.add_column("item")

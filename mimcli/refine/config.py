@@ -62,6 +62,7 @@ class RefineConfig:
     knn_backend: str = "auto"
     grad_clip: float | None = None
     grad_checkpointing: bool = False
+    shard: str = "auto"  # FSDP2 under torchrun: auto | on | off (mimcli.refine.sharding)
     probe_train: Path | None = None
     probe_val: Path | None = None
     threads: int | None = None
@@ -107,6 +108,7 @@ class RefineStart:
     device: str
     precision: str
     world_size: int
+    shard: str = ""  # how several processes train: DDP or FSDP2, and why
     ignored_flags: list[str] = field(default_factory=list)  # set but unused by the objective
 
 

@@ -10,6 +10,7 @@ its submodules (DDP must not wait for gradients it never gets), in refinement it
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
@@ -51,6 +52,10 @@ def step_module(encoder: nn.Module, objective: Objective, stage: str) -> nn.Modu
     module = StepModule(encoder, objective, train_encoder=stage != "heads")
     if not dist.is_distributed():
         return module
-    return DistributedDataParallel(
-        module, device_ids=None, broadcast_buffers=False, static_graph=True
-    )
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, whose False still
+        # broadcasts every buffer (the queues) at init; the old flag is the one that does not
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
+        return DistributedDataParallel(
+            module, device_ids=None, broadcast_buffers=False, static_graph=True
+        )

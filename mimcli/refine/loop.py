@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mimcli import distributed as dist
@@ -40,8 +41,9 @@ from mimcli.optim import (
     make_optimizer,
     scaled_lr,
 )
+from mimcli.refine import sharding
 from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
-from mimcli.refine.engine import step_module
+from mimcli.refine.engine import StepModule, step_module
 from mimcli.refine.monitor import Monitor
 from mimcli.refine.setup import (
     check_resume,
@@ -49,6 +51,7 @@ from mimcli.refine.setup import (
     resume_num_heads,
     settle_resize_rule,
     stage_steps,
+    trainable_architecture,
     trainable_encoder,
     validate,
 )
@@ -155,6 +158,20 @@ class Refiner:
             )
         ).to(self.device)
         self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        # --shard: FSDP2 over one step module for both stages, the EMA sharded alike
+        self.sharded, self.shard_reason = sharding.resolve_shard(
+            cfg.shard,
+            self.device,
+            dist.world_size(),
+            sharding.state_bytes(self.encoder, self.objective),
+        )
+        self.fsdp: StepModule | None = None
+        if self.sharded:
+            self.fsdp = sharding.shard(  # type: ignore[assignment]
+                StepModule(self.encoder, self.objective, train_encoder=True),
+                self.ema,
+                self.device,
+            )
         self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
         self.knn_log: list[dict[str, Any]] = []
         self.last_loss = float("nan")
@@ -179,6 +196,8 @@ class Refiner:
                 "images": len(self.images),
                 "device": str(self.device),
                 "world_size": dist.world_size(),
+                "sharded": self.sharded,
+                "shard_reason": self.shard_reason,
                 "precision": precision_name(self.device),
                 "arch": self.loaded.arch,
                 "model_args": self.loaded.model_args,
@@ -204,6 +223,7 @@ class Refiner:
             device=str(self.device),
             precision=precision_name(self.device),
             world_size=dist.world_size(),
+            shard=self.shard_reason if dist.is_distributed() else "",
             ignored_flags=list(self.ignored_options),
         )
 
@@ -278,7 +298,10 @@ class Refiner:
             raise MimcliError(f"--log-every must be at least 1, got {log_every}")
         self.encoder.train(not warmup)
         self.objective.train()
-        engine = step_module(self.encoder, self.objective, stage)  # DDP under torchrun
+        # DDP under torchrun, FSDP2 with --shard
+        engine = (
+            self.fsdp if self.fsdp is not None else step_module(self.encoder, self.objective, stage)
+        )
         window = MetricWindow(self.device, log_every)
         tick, images = time.perf_counter(), 0
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
@@ -353,7 +376,7 @@ class Refiner:
         assert self.monitor is not None
         entry: dict[str, Any] = {"stage": stage, "step": self.global_step(stage, step) + 1}
         for name, model in (("encoder", self.encoder), ("ema", self.ema)):
-            scores = self.monitor.measure(model)
+            scores = self.monitor.measure(self.whole(model))
             entry.update({f"knn_{name}_cls": scores["cls"], f"knn_{name}_patch": scores["patch"]})
         self.knn_log.append(entry)
         return {k: v for k, v in entry.items() if k.startswith("knn_")}
@@ -363,17 +386,11 @@ class Refiner:
         """Everything needed to continue exactly: weights, optimiser, queues, RNG states (the
         objective's per-rank state, e.g. each rank's neighbour-draw generator, from every rank)."""
         rank_extra = dist.gather_objects(self.objective.rank_state())
-        if dist.rank() != 0:
-            return
-        state = {
+        trainer = {
             "rank_extra": rank_extra,
             "stage": stage,
             "done": done,
             "totals": self.totals,
-            "encoder": self.encoder.state_dict(),
-            "ema": self.ema.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -382,11 +399,58 @@ class Refiner:
             "knn_log": self.knn_log,
             "last_loss": self.last_loss,
         }
+        if self.fsdp is not None:  # every rank writes its shards
+            sharding.save_sharded(self.run.sharded_checkpoint_path, self.sharded_state(), trainer)
+            return
+        if dist.rank() != 0:
+            return
+        state = {
+            **trainer,
+            "encoder": self.encoder.state_dict(),
+            "ema": self.ema.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
         save_checkpoint(self.run.checkpoint_path, state)
+
+    def sharded_state(self) -> dict[str, Any]:
+        """What a sharded checkpoint holds in DTensors (the optimiser keyed by parameter
+        names, as torch.distributed.checkpoint expects)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        assert self.fsdp is not None
+        return {
+            "encoder": self.encoder.state_dict(),
+            "ema": self.ema.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": get_optimizer_state_dict(self.fsdp, self.optimizer),
+        }
+
+    def load_state(self) -> dict[str, Any]:
+        """The run's checkpoint as one structure: plain (one file), or sharded (this rank's
+        shards filled in place; the optimiser rebuilt for the saved stage)."""
+        sharded = sharding.find_sharded(self.run.sharded_checkpoint_path) is not None
+        if sharded != (self.fsdp is not None):
+            written = "with" if sharded else "without"
+            flag = "--shard on and the same number of processes" if sharded else "--shard off"
+            raise MimcliError(
+                f"--resume: the checkpoint in {self.cfg.out} was written {written} sharding; "
+                f"resume with {flag}"
+            )
+        if not sharded:
+            return migrate_checkpoint(load_checkpoint(self.run.checkpoint_path))
+
+        def template(trainer: dict[str, Any]) -> dict[str, Any]:
+            self.optimizer = self.make_optimizer(trainer["stage"])
+            return self.sharded_state()
+
+        state = sharding.load_sharded(self.run.sharded_checkpoint_path, template)
+        state.update(state.pop("sharded"))
+        return state
 
     def restore(self) -> tuple[str, int]:
         """Load the run's checkpoint; returns (stage, steps done in it)."""
-        state = migrate_checkpoint(load_checkpoint(self.run.checkpoint_path))
+        state = self.load_state()
         if state["totals"] != self.totals:
             raise MimcliError(
                 f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
@@ -407,8 +471,13 @@ class Refiner:
         if dist.rank() < len(rank_extra) and rank_extra[dist.rank()] is not None:
             self.objective.load_rank_state(rank_extra[dist.rank()])
         stage = state["stage"]
-        self.optimizer = self.make_optimizer(stage)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.fsdp, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer = self.make_optimizer(stage)
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -418,11 +487,27 @@ class Refiner:
         return stage, state["done"]
 
     # -- export --
+    def whole(self, module: nn.Module) -> nn.Module:
+        """``module`` itself, or under ``--shard`` an unsharded copy of it gathered on every
+        rank (a collective; for k-NN monitoring)."""
+        if self.fsdp is None:
+            return module
+        copy_ = trainable_architecture(
+            self.loaded.arch, self.loaded.model_args, str(self.cfg.pos_embed_resize)
+        )
+        copy_.load_state_dict(sharding.full_state_dict(module))
+        copy_.pretrained_cfg = module.pretrained_cfg
+        return copy_.to(self.device).train(module.training)
+
     def export(self) -> Path:
-        """The encoder (EMA unless --export raw) in timm's Hugging Face layout."""
+        """The encoder (EMA unless --export raw) in timm's Hugging Face layout, written by rank
+        0 (under ``--shard`` every rank first helps gather the full weights)."""
         source = self.ema if self.cfg.export == "ema" else self.encoder
+        weights = sharding.full_state_dict(source) if self.fsdp is not None else None
+        if dist.rank() != 0:
+            return self.run.export_dir
         model = build_model(self.loaded.arch, self.loaded.model_args)
-        model.load_state_dict(source.state_dict())
+        model.load_state_dict(weights if weights is not None else source.state_dict())
         model.pretrained_cfg = dict(self.loaded.pretrained_cfg)
         return self.run.write_export(model, self.loaded.model_args)
 
@@ -440,13 +525,15 @@ class Refiner:
             if first == 0:  # a resumed stage keeps the optimiser restore() loaded
                 self.optimizer = self.make_optimizer(stage)
             self.train_stage(stage, first)
-        dist.check_identical(
-            list(self.encoder.parameters())
-            + list(self.objective.parameters())
-            + list(self.objective.buffers()),
+        dist.check_identical(  # DTensor shards differ by design; the rest is replicated
+            sharding.local_tensors(
+                list(self.encoder.parameters())
+                + list(self.objective.parameters())
+                + list(self.objective.buffers())
+            ),
             "weights",
         )
-        export_dir = self.export() if dist.rank() == 0 else self.run.export_dir
+        export_dir = self.export()
         best = None
         if self.knn_log:
             best = max(self.knn_log, key=lambda e: e.get("knn_ema_cls", 0.0))

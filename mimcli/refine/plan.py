@@ -27,6 +27,7 @@ from mimcli.fileio import write_json
 from mimcli.heads import HeadEnsemble, head_widths
 from mimcli.objectives.nna import block_features, multiview_loss
 from mimcli.refine.setup import freeze_parameters, trainable_architecture
+from mimcli.refine.sharding import SHARD_MODES
 
 GIB = 1024**3
 MIB = 1024**2
@@ -78,6 +79,8 @@ class PlanConfig:
     batch_size: int = 256  # per process
     precision: str = "bf16"
     grad_checkpointing: bool = False
+    shard: str = "auto"  # refine --shard: on, off, auto (state over half the device memory)
+    processes: int = 1  # processes the global batch and the sharded state are split over
     queue_size: str = "auto"
     device_memory_gib: float | None = None  # None: the local GPU's, else 80
     mfu: float = 0.4
@@ -118,6 +121,8 @@ class RefinePlan:
     flops_per_image: dict[str, float]  # forward, backward, lookup, total
     gpus: list[GpuEstimate] = field(default_factory=list)
     mfu: float = 0.4
+    sharded: bool = False  # FSDP2 over `processes`
+    processes: int = 1
     notes: list[str] = field(default_factory=list)
     path: str | None = None
 
@@ -257,6 +262,8 @@ def _check(cfg: PlanConfig) -> None:
         raise MimcliError(f"--mfu must be in (0, 1], got {cfg.mfu}")
     if cfg.batch_size < 1:
         raise MimcliError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.shard not in SHARD_MODES:
+        raise MimcliError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {cfg.shard!r}")
 
 
 def plan_refine(cfg: PlanConfig) -> RefinePlan:
@@ -366,12 +373,30 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     }
     # the look-up's (2B, Q) fp32 similarities live briefly in the forward pass
     transient = max(transient, 2 * qsize * 4)
-    fixed = sum(nbytes.values())
     memory = (
         int(cfg.device_memory_gib * GIB)
         if cfg.device_memory_gib is not None
         else default_device_memory()
     )
+    state = nbytes["parameters"] + nbytes["gradients"] + nbytes["optimizer"] + nbytes["ema"]
+    sharded = cfg.processes > 1 and (
+        cfg.shard == "on" or (cfg.shard == "auto" and state > memory / 2)
+    )
+    if sharded:
+        # FSDP2: each process keeps 1/N of parameters, gradients, AdamW and EMA, and gathers
+        # whole the root unit (stem, norm, heads) and two blocks at a time (one computing, one
+        # prefetched), with their full gradients before the reduce-scatter
+        n = cfg.processes
+        block = 4 * sum(p.numel() for p in encoder.blocks[0].parameters())  # type: ignore[index]
+        root = 4 * (encoder_params - depth * block // 4 + head_params)
+        for key in ("parameters", "gradients", "optimizer", "ema"):
+            nbytes[key] = -(-nbytes[key] // n)
+        nbytes["gathered"] = 2 * (root + 2 * block)
+        notes.append(
+            f"--shard: FSDP2 over {n} processes; parameters, gradients, AdamW and EMA split "
+            f"{n} ways, plus the root unit and two blocks gathered whole"
+        )
+    fixed = sum(nbytes.values())
     image = per_image + transient
     max_batch = max(0, (memory - fixed) // image) if image else 0
     flops = {
@@ -411,6 +436,8 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
         gpus=gpus,
         mfu=cfg.mfu,
         notes=notes,
+        sharded=sharded,
+        processes=cfg.processes,
     )
     if cfg.out is not None:
         cfg.out.mkdir(parents=True, exist_ok=True)

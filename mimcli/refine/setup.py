@@ -41,15 +41,17 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
         raise MimcliError("--ema must lie in [0, 1)")
     if cfg.topk < 1:
         raise MimcliError("--topk must be at least 1")
+    if cfg.shard not in ("auto", "on", "off"):
+        raise MimcliError(f"--shard must be auto, on or off, got {cfg.shard!r}")
     check_option_values(asdict(cfg))
     if cfg.pos_embed_resize is not None and cfg.pos_embed_resize not in posembed.RULES:
         raise MimcliError(
             f"--pos-embed-resize {cfg.pos_embed_resize!r}: choose one of "
             f"{', '.join(posembed.RULES)}"
         )
-    if cfg.resume and not run.checkpoint_path.exists():
+    if cfg.resume and not run.has_checkpoint():
         raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
-    if not cfg.resume and run.checkpoint_path.exists():
+    if not cfg.resume and run.has_checkpoint():
         raise MimcliError(
             f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"
         )
