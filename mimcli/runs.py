@@ -156,8 +156,9 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint to resume from is here (plain, or sharded by ``--shard``)."""
         from_sharded = [self.sharded_checkpoint_path, self.root / (SHARDED_CHECKPOINT + ".old")]
-        return self.checkpoint_path.exists() or any((p / "trainer.safetensors").is_file()
-                                                     for p in from_sharded)
+        return self.checkpoint_path.exists() or any(
+            (p / "trainer.safetensors").is_file() for p in from_sharded
+        )
 
     @property
     def probe_dir(self) -> Path:

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mimcli import distributed as dist
-from mimcli.refine import loop
-from mimcli.refine import sharding
+from mimcli.refine import loop, sharding
 from mimcli.refine.config import RefineConfig
 from mimcli.refine.engine import StepModule
 
@@ -38,7 +37,8 @@ def one_step(model: str, data: Path, out: Path, mode: str) -> None:
     for name, param in refiner.objective.named_parameters():  # the heads
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         weights[f"objective.{name}"] = full.detach().cpu()
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"rank{dist.rank()}.safetensors"))
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    save_file(tensors, str(out / f"rank{dist.rank()}.safetensors"))
 
 
 if __name__ == "__main__":

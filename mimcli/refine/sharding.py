@@ -49,9 +49,7 @@ def state_bytes(encoder: nn.Module, objective: nn.Module) -> int:
     return 4 * (params + trained + 2 * trained + ema)
 
 
-def resolve_shard(
-    mode: str, device: torch.device, world: int, needed: int
-) -> tuple[bool, str]:
+def resolve_shard(mode: str, device: torch.device, world: int, needed: int) -> tuple[bool, str]:
     """Whether to shard and why (config.json and the banner say it).
 
     ``auto`` shards when ``needed`` (see :func:`state_bytes`) exceeds half of the GPU's memory;
