@@ -345,7 +345,7 @@ class Refiner:
                     bad = step if means.first_non_finite is None else means.first_non_finite
                     raise MimcliError(
                         f"loss became non-finite at {stage} step {bad}; stopped. The last good "
-                        f"checkpoint is kept in {self.run.checkpoint_path} (try a lower --lr)"
+                        f"checkpoint is kept in {self.checkpoint_path()} (try a lower --lr)"
                     )
                 for message, count in means.alarms.items():
                     if count:
@@ -412,6 +412,12 @@ class Refiner:
             "optimizer": self.optimizer.state_dict(),
         }
         save_checkpoint(self.run.checkpoint_path, state)
+
+    def checkpoint_path(self) -> Path:
+        """Where this run's checkpoint goes (a folder under ``--shard``)."""
+        return (
+            self.run.sharded_checkpoint_path if self.fsdp is not None else self.run.checkpoint_path
+        )
 
     def sharded_state(self) -> dict[str, Any]:
         """What a sharded checkpoint holds in DTensors (the optimiser keyed by parameter
