@@ -415,6 +415,14 @@ def refine(
             show_default=False,
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--eager",
+            help="torch.compile the blocks and heads (slow first steps).",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = False,
     probe_train: Annotated[
         Path | None,
         typer.Option(
@@ -482,6 +490,7 @@ def refine(
                 grad_checkpointing=grad_checkpointing,
                 shard=shard,
                 processes=world,
+                compile=compile,
                 queue_size=queue_size,
                 device_memory_gib=device_memory,
                 mfu=mfu,
@@ -550,6 +559,7 @@ def refine(
         grad_clip=grad_clip,
         grad_checkpointing=grad_checkpointing,
         shard=shard,
+        compile=compile,
         probe_train=probe_train,
         probe_val=probe_val,
     )
@@ -619,6 +629,7 @@ def plan_table(plan: RefinePlan) -> Table:
         caption=f"{plan.precision}, batch {plan.batch_size} per process"
         + (", grad checkpointing" if plan.grad_checkpointing else "")
         + (f", sharded over {plan.processes} processes" if plan.sharded else "")
+        + (", compiled (memory measured eager)" if plan.compile else "")
         + f"; MFU {plan.mfu:g}",
     )
     table.add_column("item")

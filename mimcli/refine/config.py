@@ -63,6 +63,7 @@ class RefineConfig:
     grad_clip: float | None = None
     grad_checkpointing: bool = False
     shard: str = "auto"  # FSDP2 under torchrun: auto | on | off (mimcli.refine.sharding)
+    compile: bool = False  # torch.compile of the blocks and heads (refine.compiling)
     probe_train: Path | None = None
     probe_val: Path | None = None
     threads: int | None = None

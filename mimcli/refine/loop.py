@@ -42,6 +42,7 @@ from mimcli.optim import (
     scaled_lr,
 )
 from mimcli.refine import sharding
+from mimcli.refine.compiling import compile_step
 from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
 from mimcli.refine.engine import StepModule, step_module
 from mimcli.refine.monitor import Monitor
@@ -158,6 +159,8 @@ class Refiner:
             )
         ).to(self.device)
         self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        if cfg.compile:  # after every copy (a deep copy runs eager), before fully_shard
+            compile_step(self.encoder, self.objective, self.device)
         # --shard: FSDP2 over one step module for both stages, the EMA sharded alike
         self.sharded, self.shard_reason = sharding.resolve_shard(
             cfg.shard,

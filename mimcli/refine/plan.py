@@ -81,6 +81,7 @@ class PlanConfig:
     grad_checkpointing: bool = False
     shard: str = "auto"  # refine --shard: on, off, auto (state over half the device memory)
     processes: int = 1  # processes the global batch and the sharded state are split over
+    compile: bool = False  # refine --compile: recorded; memory stays the eager measurement
     queue_size: str = "auto"
     device_memory_gib: float | None = None  # None: the local GPU's, else 80
     mfu: float = 0.4
@@ -125,6 +126,7 @@ class RefinePlan:
     processes: int = 1
     notes: list[str] = field(default_factory=list)
     path: str | None = None
+    compile: bool = False  # refine --compile (activations measured eagerly: an upper bound)
 
 
 # --- measuring on fake tensors -----------------------------------------------------------------
@@ -361,6 +363,13 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
             "figures are without checkpointing)"
         )
 
+    if cfg.compile:
+        notes.append(
+            "--compile: activations measured on the eager step, an upper bound for the compiled "
+            "one (inductor saves fewer, fused intermediates; compile workspace not counted); "
+            "FLOPs and step time as eager at the same MFU"
+        )
+
     trainable = encoder_trainable + head_params
     lookup_flops = 2 * 2 * qsize * widths.out * len(blocks)  # 2 global queries per head
     nbytes = {
@@ -438,6 +447,7 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
         notes=notes,
         sharded=sharded,
         processes=cfg.processes,
+        compile=cfg.compile,
     )
     if cfg.out is not None:
         cfg.out.mkdir(parents=True, exist_ok=True)
