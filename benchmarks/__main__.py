@@ -14,6 +14,7 @@ NAMES = (
     "ddp_step",
     "memory",
     "plan_memory",
+    "compile_step",
     "gpu_refine",
 )
 

@@ -10,9 +10,12 @@ downloaded), bf16 autocast, the paper's views (2 × 224 + 10 × 96 px), 8 ID hea
 allows (or ``--batch``). Synthetic images; the first steps warm up and are not counted. Reported:
 images/s, model TFLOP/s and MFU against the GPU's bf16 dense peak (H100/H200 989, A100 312;
 model FLOPs from the plan, recompute not counted), ``max_memory_allocated`` against the plan's
-total, and the step time over a bare encoder forward+backward of the same views. ``--smoke`` runs
-a tiny ViT on the CPU (checks the script; figures meaningless). ``--compile`` is reported as not
-available until ``refine --compile`` exists (issue 15, item 5).
+total, and the step time over a bare encoder forward+backward of the same views. Then the same
+figures compiled (what ``refine --compile`` does: ``mimcli.refine.compiling.compile_step`` on the
+same Refiner, in place, after the eager steps; the bare encoder's blocks compiled alike), with the
+compile time apart (the first compiled step minus a steady one); ``--no-compile`` skips them.
+``--smoke`` runs a tiny ViT on the CPU and compiles with dynamo's ``eager`` backend (checks the
+script; figures meaningless).
 
 On CUDA the timed refine steps run under ``torch.cuda.set_sync_debug_mode("error")``: anything
 in a step that makes the host wait for the GPU raises, except the logging steps' one read of the
@@ -21,6 +24,8 @@ metrics window and the benchmark's own ``synchronize`` between steps (for timing
 
 from __future__ import annotations
 
+import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -35,6 +40,7 @@ from PIL import Image
 from benchmarks import refine_step
 from benchmarks._common import parser, save, table
 from benchmarks.refine_step import DATASET, bare_step_fn, refine_steps
+from mimcli.refine.compiling import compile_step
 from mimcli.refine.config import RefineConfig
 from mimcli.refine.loop import Refiner
 from mimcli.refine.plan import PlanConfig, plan_refine
@@ -101,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="per GPU (default: the plan's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-ups)")
-    p.add_argument("--compile", action="store_true", help="also the compiled step (not yet)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="also the compiled step (refine --compile)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     steps = 1 if args.smoke else args.steps
+    backend = "inductor" if cuda else "eager"  # CPU smoke: trace only, generate no code
     versions = {"torch": torch.__version__}
     try:
         import huggingface_hub
@@ -151,53 +161,96 @@ def main(argv: list[str] | None = None) -> int:
         views = [torch.randn(batch, *v.shape, generator=gen) for v in sample]
         if cuda:
             views = [v.to(device) for v in views]
-            torch.cuda.reset_peak_memory_stats()
-        refine_steps(refiner, views, 2, "refine")  # warm-up: optimiser state, kernels, caches
-        timed = sync_free_steps(refiner, views, steps) if cuda else None
-        refine_s = statistics.median(timed or refine_steps(refiner, views, steps, "refine"))
-        peak = torch.cuda.max_memory_allocated() if cuda else 0
-        bare_step, _, _ = bare_step_fn(refiner, views)
-        bare = []
-        for i in range(steps + 2):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            bare_step()
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                bare.append(time.perf_counter() - start)
-        bare_s = statistics.median(bare)
-    images_per_s = batch / refine_s
-    tflops = plan.flops_per_image["total"] * images_per_s / 1e12
+        eager = measure(refiner, views, steps, cuda, None)
+        compiled = None
+        if args.compile:  # in place, after the eager steps: one Refiner fits the device
+            compile_step(refiner.encoder, refiner.objective, refiner.device, backend)
+            compiled = measure(refiner, views, steps, cuda, backend)
+    mode_rows = [("", eager)] + ([(", compiled", compiled)] if compiled else [])
     peak_tflops = gpu_peak(torch.cuda.get_device_name(0)) if cuda else None
-    rows = [
+    rows: list[list[Any]] = [
         ["batch per GPU (plan's largest)", f"{batch} ({plan.max_batch})"],
-        ["refine step s", refine_s],
-        ["images/s", images_per_s],
-        ["model TFLOP/s", tflops],
-        ["MFU", f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a (CPU or unknown GPU)"],
-        ["peak memory GiB (max_memory_allocated)", peak / 1024**3 if cuda else "n/a on CPU"],
         ["plan's total GiB at this batch", plan.total_bytes / 1024**3],
-        ["peak / plan", peak / plan.total_bytes if cuda else "n/a"],
-        ["bare encoder fwd+bwd s", bare_s],
-        ["heads + queues overhead", f"{refine_s / bare_s - 1:+.1%}"],
-        ["host syncs outside logging steps", "none (sync debug mode error)" if cuda else "n/a"],
-        ["compiled", "not available until refine --compile (issue 15, item 5)"],
     ]
+    for tag, m in mode_rows:
+        tflops = plan.flops_per_image["total"] * m["images_per_s"] / 1e12
+        m["tflops"] = tflops
+        m["mfu"] = tflops / peak_tflops if peak_tflops else None
+        peak = m["peak_bytes"]
+        rows += [
+            [f"refine step s{tag}", m["refine_s"]],
+            [f"images/s{tag}", m["images_per_s"]],
+            [f"model TFLOP/s{tag}", tflops],
+            [f"MFU{tag}", f"{m['mfu']:.1%}" if m["mfu"] else "n/a (CPU or unknown GPU)"],
+            [f"peak memory GiB (max_memory_allocated){tag}", peak / 1024**3 if cuda else "n/a"],
+            [f"peak / plan{tag}", peak / plan.total_bytes if cuda else "n/a"],
+            [f"bare encoder fwd+bwd s{tag}", m["bare_s"]],
+            [f"heads + queues overhead{tag}", f"{m['refine_s'] / m['bare_s'] - 1:+.1%}"],
+        ]
+    rows.append(
+        ["host syncs outside logging steps", "none (sync debug mode error)" if cuda else "n/a"]
+    )
+    if compiled:
+        rows += [
+            [f"compile s (first compiled step - steady; {backend})", compiled["compile_s"]],
+            ["compiled speed-up (eager / compiled step)", eager["refine_s"] / compiled["refine_s"]],
+        ]
+    else:
+        rows.append(["compiled", "skipped (--no-compile)"])
     print(table("Refine step on one GPU" if cuda else "gpu_refine --smoke (CPU)", ["", ""], rows))
     save(
         "gpu_refine",
         args.out,
         {
             "smoke": args.smoke, "cuda": cuda, "versions": versions, "batch": batch,
-            "max_batch": plan.max_batch, "refine_s": refine_s, "bare_s": bare_s,
-            "images_per_s": images_per_s, "tflops": tflops, "peak_bytes": peak,
-            "plan_total_bytes": plan.total_bytes,
-            "sync_debug_error": cuda,
+            "max_batch": plan.max_batch, "plan_total_bytes": plan.total_bytes,
+            "refine_s": eager["refine_s"], "bare_s": eager["bare_s"],
+            "images_per_s": eager["images_per_s"], "tflops": eager["tflops"],
+            "peak_bytes": eager["peak_bytes"], "sync_debug_error": cuda,
+            "eager": eager, "compiled": compiled,
+            "compile_backend": backend if compiled else None,
         },
     )  # fmt: skip
     return 0
+
+
+def measure(
+    refiner: Refiner, views: list[torch.Tensor], steps: int, cuda: bool, backend: str | None
+) -> dict[str, Any]:
+    """Two warm-up refine steps (the first also compiles, when compiled), ``steps`` timed ones
+    (on CUDA under sync debug mode ``error``), then a bare encoder step on a copy of the encoder
+    (its blocks compiled with ``backend`` when given): medians, peak memory of the refine
+    steps."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm = refine_steps(refiner, views, 2, "refine")  # optimiser state, kernels, caches
+    timed = sync_free_steps(refiner, views, steps) if cuda else None
+    refine_s = statistics.median(timed or refine_steps(refiner, views, steps, "refine"))
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    bare_step, _, _ = bare_step_fn(refiner, views, backend)
+    bare = []
+    for i in range(steps + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        bare_step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            bare.append(time.perf_counter() - start)
+    del bare_step  # its encoder copy and AdamW state
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "refine_s": refine_s,
+        "warmup_steps_s": warm,
+        "compile_s": warm[0] - refine_s,
+        "bare_s": statistics.median(bare),
+        "images_per_s": len(views[0]) / refine_s,
+        "peak_bytes": peak,
+    }
 
 
 if __name__ == "__main__":

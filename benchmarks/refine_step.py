@@ -27,6 +27,7 @@ from benchmarks._common import parser, save, setup_threads, sync, table, timeit
 from mimcli.ema import ema_decay, ema_update
 from mimcli.objectives.nna import block_features, multiview_loss
 from mimcli.optim import apply_lr, encoder_param_groups, make_optimizer
+from mimcli.refine.compiling import compile_module
 from mimcli.refine.config import RefineConfig
 from mimcli.refine.loop import Refiner
 from mimcli.views import ViewBatch
@@ -110,8 +111,15 @@ def refine_steps(refiner: Refiner, views: list[torch.Tensor], n: int, stage: str
     return list(np.diff(stamps))
 
 
-def bare_step_fn(refiner: Refiner, views: list[torch.Tensor]) -> tuple[Any, Any, Any]:
-    encoder = copy.deepcopy(refiner.encoder).train()
+def bare_step_fn(
+    refiner: Refiner, views: list[torch.Tensor], backend: str | None = None
+) -> tuple[Any, Any, Any]:
+    """A bare encoder step on a copy of the refiner's encoder; ``backend``: compile the copy's
+    blocks as ``refine --compile`` does (``mimcli.refine.compiling``)."""
+    encoder = copy.deepcopy(refiner.encoder).train()  # a copy runs eager
+    if backend is not None:
+        for block in encoder.blocks:
+            compile_module(block, backend)
     cfg = refiner.cfg
     opt = make_optimizer(encoder_param_groups(encoder, cfg.weight_decay, cfg.layer_decay))
     apply_lr(opt, 1e-4)
