@@ -14,8 +14,10 @@ off, as in ``benchmarks.refine_step``):
 
 The compile is timed apart: the first compiled step (both view sizes and the heads compile
 there) minus a steady compiled step, with inductor's on-disk cache pointed at an empty folder so
-it is a cold compile. Then eager and compiled steps are timed in alternating rounds (so a load
-change hits both alike); reported: median step time of each and eager / compiled (the speed-up).
+it is a cold compile. Then eager and compiled steps are timed alternately, one step each per
+round by default (so a load change on a shared machine hits both alike); reported: median step
+time of each, eager / compiled of the medians (the speed-up) and the median of the per-round
+ratios, and the CPU pressure (Linux PSI) at the end.
 Also the bytes saved for backward by one step of each (``saved_tensors_hooks``, every storage
 once, parameters excluded): what ``refine --plan`` measures eagerly and assumes for compiled
 runs (an upper bound). ``--smoke`` uses a 4-block, 32-wide ViT and the ``eager`` dynamo backend
@@ -50,6 +52,15 @@ def save_vit(folder: Path, args: dict[str, Any], arch: str = "vit_base_patch16_2
     model.pretrained_cfg.pop("license", None)
     save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
     return str(folder)
+
+
+def cpu_pressure() -> str | None:
+    """Linux PSI: how much of the recent time runnable tasks waited for a CPU (a shared
+    machine's load shows here)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def saved_bytes(refiner: Refiner, views: list[torch.Tensor]) -> int:
@@ -94,6 +105,7 @@ def measure(
         eager_t += refine_steps(eager, views, steps, "refine")
         compiled_t += refine_steps(compiled, views, steps, "refine")
     e, c = statistics.median(eager_t), statistics.median(compiled_t)
+    paired = statistics.median(a / b for a, b in zip(eager_t, compiled_t, strict=True))
     saved = {"eager": saved_bytes(eager, views), "compiled": saved_bytes(compiled, views)}
     g, loc, n = eager.views.global_size, eager.views.local_size, eager.views.local_crops
     return {
@@ -111,6 +123,7 @@ def measure(
         "eager_median_s": e,
         "compiled_median_s": c,
         "speedup": e / c,
+        "speedup_paired_median": paired,  # median over (eager, compiled) steps run back to back
         "eager_images_per_s": batch / e,
         "compiled_images_per_s": batch / c,
         "saved_bytes": saved,
@@ -120,8 +133,8 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6, help="timed steps per round and mode")
-    p.add_argument("--rounds", type=int, default=2, help="alternating eager/compiled rounds")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round and mode")
+    p.add_argument("--rounds", type=int, default=10, help="alternating eager/compiled rounds")
     p.add_argument("--vit-s-batch", type=int, default=16)
     p.add_argument("--tiny-batch", type=int, default=256)
     p.add_argument("--only", choices=("tiny", "vit-s"), default=None, help="one setup only")
@@ -166,16 +179,17 @@ def main(argv: list[str] | None = None) -> int:
             f"B={r['batch']}, {r['views']}, {r['heads']} heads",
             r["eager_median_s"] * 1e3,
             r["compiled_median_s"] * 1e3,
-            f"{r['speedup']:.2f}x",
+            f"{r['speedup']:.2f}x ({r['speedup_paired_median']:.2f}x)",
             f"{r['compile_s']:.0f} s",
             f"{r['saved_compiled_over_eager']:.2f}",
         ]
         for r in results
     ]
-    cols = ["model", "step", "eager ms", "compiled ms", "eager/compiled", "compile"]
+    cols = ["model", "step", "eager ms", "compiled ms", "eager/compiled (paired)", "compile"]
     cols += ["saved bytes compiled/eager"]
     title = f"NNA refine step, eager vs --compile ({backend}), CPU, {threads} threads"
     print(table(title, cols, rows))
+    print(f"CPU pressure at the end (PSI): {cpu_pressure()}")
     path = save(
         "compile_step",
         args.out,
@@ -185,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": steps,
             "rounds": rounds,
             "torch": torch.__version__,
+            "cpu_pressure": cpu_pressure(),
             "results": results,
         },
     )
