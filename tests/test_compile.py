@@ -185,6 +185,13 @@ def test_no_compiler_is_one_clear_line(monkeypatch):
     with pytest.raises(MimcliError, match="cpu and cuda"):
         compiling.check_compilable(torch.device("mps"))
 
+    def unsupported() -> None:
+        raise RuntimeError("Python 3.15+ not yet supported for torch.compile")
+
+    monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", unsupported)
+    with pytest.raises(MimcliError, match="--compile: Python 3.15"):
+        compiling.check_compilable(torch.device("cpu"))
+
 
 def test_cli_flag_reaches_the_config(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     import mimcli.refine.pipeline as pipeline

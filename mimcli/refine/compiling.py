@@ -54,7 +54,13 @@ BLOCK_LISTS = ("blocks", "decoder_blocks")
 
 def check_compilable(device: torch.device) -> None:
     """One line when this machine cannot compile for ``device`` (inductor needs a C++ compiler
-    on CPU and Triton on CUDA)."""
+    on CPU and Triton on CUDA; dynamo does not run on every Python)."""
+    from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+    try:
+        check_if_dynamo_supported()
+    except RuntimeError as exc:
+        raise MimcliError(f"--compile: {exc}; run without --compile") from None
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise MimcliError(
             "--compile on CUDA needs Triton (pip install triton); run without --compile"
