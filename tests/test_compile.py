@@ -6,7 +6,7 @@ A cold inductor compile of the tiny ViT's block forward + backward takes ~30-45 
 shape on a CI CPU, so the default suite holds one inductor test with one view shape (no local
 crops, refinement stage only); the wiring tests trace with dynamo's ``eager`` backend (no code
 generated). Both stages, two view shapes, grad checkpointing, every objective, a resumed CLI run
-and two processes under DDP are in the slow suite.
+and two processes under DDP and under FSDP2 (``--shard on``) are in the slow suite.
 """
 
 from __future__ import annotations
@@ -264,11 +264,19 @@ def test_compiled_cli_run_resumes_to_the_same_export(
 
 
 @pytest.mark.slow
-def test_two_processes_compiled_match_one_eager(tiny_model_dir, data_dir, tmp_path):
-    """DDP (gloo, 2 processes) with compiled blocks: the one-process eager losses (nnclr: its
-    synchronised-BatchNorm heads stay eager, the blocks are compiled)."""
-    args = [str(tiny_model_dir), "--objective", "nnclr", *tiny_run_args(data_dir)]
-    args += ["--steps", "2", "--lr", "1e-3", "--topk", "1"]
+@pytest.mark.parametrize(
+    "objective,engine",
+    [("nnclr", []), ("nna", ["--shard", "on", "--local-crops", "1", "--blocks", "last2"])],
+    ids=["ddp", "fsdp"],
+)
+def test_two_processes_compiled_match_one_eager(
+    objective, engine, tiny_model_dir, data_dir, tmp_path
+):
+    """2 gloo processes with compiled blocks give the one-process eager losses: under DDP
+    (nnclr) and under FSDP2 (``--shard on``: blocks compiled, then sharded). The heads use
+    synchronised BatchNorm there, so they stay eager."""
+    args = [str(tiny_model_dir), "--objective", objective, *tiny_run_args(data_dir)]
+    args += ["--steps", "2", "--lr", "1e-3", "--topk", "1", "--log-every", "1"]
     env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 
     def run(out, *launcher: str, extra: tuple[str, ...] = ()) -> list[float]:
@@ -282,6 +290,7 @@ def test_two_processes_compiled_match_one_eager(tiny_model_dir, data_dir, tmp_pa
 
     torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(29800 + os.getpid() % 100))  # fmt: skip
-    two = run(tmp_path / "two", *torchrun, extra=("--compile",))
-    one = run(tmp_path / "one")
+    two = run(tmp_path / "two", *torchrun, extra=("--compile", *engine))
+    one = run(tmp_path / "one", extra=tuple(e for e in engine if e not in ("--shard", "on")))
+    assert len(two) == 4
     assert two == pytest.approx(one, rel=1e-4)
