@@ -122,14 +122,6 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def mean_scalar(value: float, device: torch.device) -> float:
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / world_size()
-
-
 def check_identical(tensors: list[torch.Tensor], what: str) -> None:
     """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
     if not is_distributed() or not tensors:
