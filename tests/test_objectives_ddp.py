@@ -101,7 +101,10 @@ def test_two_process_resume_repeats_every_ranks_draws(
 
     from safetensors.torch import load_file
 
-    args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--blocks", "last2", "--local-crops",
+    # under FSDP, heads on blocks 2-3 of 4: block 4 and the final norm never get a gradient, so
+    # the saved optimiser state covers fewer parameters than a fresh one would
+    blocks = "last2" if shard == "off" else "2,3"
+    args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--blocks", blocks, "--local-crops",
             "1", "--topk", "3", "--lr", "1e-3", "--steps", "12", "--shard", shard]  # fmt: skip
     env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     port = str(29700 + os.getpid() % 1000)

@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 from mimcli.cli.app import app
 from mimcli.errors import MimcliError
 from mimcli.refine.plan import PlanConfig, plan_refine
-from mimcli.refine.sharding import TRAINER, find_sharded, resolve_shard, state_bytes
+from mimcli.refine.sharding import (
+    TRAINER,
+    find_sharded,
+    load_sharded,
+    resolve_shard,
+    save_sharded,
+    state_bytes,
+)
 from mimcli.runs import RunFolder, save_checkpoint
 from tests.conftest import make_tiny_vit
 from tests.objective_harness import tiny_run_args
@@ -88,3 +95,32 @@ def test_resuming_a_sharded_run_unsharded_is_one_clear_line(tiny_model_dir, data
     assert "Traceback" not in resumed.output
     bad = runner.invoke(app, [*args, "--shard", "always", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--shard must be auto, on or off" in bad.stderr
+
+
+def test_sharded_save_replaces_a_stale_old_folder_and_loads_a_subset(tmp_path):
+    """One process (DCP needs no process group): a `.old` left by a kill after the last swap
+    does not stop the next save; a template with more entries than were saved (optimiser state
+    of parameters that never got a gradient) loads what was saved; a saved entry the template
+    lacks is one clear error."""
+    folder = tmp_path / "checkpoint.dcp"
+    for stale in (folder, folder.with_name("checkpoint.dcp.old")):
+        stale.mkdir()
+        save_checkpoint(stale / TRAINER, {"stage": "heads", "done": 1})
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3.0)}
+    save_sharded(folder, {"model": weights}, {"stage": "refine", "done": 2})
+    assert not folder.with_name("checkpoint.dcp.old").exists()
+    assert not folder.with_name("checkpoint.dcp.partial").exists()
+
+    def template(trainer):
+        assert trainer["stage"] == "refine"
+        return {"model": {"w": torch.zeros(2, 3), "step": torch.zeros(()), "x": torch.ones(4)}}
+
+    state = load_sharded(folder, template)
+    assert state["done"] == 2
+    assert torch.equal(state["sharded"]["model"]["w"], weights["w"])
+    assert float(state["sharded"]["model"]["step"]) == 3.0
+    assert "x" not in state["sharded"]["model"]
+    with pytest.raises(MimcliError, match="does not fit this model"):
+        load_sharded(folder, lambda trainer: {"model": {"w": torch.zeros(2, 3)}})
+    with pytest.raises(MimcliError, match="does not fit this model"):
+        load_sharded(folder, lambda t: {"model": {"w": torch.zeros(3, 3), "step": torch.zeros(())}})

@@ -459,13 +459,13 @@ class Refiner:
 
     def restore(self) -> tuple[str, int]:
         """Load the run's checkpoint; returns (stage, steps done in it)."""
+        check_resume(self.cfg, self.run, self.loaded.num_heads)
         state = self.load_state()
         if state["totals"] != self.totals:
             raise MimcliError(
                 f"--resume: the run was planned with steps {state['totals']}, now {self.totals}; "
                 "resume with the same options"
             )
-        check_resume(self.cfg, self.run, self.loaded.num_heads)
         try:
             self.encoder.load_state_dict(state["encoder"])
             self.ema.load_state_dict(state["ema"])
@@ -481,9 +481,19 @@ class Refiner:
             self.objective.load_rank_state(rank_extra[dist.rank()])
         stage = state["stage"]
         if self.fsdp is not None:
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
 
-            set_optimizer_state_dict(self.fsdp, self.optimizer, state["optimizer"])
+            # not strict: parameters that never got a gradient (blocks after the deepest head)
+            # have no saved state, as in the run that wrote it
+            set_optimizer_state_dict(
+                self.fsdp,
+                self.optimizer,
+                state["optimizer"],
+                options=StateDictOptions(strict=False),
+            )
         else:
             self.optimizer = self.make_optimizer(stage)
             self.optimizer.load_state_dict(state["optimizer"])

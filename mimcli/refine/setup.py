@@ -10,6 +10,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mimcli import distributed as dist
 from mimcli.errors import MimcliError
 from mimcli.models import posembed
 from mimcli.objectives import check_option_values, objective_defaults, objective_info
@@ -49,9 +50,15 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
             f"--pos-embed-resize {cfg.pos_embed_resize!r}: choose one of "
             f"{', '.join(posembed.RULES)}"
         )
-    if cfg.resume and not run.has_checkpoint():
+    found = run.has_checkpoint()
+    if len(set(dist.gather_objects(found))) > 1:  # every rank must take the same path
+        raise MimcliError(
+            f"{cfg.out} holds a checkpoint for some processes only: with several nodes, --out "
+            "must be on a filesystem every node sees"
+        )
+    if cfg.resume and not found:
         raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
-    if not cfg.resume and run.has_checkpoint():
+    if not cfg.resume and found:
         raise MimcliError(
             f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"
         )

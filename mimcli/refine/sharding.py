@@ -65,7 +65,8 @@ def resolve_shard(mode: str, device: torch.device, world: int, needed: int) -> t
         return False, "--shard off: DDP"
     if device.type != "cuda":
         return False, f"--shard auto: DDP (on {device.type}, sharding only with --shard on)"
-    total = torch.cuda.get_device_properties(device).total_memory
+    # every rank must decide alike (nodes may hold different GPUs): the smallest one decides
+    total = min(dist.gather_objects(torch.cuda.get_device_properties(device).total_memory))
     gib = 1024**3
     if needed > total / 2:
         return True, (
@@ -158,18 +159,33 @@ def save_sharded(folder: Path, sharded: dict[str, Any], trainer: dict[str, Any])
         tensors,
         storage_writer=dcp.HuggingFaceStorageWriter(str(partial / SHARDS), save_distributed=True),
     )
+    error = None
     if dist.rank() == 0:
-        save_checkpoint(
-            partial / TRAINER,
-            {**trainer, "sharded_structure": structure, "world_size": dist.world_size()},
+        try:
+            save_checkpoint(
+                partial / TRAINER,
+                {**trainer, "sharded_structure": structure, "world_size": dist.world_size()},
+            )
+            old = folder.with_name(folder.name + ".old")
+            if folder.exists():
+                if old.exists():  # left by a kill after the last swap; `folder` is whole
+                    shutil.rmtree(old)
+                folder.rename(old)
+            partial.rename(folder)
+            if old.exists():
+                shutil.rmtree(old)
+        except OSError as exc:
+            error = f"cannot write the sharded checkpoint {folder}: {exc}"
+    # rank 0's outcome reaches every rank (none waits forever on a failed one), then every rank
+    # must see the checkpoint: its shards went to a folder only its own node may see otherwise
+    outcome = dist.gather_objects(error)[0]
+    if outcome is not None:
+        raise MimcliError(outcome)
+    if not all(dist.gather_objects((folder / TRAINER).is_file())):
+        raise MimcliError(
+            f"{folder} is not visible to every process: with several nodes, --out must be on a "
+            "filesystem every node sees"
         )
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            folder.rename(old)
-        partial.rename(folder)
-        if old.exists():
-            shutil.rmtree(old)
-    dist.barrier()
 
 
 def _collect_paths(structure: Any, out: dict[str, Any]) -> None:
@@ -222,13 +238,21 @@ def load_sharded(
     saved = trainer.pop("sharded_structure")
     saved_keys: dict[str, Any] = {}
     _collect_paths(saved, saved_keys)
-    if set(saved_keys) != set(tensors):
-        missing = sorted(set(saved_keys) ^ set(tensors))[:3]
-        raise MimcliError(
-            f"--resume: the checkpoint in {folder.parent} does not fit this model and options "
-            f"(e.g. {', '.join(missing)}); resume with the run's MODEL and options (see its "
-            "config.json)"
-        )
-    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(found / SHARDS)))
+    # the template may hold more (optimiser state for parameters that never got a gradient,
+    # e.g. blocks after the deepest head), never less
+    unknown = sorted(set(saved_keys) - set(tensors))
+    misfit = (
+        f"--resume: the checkpoint in {folder.parent} does not fit this model and options "
+        "({}); resume with the run's MODEL and options (see its config.json)"
+    )
+    if unknown:
+        raise MimcliError(misfit.format(f"e.g. {', '.join(unknown[:3])}"))
+    wanted = {k: tensors[k] for k in saved_keys}
+    try:
+        dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(found / SHARDS)))
+    except (Exception, dcp.api.CheckpointException) as exc:  # a BaseException, gathered from
+        # every rank's failure by DCP: all ranks raise alike
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise MimcliError(misfit.format(lines[-1] if lines else type(exc).__name__)) from None
     trainer["sharded"] = unflatten(saved, tensors)
     return trainer
