@@ -2,11 +2,12 @@
 sharded the same way, sharded checkpoints through ``torch.distributed.checkpoint`` and the full
 EMA gathered for the export.
 
-What gets sharded: every transformer block of the encoder is its own FSDP unit, then the root
-is the :class:`~mimcli.refine.engine.StepModule` (encoder stem, final norm, the objective's heads,
-projectors and momentum networks), so everything ``objective.step`` touches is gathered by the
-root's forward (the objectives call ``forward_intermediates``, ``patch_embed`` and ``blocks``
-directly, never ``encoder.forward()``). The EMA is a copy of the encoder sharded with the same
+What gets sharded: every transformer block of the encoder (and of the objective's momentum
+encoder or decoder) is its own FSDP unit, then the root is the
+:class:`~mimcli.refine.engine.StepModule` (encoder stem, final norm, the objective's heads,
+projectors and the rest of its momentum networks), so everything ``objective.step`` touches is
+gathered by the root's forward (the objectives call ``forward_intermediates``, ``patch_embed``
+and ``blocks`` directly, never ``encoder.forward()``). The EMA is a copy of the encoder sharded with the same
 units; its update is a local ``lerp_`` of matching shards. Frozen teachers are not modules of the
 objective and stay whole on every rank.
 
@@ -88,8 +89,14 @@ def shard(step_module: nn.Module, ema: nn.Module, device: torch.device) -> nn.Mo
 
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     encoder = step_module.encoder
+    block_types = {type(block) for block in encoder.blocks}  # type: ignore[union-attr]
     for block in encoder.blocks:  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh)
+    # the objective's own stacks of such blocks (ConMIM's momentum encoder, MR-MAE's decoder)
+    # are units too, or the root would gather them whole every step
+    for module in step_module.objective.modules():
+        if type(module) in block_types:
+            fully_shard(module, mesh=mesh)
     fully_shard(step_module, mesh=mesh)
     for block in ema.blocks:  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh)
