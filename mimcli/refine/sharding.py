@@ -7,9 +7,9 @@ encoder or decoder) is its own FSDP unit, then the root is the
 :class:`~mimcli.refine.engine.StepModule` (encoder stem, final norm, the objective's heads,
 projectors and the rest of its momentum networks), so everything ``objective.step`` touches is
 gathered by the root's forward (the objectives call ``forward_intermediates``, ``patch_embed``
-and ``blocks`` directly, never ``encoder.forward()``). The EMA is a copy of the encoder sharded with the same
-units; its update is a local ``lerp_`` of matching shards. Frozen teachers are not modules of the
-objective and stay whole on every rank.
+and ``blocks`` directly, never ``encoder.forward()``). The EMA is a copy of the encoder sharded
+with the same units; its update is a local ``lerp_`` of matching shards. Frozen teachers are not
+modules of the objective and stay whole on every rank.
 
 Checkpoints are a folder (``checkpoint.dcp``): ``torch.distributed.checkpoint`` writes every
 rank's shards as safetensors (its Hugging Face storage: no pickles), and rank 0 writes
