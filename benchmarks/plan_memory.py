@@ -28,6 +28,16 @@ TINY = REPO / "examples" / "models" / "fmnist-mae-tiny"
 MIB = 1024**2
 
 # name, MODEL, blocks, global px, local px, local crops, two batch sizes (smoke: smaller)
+_VIT_S_64 = {
+    "name": "vit_small_patch16 @64/32",
+    "model": "vit_small_patch16_224",
+    "blocks": "last4",
+    "global": 64,
+    "local": 32,
+    "crops": 2,
+    "batches": (16, 48),
+    "smoke": (4, 12),
+}
 CASES: tuple[dict[str, Any], ...] = (
     {
         "name": "fmnist-mae-tiny",
@@ -39,34 +49,13 @@ CASES: tuple[dict[str, Any], ...] = (
         "batches": (64, 192),
         "smoke": (16, 48),
     },
+    _VIT_S_64,
+    {**_VIT_S_64, "name": _VIT_S_64["name"] + ", grad checkpointing", "grad_checkpointing": True},
     {
-        "name": "vit_small_patch16 @64/32",
-        "model": "vit_small_patch16_224",
-        "blocks": "last4",
-        "global": 64,
-        "local": 32,
-        "crops": 2,
-        "batches": (16, 48),
-        "smoke": (4, 12),
-    },
-    {
-        "name": "vit_small_patch16 @64/32, grad checkpointing",
-        "model": "vit_small_patch16_224",
-        "blocks": "last4",
-        "global": 64,
-        "local": 32,
-        "crops": 2,
-        "batches": (16, 48),
-        "smoke": (4, 12),
-        "grad_checkpointing": True,
-    },
-    {
+        **_VIT_S_64,
         "name": "vit_small_patch16 @224/96",
-        "model": "vit_small_patch16_224",
-        "blocks": "last4",
         "global": 224,
         "local": 96,
-        "crops": 2,
         "batches": (4, 12),
         "smoke": (2, 4),
     },

@@ -34,6 +34,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 SHARDED_CHECKPOINT = "checkpoint.dcp"  # refine --shard: a folder (mimcli.refine.sharding)
+SHARDED_TRAINER = "trainer.safetensors"  # in it: rank 0's part, written last
 EXPORT = "export"
 PROBE_DIR = "probe"  # refine --probe-train/--probe-val probes here; push reads it for the card
 EVAL_DIR = "eval"  # where `mimcli eval BASE RUN --out RUN/eval` puts results; push reads them
@@ -112,6 +113,15 @@ def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def find_sharded(folder: Path) -> Path | None:
+    """The complete sharded checkpoint ``folder``, or the previous one (``.old``) when a kill fell
+    between the two renames that swap a new one in; None when there is none."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / SHARDED_TRAINER).is_file():
+            return candidate
+    return None
+
+
 def environment() -> dict[str, str]:
     import timm
 
@@ -155,9 +165,8 @@ class RunFolder:
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint to resume from is here (plain, or sharded by ``--shard``)."""
-        from_sharded = [self.sharded_checkpoint_path, self.root / (SHARDED_CHECKPOINT + ".old")]
-        return self.checkpoint_path.exists() or any(
-            (p / "trainer.safetensors").is_file() for p in from_sharded
+        return (
+            self.checkpoint_path.exists() or find_sharded(self.sharded_checkpoint_path) is not None
         )
 
     @property

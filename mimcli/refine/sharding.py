@@ -31,10 +31,17 @@ from torch import nn
 
 from mimcli import distributed as dist
 from mimcli.errors import MimcliError
+from mimcli.runs import (
+    SHARDED_TRAINER,
+    find_sharded,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten,
+)
 
 SHARD_MODES = ("auto", "on", "off")
 SHARDS = "shards"  # DCP's safetensors files, inside the checkpoint folder
-TRAINER = "trainer.safetensors"  # rank 0's part: step, RNG, knn log, the state's structure
+TRAINER = SHARDED_TRAINER  # rank 0's part: step, RNG, knn log, the state's structure
 
 
 def state_bytes(encoder: nn.Module, objective: nn.Module) -> int:
@@ -154,8 +161,6 @@ def save_sharded(folder: Path, sharded: dict[str, Any], trainer: dict[str, Any])
     ``trainer`` (rank 0's small state) into ``folder``, atomically."""
     import torch.distributed.checkpoint as dcp
 
-    from mimcli.runs import save_checkpoint
-
     partial = folder.with_name(folder.name + ".partial")
     if dist.rank() == 0 and partial.exists():
         shutil.rmtree(partial)
@@ -208,15 +213,6 @@ def _collect_paths(structure: Any, out: dict[str, Any]) -> None:
             _collect_paths(value, out)
 
 
-def find_sharded(folder: Path) -> Path | None:
-    """The sharded checkpoint folder, or the previous one when a kill fell between its two
-    renames; None when there is none."""
-    if (folder / TRAINER).is_file():
-        return folder
-    old = folder.with_name(folder.name + ".old")
-    return old if (old / TRAINER).is_file() else None
-
-
 def load_sharded(
     folder: Path, template_for: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -226,8 +222,6 @@ def load_sharded(
     the saved stage; DTensors sharded like the saved ones): their tensors are filled in place.
     Returns the trainer state with the loaded state dicts under ``"sharded"``."""
     import torch.distributed.checkpoint as dcp
-
-    from mimcli.runs import load_checkpoint, unflatten
 
     found = find_sharded(folder)
     if found is None:
