@@ -18,31 +18,79 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mimcli.errors import MimcliError
+from mimcli.runtime import resolve_workers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BAD_IMAGE_CHOICES = ("skip", "fail")
+# what decoding an unreadable image raises (PIL: OSError/UnidentifiedImageError, truncated data)
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
 class ImageList:
-    """Files of one image folder: ``paths[i]`` has label ``labels[i]`` (-1 when unlabelled)."""
+    """Images of one source: position ``i`` has label ``labels[i]`` (-1 when unlabelled).
 
-    root: Path
-    paths: list[str]
+    A folder's images are files (``paths``); a dataset's or shards' images are rows of a
+    ``reader`` (see :mod:`mimcli.datasources`), ``rows[i]`` being the row of position ``i``, and
+    ``paths`` the names users see in messages (``SOURCE[row]``).
+    """
+
+    root: Path | str
+    paths: Sequence[str]
     labels: list[int]
     classes: list[str]
+    reader: Any = None  # None: files at ``paths``; else opens rows (map-style) or streams them
+    rows: list[int] | None = None  # the reader's row of each position (None: position = row)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
 
+    @property
+    def streaming(self) -> bool:
+        """Shards read in order (``wds/``, ``hfids/``): no random access."""
+        return bool(getattr(self.reader, "streaming", False))
+
+    def row(self, index: int) -> int:
+        return index if self.rows is None else self.rows[index]
+
+    def open(self, index: int) -> Image.Image:
+        """The image at position ``index``, converted to RGB (map-style sources only)."""
+        if self.reader is None:
+            with Image.open(self.paths[index]) as img:
+                return img.convert("RGB")
+        return self.reader.open(self.row(index))
+
     def subset(self, keep: Sequence[int]) -> ImageList:
+        labels = [self.labels[i] for i in keep]
+        if self.reader is None:
+            return ImageList(self.root, [self.paths[i] for i in keep], labels, self.classes)
+        rows = [self.row(i) for i in keep]
         return ImageList(
-            self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes
+            self.root, RowNames(self.reader, rows), labels, self.classes, self.reader, rows
         )
+
+
+class RowNames(Sequence[str]):
+    """The names of a reader's rows, made when asked (a million strings are not kept)."""
+
+    def __init__(self, reader: Any, rows: Sequence[int] | None = None, n: int = 0) -> None:
+        self.reader, self.rows, self.n = reader, rows, n if rows is None else len(rows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.reader.name(index if self.rows is None else self.rows[index])
 
 
 def _is_image(name: str) -> bool:
@@ -103,6 +151,8 @@ def subsample(images: ImageList, limit: int | None, seed: int = 0) -> ImageList:
         return images
     if limit <= 0:
         raise MimcliError(f"limit must be positive, got {limit}")
+    if images.streaming:  # no random access: the first ``limit`` in the seeded shard order
+        return images.reader.first(images, limit, seed)
     rng = np.random.default_rng(seed)
     labels = np.asarray(images.labels)
     # Round-robin over classes in a seeded random order keeps the class balance of small subsets.
@@ -131,10 +181,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         try:
-            with Image.open(self.images.paths[index]) as img:
-                img = img.convert("RGB")
+            img = self.images.open(index)
             return self.transform(img), self.images.labels[index], index
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except BAD_IMAGE_ERRORS:
             return None, self.images.labels[index], index
 
 
@@ -144,25 +193,6 @@ class Batch:
     labels: torch.Tensor  # (B,)
     indices: torch.Tensor  # (B,) positions in the ImageList
     bad: list[int]  # ImageList positions of unreadable files in this batch
-
-
-def labelled_pair(
-    train: str | os.PathLike[str],
-    val: str | os.PathLike[str],
-    limit_train: int | None,
-    limit_val: int | None,
-    seed: int = 0,
-) -> tuple[ImageList, ImageList]:
-    """The labelled ``--train`` and ``--val`` folders of probe and eval, each subsampled; one
-    clear line when their classes differ."""
-    train_images = subsample(scan_folder(train, what="--train"), limit_train, seed)
-    val_images = subsample(scan_folder(val, what="--val"), limit_val, seed)
-    if train_images.classes != val_images.classes:
-        raise MimcliError(
-            f"--train has classes {train_images.classes[:5]}... but --val has "
-            f"{val_images.classes[:5]}...; both folders need the same class sub-folders"
-        )
-    return train_images, val_images
 
 
 def collate(items: list[tuple[Any, int, int]]) -> Batch:
@@ -186,19 +216,22 @@ def eval_transform(pretrained_cfg: dict[str, Any], **overrides: Any) -> Callable
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False
+    dataset: Dataset, batch_size: int, num_workers: int | str, pin_memory: bool = False
 ) -> DataLoader:
-    """Ordered, streaming loader (images are never kept after their batch)."""
+    """Ordered, streaming loader (images are never kept after their batch); ``num_workers`` may
+    be ``auto`` (:func:`mimcli.runtime.resolve_workers`)."""
     if batch_size <= 0:
         raise MimcliError(f"--batch-size must be positive, got {batch_size}")
+    workers, _ = resolve_workers(num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=False,
+        prefetch_factor=4 if workers else None,
     )
 
 

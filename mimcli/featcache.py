@@ -51,7 +51,18 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
 
 
 def folder_digest(images: ImageList) -> str:
+    """What the images are: files (name, size, mtime) and labels; for a dataset or shards, the
+    reader's fingerprint (or its index), the rows and labels."""
     digest = hashlib.sha256()
+    if images.reader is not None:
+        fingerprint = getattr(images.reader, "fingerprint", None)
+        ident = fingerprint() if fingerprint else json.dumps(images.reader.index_key)
+        digest.update(f"{images.root}\0{ident}\n".encode())
+        rows = np.arange(len(images)) if images.rows is None else np.asarray(images.rows)
+        digest.update(rows.astype(np.int64).tobytes())
+        digest.update(np.asarray(images.labels, dtype=np.int64).tobytes())
+        digest.update("\0".join(images.classes).encode())
+        return digest.hexdigest()
     for path, label in zip(images.paths, images.labels, strict=True):
         st = os.stat(path)
         rel = os.path.relpath(path, images.root)

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from mimcli.blocks import to_indices
-from mimcli.data import BadImageTracker, ImageDataset, ImageList, make_loader
+from mimcli.data import BadImageTracker, ImageList, make_loader
 from mimcli.models.taps import final_norm_of, tap_blocks
 from mimcli.runtime import Progress, autocast
+from mimcli.streams import image_dataset
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -117,7 +118,7 @@ def extract_features(
         kept: list[int] = []
 
         loader = make_loader(
-            ImageDataset(images, transform),
+            image_dataset(images, transform),
             batch_size,
             num_workers,
             pin_memory=device.type == "cuda",

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from mimcli.data import eval_transform, labelled_pair
+from mimcli.data import eval_transform
+from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import knn_accuracy
 from mimcli.features import FeatureSet, extract_features
@@ -30,8 +31,8 @@ class ProbeConfig:
     """Every option of ``mimcli probe``; blocks are counted from 1."""
 
     model: str
-    train: Path
-    val: Path
+    train: str | Path  # a folder or a source (mimcli.datasources)
+    val: str | Path
     out: Path | None = None
     num_heads: int | None = None  # for a MODEL whose file has no head count (--num-heads)
     k: int = 10
@@ -40,10 +41,12 @@ class ProbeConfig:
     limit_train: int | None = None
     limit_val: int | None = None
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int | str = "auto"
     device: str = "auto"
     knn_backend: str = "auto"
     on_bad_image: str = "skip"
+    image_column: str | None = None
+    label_column: str | None = None
     feature_dtype: str = "float16"
     margin: float = 1.0
     max_heads: int = 8
@@ -142,7 +145,12 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
     train_images, val_images = labelled_pair(
-        cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed
+        cfg.train,
+        cfg.val,
+        cfg.limit_train,
+        cfg.limit_val,
+        cfg.seed,
+        Columns(cfg.image_column, cfg.label_column),
     )
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -42,6 +42,26 @@ def select_device(name: str = "auto") -> torch.device:
     raise MimcliError(f"unknown --device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(value: int | str) -> tuple[int, bool]:
+    """``--num-workers``: a count, or ``auto`` = this process's share of the cores (under
+    torchrun: usable cores / processes on this node, at least 1). Returns (count, whether it
+    was asked for explicitly)."""
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value), True
+    if str(value) != "auto":
+        raise MimcliError(f"--num-workers must be a count or auto, got {value!r}")
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, usable_cores() // local), False
+
+
 def configure_threads(num_threads: int | None = None) -> int:
     """Set torch's and FAISS's OpenMP thread counts explicitly (both ship their own OpenMP).
 
@@ -52,10 +72,7 @@ def configure_threads(num_threads: int | None = None) -> int:
         if env:
             num_threads = int(env)
         else:
-            try:
-                num_threads = len(os.sched_getaffinity(0))
-            except AttributeError:  # not on Linux
-                num_threads = os.cpu_count() or 1
+            num_threads = usable_cores()
     num_threads = max(1, num_threads)
     torch.set_num_threads(num_threads)
     try:

@@ -8,7 +8,7 @@ not depend on which DataLoader worker made them: a resumed run sees exactly the 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from mimcli import distributed as dist
-from mimcli.data import ImageDataset, ImageList
+from mimcli.data import BAD_IMAGE_ERRORS, ImageDataset, ImageList
 from mimcli.errors import MimcliError
 
 # The paper's sizes at 224 px: global 224, local 96 (98 for patch-14 models).
@@ -121,10 +121,31 @@ class MultiCropDataset(ImageDataset):
         self.epoch = 0
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        sample_seed = hash((self.seed, self.epoch, index)) % (2**31)
-        random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
+        seed_sample(self.seed, self.epoch, index)
         return super().__getitem__(index)
+
+
+def seed_sample(seed: int, epoch_key: int, index: int) -> None:
+    """Seed Python's and torch's generators for one sample's augmentations."""
+    sample_seed = hash((seed, epoch_key, index)) % (2**31)
+    random.seed(sample_seed)
+    torch.manual_seed(sample_seed)
+
+
+class StreamSample:
+    """One stream record -> its views (None when unreadable), seeded as
+    :class:`MultiCropDataset` seeds a folder's image: the same image at the same (epoch key,
+    index) gets the same views from a folder, a dataset or shards."""
+
+    def __init__(self, decode: Callable[[Any], Image.Image], transform: Any, seed: int) -> None:
+        self.decode, self.transform, self.seed = decode, transform, seed
+
+    def __call__(self, record: Any, epoch_key: int, index: int) -> Any:
+        seed_sample(self.seed, epoch_key, index)
+        try:
+            return self.transform(self.decode(record))
+        except BAD_IMAGE_ERRORS:
+            return None
 
 
 @dataclass
@@ -133,6 +154,16 @@ class ViewBatch:
     labels: torch.Tensor  # (B,)
     indices: torch.Tensor  # (B,) dataset positions
     bad: list[int]
+
+    def pin_memory(self) -> ViewBatch:
+        """A copy in pinned memory (DataLoader's ``pin_memory`` calls this), so the copies to
+        the GPU can overlap compute."""
+        return ViewBatch(
+            [v.pin_memory() for v in self.views],
+            self.labels.pin_memory(),
+            self.indices.pin_memory(),
+            self.bad,
+        )
 
 
 def collate_views(items: Sequence[tuple[Any, int, int]]) -> ViewBatch:

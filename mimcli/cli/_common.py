@@ -57,11 +57,37 @@ BatchSizeOpt = Annotated[
     typer.Option("--batch-size", min=1, help="Images per forward pass.", rich_help_panel=RUNTIME),
 ]
 WorkersOpt = Annotated[
-    int,
+    str,
     typer.Option(
-        "--num-workers", min=0, help="DataLoader worker processes.", rich_help_panel=RUNTIME
+        "--num-workers",
+        help="DataLoader worker processes; auto: this process's share of the CPU cores.",
+        rich_help_panel=RUNTIME,
     ),
 ]
+ImageColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-column",
+        help="Image column/field of a dataset or shards (default: image, img, jpg...).",
+        rich_help_panel=DATA,
+    ),
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--label-column",
+        help="Label column/field of a dataset or shards (default: label, labels, cls...).",
+        rich_help_panel=DATA,
+    ),
+]
+# What --data/--train/--val take, for the commands' epilogs (a paragraph of its own).
+SOURCES_HELP = (
+    "\nImages (--data, --train, --val): an ImageFolder (or flat) folder; hfds/OWNER/NAME[:split] "
+    "(a Hub dataset, via datasets); hfids/OWNER/NAME[:split] (the same, streamed); a local "
+    "parquet folder or save_to_disk dataset (PATH[:split]); wds/PATTERN (WebDataset tar shards, "
+    "a brace pattern of paths or http(s) URLs; indexed once, cached). Extras: mimcli[hf], "
+    "mimcli[wds]."
+)
 BackendOpt = Annotated[
     str,
     typer.Option(

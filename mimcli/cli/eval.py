@@ -13,11 +13,14 @@ from mimcli.cli._common import (
     MODEL,
     OUTPUT,
     RUNTIME,
+    SOURCES_HELP,
     BackendOpt,
     BatchSizeOpt,
     DeviceOpt,
+    ImageColumnOpt,
     ImageProgress,
     JsonOpt,
+    LabelColumnOpt,
     WorkersOpt,
     handle_errors,
     print_json,
@@ -55,6 +58,7 @@ MIM-Refiner paper released (the last example: base model, your run and the paper
 count is refused.
 """
     + HEADS_HELP
+    + SOURCES_HELP
 )
 
 
@@ -62,12 +66,12 @@ count is refused.
 def evaluate(
     models: Annotated[list[str], typer.Argument(help="Models or refine run folders.")],
     train: Annotated[
-        Path,
-        typer.Option("--train", help="Labelled ImageFolder (memory/fit).", rich_help_panel=DATA),
+        str,
+        typer.Option("--train", help="Labelled images (memory/fit).", rich_help_panel=DATA),
     ],
     val: Annotated[
-        Path,
-        typer.Option("--val", help="Labelled ImageFolder (queries/test).", rich_help_panel=DATA),
+        str,
+        typer.Option("--val", help="Labelled images (queries/test).", rich_help_panel=DATA),
     ],
     num_heads: Annotated[
         int | None,
@@ -129,7 +133,9 @@ def evaluate(
         typer.Option("--no-cache", help="Recompute features.", rich_help_panel=RUNTIME),
     ] = False,
     batch_size: BatchSizeOpt = 128,
-    num_workers: WorkersOpt = 2,
+    num_workers: WorkersOpt = "auto",
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     device: DeviceOpt = "auto",
     knn_backend: BackendOpt = "auto",
     seed: Annotated[
@@ -142,6 +148,7 @@ def evaluate(
     ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
+    from mimcli.datasources import data_spec
     from mimcli.errors import MimcliError
     from mimcli.evaluate.runner import EvalConfig, run_eval
     from mimcli.report.tables import eval_table
@@ -152,8 +159,8 @@ def evaluate(
         raise MimcliError(f"--k {k!r}: expected numbers like 10,20") from exc
     cfg = EvalConfig(
         models=list(models),
-        train=train,
-        val=val,
+        train=data_spec(train),
+        val=data_spec(val),
         out=out,
         num_heads=num_heads,
         protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
@@ -166,6 +173,8 @@ def evaluate(
         cache=not no_cache,
         batch_size=batch_size,
         num_workers=num_workers,
+        image_column=image_column,
+        label_column=label_column,
         device=device,
         knn_backend=knn_backend,
         seed=seed,

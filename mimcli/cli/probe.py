@@ -13,15 +13,18 @@ from mimcli.cli._common import (
     HEADS_HELP,
     OUTPUT,
     RUNTIME,
+    SOURCES_HELP,
     BackendOpt,
     BadImageOpt,
     BatchSizeOpt,
     CropPctOpt,
     DeviceOpt,
+    ImageColumnOpt,
     ImageProgress,
     ImgSizeOpt,
     InterpolationOpt,
     JsonOpt,
+    LabelColumnOpt,
     MeanOpt,
     NumHeadsOpt,
     StdOpt,
@@ -61,6 +64,7 @@ timm .safetensors), an http(s) URL of such a file, or mim-refiner:NAME, a model 
 paper released (mae_refined_l16, d2v2_refined_h14, ...; downloaded once, resumable).
 """
     + HEADS_HELP
+    + SOURCES_HELP
 )
 
 
@@ -68,13 +72,15 @@ paper released (mae_refined_l16, d2v2_refined_h14, ...; downloaded once, resumab
 def probe(
     model: Annotated[str, typer.Argument(help="Model to probe (see below for the forms).")],
     train: Annotated[
-        Path,
-        typer.Option("--train", help="Labelled ImageFolder: k-NN memory.", rich_help_panel=DATA),
+        str,
+        typer.Option("--train", help="Labelled images: k-NN memory.", rich_help_panel=DATA),
     ],
     val: Annotated[
-        Path,
-        typer.Option("--val", help="Labelled ImageFolder: k-NN queries.", rich_help_panel=DATA),
+        str,
+        typer.Option("--val", help="Labelled images: k-NN queries.", rich_help_panel=DATA),
     ],
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     num_heads: NumHeadsOpt = None,
     out: Annotated[
         Path | None,
@@ -112,7 +118,7 @@ def probe(
         ),
     ] = None,
     batch_size: BatchSizeOpt = 64,
-    num_workers: WorkersOpt = 2,
+    num_workers: WorkersOpt = "auto",
     device: DeviceOpt = "auto",
     knn_backend: BackendOpt = "auto",
     on_bad_image: BadImageOpt = "skip",
@@ -150,6 +156,7 @@ def probe(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure k-NN accuracy after every transformer block and recommend ID-head blocks."""
+    from mimcli.datasources import data_spec
     from mimcli.errors import MimcliError
     from mimcli.features import FEATURE_DTYPES
     from mimcli.probe import ProbeConfig, run_probe
@@ -159,8 +166,8 @@ def probe(
         raise MimcliError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
     cfg = ProbeConfig(
         model=model,
-        train=train,
-        val=val,
+        train=data_spec(train),
+        val=data_spec(val),
         out=out,
         num_heads=num_heads,
         k=k,
@@ -170,6 +177,8 @@ def probe(
         limit_val=limit_val,
         batch_size=batch_size,
         num_workers=num_workers,
+        image_column=image_column,
+        label_column=label_column,
         device=device,
         knn_backend=knn_backend,
         on_bad_image=on_bad_image,

@@ -14,9 +14,12 @@ from mimcli.cli._common import (
     HEADS_HELP,
     OUTPUT,
     RUNTIME,
+    SOURCES_HELP,
     BackendOpt,
     DeviceOpt,
+    ImageColumnOpt,
     ImageProgress,
+    LabelColumnOpt,
     NumHeadsOpt,
     WorkersOpt,
     handle_errors,
@@ -85,6 +88,7 @@ Examples:
 --num-heads is for MODEL only; a --teacher takes #heads=N.
 """
     + HEADS_HELP
+    + SOURCES_HELP
 )
 
 
@@ -93,8 +97,10 @@ def refine(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model to refine (same forms as probe).")],
     data: Annotated[
-        Path,
-        typer.Option("--data", help="Training images (ImageFolder or flat).", rich_help_panel=DATA),
+        str,
+        typer.Option(
+            "--data", help="Training images: folder, dataset or shards.", rich_help_panel=DATA
+        ),
     ],
     out: Annotated[
         Path,
@@ -332,8 +338,8 @@ def refine(
         ),
     ] = None,
     val: Annotated[
-        Path | None,
-        typer.Option("--val", help="Labelled folder: k-NN monitoring.", rich_help_panel=MONITOR),
+        str | None,
+        typer.Option("--val", help="Labelled images: k-NN monitoring.", rich_help_panel=MONITOR),
     ] = None,
     val_every: Annotated[
         int,
@@ -383,7 +389,9 @@ def refine(
         ),
     ] = 0,
     device: DeviceOpt = "auto",
-    num_workers: WorkersOpt = 2,
+    num_workers: WorkersOpt = "auto",
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     knn_backend: BackendOpt = "auto",
     grad_clip: Annotated[
         float | None,
@@ -423,14 +431,23 @@ def refine(
             rich_help_panel=RUNTIME,
         ),
     ] = False,
+    augment_on: Annotated[
+        str,
+        typer.Option(
+            "--augment-on",
+            help="cpu: views made in the data workers; device: workers only decode, crops and "
+            "colour ops run batched on the GPU (nna, nnclr).",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = "cpu",
     probe_train: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--probe-train", help="With --probe-val: probe now for auto.", rich_help_panel=HEADS
         ),
     ] = None,
     probe_val: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--probe-val", help="With --probe-train: probe now for auto.", rich_help_panel=HEADS
         ),
@@ -503,12 +520,13 @@ def refine(
             stdout.print(plan_table(result_plan))
         return
 
+    from mimcli.datasources import data_spec
     from mimcli.refine.config import RefineConfig, RefineStart
     from mimcli.refine.pipeline import run_refine
 
     cfg = RefineConfig(
         model=model,
-        data=data,
+        data=data_spec(data),
         out=out,
         objective=objective,
         num_heads=num_heads,
@@ -546,7 +564,7 @@ def refine(
         ema=ema,
         export=export,
         freeze_blocks=freeze_blocks,
-        val=val,
+        val=data_spec(val),
         val_every=val_every,
         val_limit=val_limit,
         checkpoint_every=checkpoint_every,
@@ -555,13 +573,16 @@ def refine(
         seed=seed,
         device=device,
         num_workers=num_workers,
+        image_column=image_column,
+        label_column=label_column,
         knn_backend=knn_backend,
         grad_clip=grad_clip,
         grad_checkpointing=grad_checkpointing,
         shard=shard,
         compile=compile,
-        probe_train=probe_train,
-        probe_val=probe_val,
+        augment_on=augment_on,
+        probe_train=data_spec(probe_train),
+        probe_val=data_spec(probe_val),
     )
     # on --resume, options not given here come from the run's config.json
     given = {f.name for f in fields(cfg) if _given(ctx, f.name)}

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimcli.data import eval_transform, labelled_pair
+from mimcli.data import eval_transform
+from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import last_block_knn
 from mimcli.evaluate.linear import LAST_BLOCKS
@@ -35,8 +36,8 @@ PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
 @dataclass
 class EvalConfig:
     models: list[str]
-    train: Path
-    val: Path
+    train: str | Path  # a folder or a source (mimcli.datasources)
+    val: str | Path
     out: Path | None = None
     num_heads: int | None = None  # for every MODEL without a count in its file or #heads=N
     protocols: tuple[str, ...] = PROTOCOLS
@@ -47,7 +48,7 @@ class EvalConfig:
     cluster_features: str = "cls"
     linear_epochs: int = 20
     batch_size: int = 128
-    num_workers: int = 2
+    num_workers: int | str = "auto"
     device: str = "auto"
     knn_backend: str = "auto"
     limit_train: int | None = None
@@ -55,6 +56,8 @@ class EvalConfig:
     cache: bool = True
     seed: int = 0
     threads: int | None = None
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -201,7 +204,12 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
     train_images, val_images = labelled_pair(
-        cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed
+        cfg.train,
+        cfg.val,
+        cfg.limit_train,
+        cfg.limit_val,
+        cfg.seed,
+        Columns(cfg.image_column, cfg.label_column),
     )
     names = _display_names(cfg.models)
     labels = _stage_labels(names)

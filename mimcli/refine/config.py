@@ -17,7 +17,7 @@ class RefineConfig:
     """Every option of ``mimcli refine`` (blocks counted from 1)."""
 
     model: str
-    data: Path
+    data: str | Path  # a folder or a source (mimcli.datasources)
     out: Path
     objective: str = "nna"
     num_heads: int | None = None  # MODEL's attention heads when its file has no count
@@ -50,7 +50,7 @@ class RefineConfig:
     ema: float = 0.9999
     export: str = "ema"
     freeze_blocks: int | None = None  # None: the objective's default (NNA 0)
-    val: Path | None = None
+    val: str | Path | None = None
     val_every: int = 0
     val_limit: int | None = 5000
     checkpoint_every: int = 50
@@ -58,14 +58,18 @@ class RefineConfig:
     resume: bool = False
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 2
+    num_workers: int | str = "auto"
+    image_column: str | None = None
+    label_column: str | None = None
+    augment_on: str = "cpu"  # cpu: views made in the DataLoader workers; device: batched there
+    data_lanes: int | None = None  # a stream's workers per rank, recorded (its order needs them)
     knn_backend: str = "auto"
     grad_clip: float | None = None
     grad_checkpointing: bool = False
     shard: str = "auto"  # FSDP2 under torchrun: auto | on | off (mimcli.refine.sharding)
     compile: bool = False  # torch.compile of the blocks and heads (refine.compiling)
-    probe_train: Path | None = None
-    probe_val: Path | None = None
+    probe_train: str | Path | None = None
+    probe_val: str | Path | None = None
     threads: int | None = None
     # objective options (None: the objective's documented default)
     photometric: bool | None = None

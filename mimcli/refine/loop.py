@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from mimcli import distributed as dist
 from mimcli.blocks import resolve_blocks
-from mimcli.data import scan_folder, subsample
+from mimcli.data import ImageList, subsample
+from mimcli.datasources import Columns, open_images
 from mimcli.ema import ema_decay, ema_update
 from mimcli.errors import MimcliError
 from mimcli.models.build import build_model
@@ -68,12 +69,16 @@ from mimcli.runtime import (
     StepProgress,
     configure_threads,
     precision_name,
+    resolve_workers,
     seed_everything,
     select_device,
 )
+from mimcli.streams import StreamBatches, stream_lanes
 from mimcli.views import (
     BatchPlan,
     KeyedDataset,
+    MultiCropTransform,
+    StreamSample,
     ViewBatch,
     check_local_crops_supported,
     collate_views,
@@ -102,9 +107,9 @@ class Refiner:
         self.run = RunFolder(cfg.out)
         validate(cfg, dist.world_size(), self.run)
         self.cfg = cfg = settle_resize_rule(cfg, self.run)
-        self.images = subsample(
-            scan_folder(cfg.data, labelled=False, what="--data"), cfg.limit, cfg.seed
-        )
+        self.images = self.open_data(cfg)
+        if self.images.streaming:  # a stream's order depends on its lanes: record them
+            self.cfg = cfg = replace(cfg, data_lanes=self.stream_lanes(cfg))
         if len(self.images) < cfg.batch_size:
             raise MimcliError(
                 f"--data has {len(self.images)} images, fewer than one batch "
@@ -158,6 +163,7 @@ class Refiner:
                 extra={"labels_by_id": labels_by_id if self.images.labelled else None},
             )
         ).to(self.device)
+        self.device_views = self.device_augment(cfg)
         self.ema = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         if cfg.compile:  # after every copy (a deep copy runs eager), before fully_shard
             compile_step(self.encoder, self.objective, self.device)
@@ -179,6 +185,66 @@ class Refiner:
         self.knn_log: list[dict[str, Any]] = []
         self.last_loss = float("nan")
         self.optimizer = self.make_optimizer("heads")
+
+    # -- data --
+    @staticmethod
+    def open_data(cfg: RefineConfig) -> ImageList:
+        """``--data`` (a folder, dataset or shards), ``--limit`` applied. Under torchrun rank 0
+        reads it first (a dataset is prepared in the HF cache, a stream indexed once), the
+        others then find it cached."""
+        columns = Columns(cfg.image_column, cfg.label_column)
+
+        def read() -> ImageList:
+            images = open_images(cfg.data, labelled=False, what="--data", columns=columns)
+            return subsample(images, cfg.limit, cfg.seed)
+
+        if dist.is_distributed():
+            images = read() if dist.rank() == 0 else None
+            dist.wait_for_rank0()
+            return images if images is not None else read()
+        return read()
+
+    def device_augment(self, cfg: RefineConfig) -> Any:
+        """``--augment-on device``: the batched views (:class:`mimcli.augment.DeviceMultiCrop`)
+        of the objective's multi-crop transform; None on the CPU path."""
+        if cfg.augment_on == "cpu":
+            return None
+        transform = self.objective.transform()
+        if not isinstance(transform, MultiCropTransform):
+            raise MimcliError(
+                f"--augment-on device makes multi-crop views (nna, nnclr); --objective "
+                f"{cfg.objective} makes its own views: use --augment-on cpu"
+            )
+        from mimcli.augment import DeviceMultiCrop
+
+        return DeviceMultiCrop(transform.cfg, cfg.seed)
+
+    def worker_transform(self) -> Any:
+        """What DataLoader workers do to an image: the objective's views, or with
+        ``--augment-on device`` only decode into a canvas (:class:`mimcli.augment.CanvasDecoder`;
+        the collated batch then holds ``[canvases, valid sizes]`` as its two "views")."""
+        if self.device_views is None:
+            return self.objective.transform()
+        from mimcli.augment import CanvasDecoder
+
+        return CanvasDecoder(self.device_views.cfg)
+
+    def make_views(self, batch: ViewBatch, stage: str, step: int) -> ViewBatch:
+        """``--augment-on device``: a batch of canvases -> its views on the device, seeded per
+        (seed, epoch key, image) like the workers' views."""
+        canvas, valid = batch.views
+        key = STAGES.index(stage) * 100_000 + step // self.per_epoch
+        keys = [(i, key) for i in batch.indices.tolist()]
+        views = self.device_views(canvas.to(self.device, non_blocking=True), valid, keys)
+        return ViewBatch(views, batch.labels, batch.indices, batch.bad)
+
+    def stream_lanes(self, cfg: RefineConfig) -> int:
+        """Lanes per rank of a stream: the recorded count on ``--resume``, else one per data
+        worker (as many as the shards allow)."""
+        if cfg.data_lanes:
+            return int(cfg.data_lanes)
+        workers, explicit = resolve_workers(cfg.num_workers)
+        return stream_lanes(self.images, dist.world_size(), workers, explicit)
 
     # -- what the run is (config.json, banner) --
     def config_record(self) -> dict[str, Any]:
@@ -264,8 +330,34 @@ class Refiner:
         return self.objective.step(self.encoder, batch, stage, step)
 
     def loader(self, stage: str, start: int) -> DataLoader:
-        """This rank's batches of ``stage`` from its step ``start`` (seeded, see BatchPlan)."""
-        dataset = KeyedDataset(self.images, self.objective.transform(), seed=self.cfg.seed)
+        """This rank's batches of ``stage`` from its step ``start`` (seeded: BatchPlan for
+        folders and datasets, StreamBatches for streams)."""
+        pin = self.device.type == "cuda"
+        workers, _ = resolve_workers(self.cfg.num_workers)
+        if self.images.streaming:
+            lanes = int(self.cfg.data_lanes or 1)
+            batches = StreamBatches(
+                self.images,
+                StreamSample(self.images.reader.decode, self.worker_transform(), self.cfg.seed),
+                collate_views,
+                seed=self.cfg.seed,
+                stage=STAGES.index(stage),
+                start=start,
+                total=self.totals[stage],
+                batch_size=self.cfg.batch_size,
+                lanes=lanes,
+                rank=dist.rank(),
+                world=dist.world_size(),
+            )
+            workers = lanes if workers else 0
+            return DataLoader(
+                batches,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin,
+                prefetch_factor=2 if workers else None,
+            )
+        dataset = KeyedDataset(self.images, self.worker_transform(), seed=self.cfg.seed)
         plan = BatchPlan(
             len(self.images),
             self.cfg.batch_size,
@@ -277,9 +369,10 @@ class Refiner:
         return DataLoader(
             dataset,
             batch_sampler=plan,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
             collate_fn=collate_views,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pin,
+            prefetch_factor=4 if workers else None,
         )
 
     # -- the loop --
@@ -317,6 +410,8 @@ class Refiner:
                     f"unreadable images in --data (dataset positions {batch.bad[:5]}); with "
                     "several processes every rank needs a full batch: remove or fix them"
                 )
+            if self.device_views is not None and len(batch.indices):
+                batch = self.make_views(batch, stage, step)
             loss, metrics = engine(batch, stage, step)
             # backward (DDP averages the gradients over ranks as they are computed) / step
             self.optimizer.zero_grad(set_to_none=True)

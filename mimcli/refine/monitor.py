@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimcli.data import ImageList, eval_transform, scan_folder, subsample
+from mimcli.data import ImageList, eval_transform, subsample
+from mimcli.datasources import Columns, open_images
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import last_block_knn
 from mimcli.features import extract_features
@@ -21,10 +22,14 @@ class Monitor:
     def __init__(self, cfg: RefineConfig, train: ImageList, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         assert cfg.val is not None
+        if not train.labelled:
+            raise MimcliError(f"--val needs labels in --data too; {cfg.data} has none")
         self.memory = subsample(train, cfg.val_limit, cfg.seed)
-        self.queries = subsample(scan_folder(cfg.val, what="--val"), cfg.val_limit, cfg.seed)
+        columns = Columns(cfg.image_column, cfg.label_column)
+        queries = open_images(cfg.val, labelled=True, what="--val", columns=columns)
+        self.queries = subsample(queries, cfg.val_limit, cfg.seed)
         if self.memory.classes != self.queries.classes:
-            raise MimcliError("--data and --val need the same class sub-folders for k-NN")
+            raise MimcliError("--data and --val need the same classes for k-NN")
 
     def measure(self, encoder: nn.Module) -> dict[str, float]:
         """``{"cls": acc, "patch": acc}`` (%) of ``encoder`` now; its train/eval mode is kept."""

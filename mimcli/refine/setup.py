@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mimcli import distributed as dist
+from mimcli.datasources import data_spec
 from mimcli.errors import MimcliError
 from mimcli.models import posembed
 from mimcli.objectives import check_option_values, objective_defaults, objective_info
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # RefineConfig fields that hold paths or tuples (config.json stores them as strings / lists)
 PATH_OPTIONS = ("data", "out", "probe", "val", "probe_train", "probe_val", "decoder")
 TUPLE_OPTIONS = ("global_scale", "local_scale")
+AUGMENT_CHOICES = ("cpu", "device")
 
 
 def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
@@ -36,6 +37,8 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
         raise MimcliError("--batch-size must be divisible by the number of processes")
     if cfg.export not in ("ema", "raw"):
         raise MimcliError("--export must be ema or raw")
+    if cfg.augment_on not in AUGMENT_CHOICES:
+        raise MimcliError(f"--augment-on must be one of {', '.join(AUGMENT_CHOICES)}")
     if cfg.head_input not in (None, "cls", "patch"):
         raise MimcliError("--head-input must be cls or patch")
     if not 0 <= cfg.ema < 1:
@@ -99,7 +102,7 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
             continue
         value = saved[name]
         if name in PATH_OPTIONS and value is not None:
-            value = Path(value)
+            value = data_spec(value)
         elif name in TUPLE_OPTIONS and value is not None:
             value = tuple(value)
         elif name == "teacher":
