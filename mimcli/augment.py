@@ -113,6 +113,7 @@ class ViewParams:
 
     size: int  # output side in pixels
     kernel: int  # Gaussian blur kernel size (views._blur's rule)
+    views: int  # V: views of this kind per image (K = V * B rows)
     image: Tensor  # (K,) int64 batch position
     box: Tensor  # (K, 4) float32 left, top, right, bottom in canvas pixels (integers)
     flip: Tensor  # (K,) bool
@@ -180,6 +181,7 @@ def _kind_params(
     return ViewParams(
         size=size,
         kernel=max(3, int(size * 0.1) // 2 * 2 + 1),
+        views=views,
         image=torch.arange(batch).repeat(views),
         box=crop_boxes(u, height, width, scale).float(),
         flip=u[:, _FLIP] < FLIP_P,
@@ -213,7 +215,7 @@ def sample_params(
     for index, epoch_key in keys:
         gen = torch.Generator().manual_seed(sample_seed(seed, int(index), int(epoch_key)))
         draws.append(torch.rand(cfg.num_views, _DRAWS, generator=gen, dtype=torch.float64))
-    u = torch.stack(draws, 1)  # (V, B, _DRAWS)
+    u = torch.stack(draws, 1) if draws else torch.empty(cfg.num_views, 0, _DRAWS).double()
     kinds = [
         _kind_params(
             u[:2], valid, cfg.global_size, cfg.global_scale, [GLOBAL0, GLOBAL1], cfg.photometric
@@ -385,7 +387,7 @@ class DeviceMultiCrop:
             views: list[Tensor] = []
             for p in params:
                 x = self._render_kind(canvas, _upload(p, device), p.size, p.kernel)
-                views.extend(x.split(images.shape[0]))
+                views.extend(x.unflatten(0, (p.views, images.shape[0])).unbind(0))
             return views
 
     def _render_kind(self, canvas: Tensor, rows: _DeviceRows, size: int, kernel: int) -> Tensor:

@@ -322,6 +322,8 @@ def test_views_layout_dtype_and_normalisation(batch):
     assert all(v.dtype == torch.float32 for v in views)
     pixels = torch.cat([unnormalise(v, SMALL).flatten() for v in views])
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    empty = DeviceMultiCrop(SMALL, seed=0)(images[:0], valid[:0], [])  # all images unreadable
+    assert [tuple(v.shape) for v in empty] == [(0, 3, 64, 64)] * 2 + [(0, 3, 32, 32)] * 4
 
 
 def test_crop_and_resize_match_torchvision_resized_crop(batch):
