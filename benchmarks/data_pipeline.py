@@ -13,7 +13,8 @@ file, smoother than a real one) for the DCT-domain downscale.
 Timed in one process with one torch thread (one DataLoader worker's view), each image once after
 a warm-up, CPU time of the process (``time.process_time``; wall time is reported too):
 
-- (a) decode alone: ``Image.open(path).convert("RGB")``;
+- (a) decode alone: ``Image.open(path).convert("RGB")`` as ``data.ImageDataset`` does it, and
+  without the ``convert`` (which copies an image that is RGB already);
 - (b) the CPU path: (a) + the paper's views (2 × 224 + 10 × 96, ``views.default_view_config``)
   seeded per image as ``views.MultiCropDataset`` does;
 - (c) the device path's worker side: ``CanvasDecoder(cfg)(path)`` (decode, shrink, pad);
@@ -137,6 +138,11 @@ def cases(
         with Image.open(path) as img:
             return img.convert("RGB")
 
+    def load(path: Path) -> Image.Image:  # no convert(): it copies an RGB image
+        with Image.open(path) as img:
+            img.load()
+            return img
+
     def cpu_path(path: Path) -> list[torch.Tensor]:
         seed = hash((0, 0, index[path])) % (2**31)  # as views.MultiCropDataset seeds an image
         random.seed(seed)
@@ -150,9 +156,11 @@ def cases(
 
     timed: dict[str, tuple[Callable[[Path], Any], list[Path]]] = {
         "decode": (decode, small),
+        "load": (load, small),
         "cpu_path": (cpu_path, small),
         "worker": (decoder, small),
         "decode_large": (decode, big),
+        "load_large": (load, big),
         "draft_decode_large": (pil_draft, big),
         "worker_large": (decoder, big),
         "worker_large_no_draft": (CanvasDecoder(cfg, draft=False), big),
@@ -200,12 +208,14 @@ def plan_flops() -> float:
 
 
 LABELS = {
-    "decode": "(a) decode (PIL)",
+    "decode": "(a) decode (PIL, as data.ImageDataset: + convert)",
+    "load": "(a) decode (PIL, no convert copy)",
     "cpu_path": "(b) CPU path: decode + 2 x 224 + 10 x 96 views",
     "worker": "(c) device path, worker: decode + shrink + pad",
     "sj_decode": "(a) decode (simplejpeg)",
     "sj_worker": "(c) worker with simplejpeg",
-    "decode_large": "(a) decode (PIL), 1600 x 1067",
+    "decode_large": "(a) decode (PIL + convert), 1600 x 1067",
+    "load_large": "(a) decode (PIL, no convert copy)",
     "draft_decode_large": "(a) decode (PIL draft: DCT scaled)",
     "worker_large": "(c) worker, 1600 x 1067 (draft)",
     "worker_large_no_draft": "(c) worker, 1600 x 1067, no draft",
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "large": large,
             "rounds": rounds,
             "views": f"2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size}",
-            "canvas": {"short_side": decoder.short_side, "side": decoder.side},
+            "canvas_side": decoder.side,
             "per_image": workers,
             "device_ops": ops,
             "device_over_cpu_path": ratio,

@@ -37,33 +37,33 @@ _AREA, _RATIO, _TOP, _LEFT, _FLIP, _JITTER = 0, 10, 20, 21, 22, 23
 _FACTORS, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE, _DRAWS = 24, 28, 32, 33, 34, 35, 36
 
 
-def canvas_size(cfg: ViewConfig) -> tuple[int, int]:
-    """``(S, L)``: workers shrink an image until its shorter side is at most ``S`` and its longer
-    side at most ``L``; the canvas is ``L × L``.
+def canvas_side(cfg: ViewConfig) -> int:
+    """``L``: workers shrink an image (never enlarge it) until it fits an ``L × L`` canvas.
 
-    ``S`` is the smallest shorter side at which the smallest crop of either kind still has as many
-    source pixels as output pixels: a crop of area fraction ``a`` of a square image has side
-    ``sqrt(a)·S``, so ``S = max(global / sqrt(global_scale[0]), local / sqrt(local_scale[0]))``:
-    448 for the paper's 224 px from 25–100% (locals: 96 px from 5%, 430). Smaller would upsample
-    the small crops (lost resolution); larger only costs worker time and memory. ``L = S·4/3``
-    keeps a 4:3 image (ImageNet's usual 500×375) at full ``S``; wider images are capped by it.
-    At 224 px: 598 × 598 × 3 bytes ≈ 1.07 MB per image, 274 MB for a batch of 256.
+    ``L = S·4/3``, with ``S`` the smallest shorter side at which the smallest crop of either kind
+    still has as many source pixels as output pixels: a crop of area fraction ``a`` of a square
+    image has side ``sqrt(a)·S``, so ``S = max(global / sqrt(global_scale[0]),
+    local / sqrt(local_scale[0]))``: 448 for the paper's 224 px from 25–100% (locals: 96 px from
+    5%, 430). A 4:3 image (ImageNet's usual 500 × 375 and wider photos) thus keeps a shorter side
+    of ``S``; smaller would enlarge the small crops from fewer pixels (lost resolution). Images
+    that already fit are kept as they are (the canvas costs the same): ImageNet's usual files,
+    at most 500 px a side, are not resized. At 224 px: 598 × 598 × 3 bytes = 1.07 MB per image,
+    275 MB per batch of 256 (uint8; the device side's float32 copy is 4×).
     """
     short = cfg.global_size / math.sqrt(cfg.global_scale[0])
     if cfg.local_crops:
         short = max(short, cfg.local_size / math.sqrt(cfg.local_scale[0]))
-    short_side = math.ceil(short - 1e-9)
-    return short_side, math.ceil(short_side * RATIO[1] - 1e-9)
+    return math.ceil(math.ceil(short - 1e-9) * RATIO[1] - 1e-9)
 
 
 class CanvasDecoder:
     """Worker side: an image file -> ``(canvas, valid)``; picklable, for DataLoader workers.
 
-    The image is decoded, converted to RGB and shrunk (bicubic, aspect ratio kept, never enlarged)
-    so that its shorter side is at most ``S`` and its longer side at most ``L``
-    (:func:`canvas_size`), then pasted at the top-left corner of a zero ``L × L`` canvas. A JPEG
-    at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain first
-    (PIL's ``Image.draft``; ``draft=False`` turns that off).
+    The image is decoded, converted to RGB if it is not, shrunk (bicubic, aspect ratio kept,
+    never enlarged) until its longer side is at most ``L`` (:func:`canvas_side`), and pasted at
+    the top-left corner of a zero ``L × L`` canvas. A JPEG at least twice the target size is
+    decoded at 1/2, 1/4 or 1/8 scale in the DCT domain first (PIL's ``Image.draft``, several
+    times faster; ``draft=False`` turns it off).
 
     Returns:
         canvas: ``(3, L, L)`` uint8.
@@ -71,12 +71,12 @@ class CanvasDecoder:
     """
 
     def __init__(self, cfg: ViewConfig, draft: bool = True) -> None:
-        self.short_side, self.side = canvas_size(cfg)
+        self.side = canvas_side(cfg)
         self.draft = draft
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(w, h)`` an image of ``width × height`` is shrunk to."""
-        scale = min(1.0, self.short_side / min(width, height), self.side / max(width, height))
+        scale = min(1.0, self.side / max(width, height))
         w = min(self.side, max(1, round(width * scale)))
         return w, min(self.side, max(1, round(height * scale)))
 
@@ -177,7 +177,6 @@ def _kind_params(
     per_view = torch.tensor(probs, dtype=u.dtype).repeat_interleave(batch, 0)  # (K, 2)
     lows = torch.tensor([r[0] for r in JITTER], dtype=u.dtype)
     spans = torch.tensor([r[1] - r[0] for r in JITTER], dtype=u.dtype)
-    on = photometric
     return ViewParams(
         size=size,
         kernel=max(3, int(size * 0.1) // 2 * 2 + 1),
@@ -185,13 +184,13 @@ def _kind_params(
         image=torch.arange(batch).repeat(views),
         box=crop_boxes(u, height, width, scale).float(),
         flip=u[:, _FLIP] < FLIP_P,
-        jitter=(u[:, _JITTER] < JITTER_P) & on,
+        jitter=(u[:, _JITTER] < JITTER_P) & photometric,
         factors=(lows + spans * u[:, _FACTORS:_ORDER]).float(),
         order=torch.argsort(u[:, _ORDER:_GRAY], dim=1),  # a uniform random permutation
-        gray=(u[:, _GRAY] < GRAY_P) & on,
-        blur=(u[:, _BLUR] < per_view[:, 0]) & on,
+        gray=(u[:, _GRAY] < GRAY_P) & photometric,
+        blur=(u[:, _BLUR] < per_view[:, 0]) & photometric,
         sigma=(SIGMA[0] + (SIGMA[1] - SIGMA[0]) * u[:, _SIGMA]).float(),
-        solarize=(u[:, _SOLARIZE] < per_view[:, 1]) & on,
+        solarize=(u[:, _SOLARIZE] < per_view[:, 1]) & photometric,
     )
 
 

@@ -23,7 +23,7 @@ from mimcli.augment import (
     CanvasDecoder,
     DeviceMultiCrop,
     ViewParams,
-    canvas_size,
+    canvas_side,
     sample_params,
 )
 from mimcli.views import MultiCropTransform, ViewConfig, default_view_config
@@ -75,19 +75,20 @@ def without_photometric(params: list[ViewParams]) -> list[ViewParams]:
 # --- worker side ------------------------------------------------------------------------------
 
 
-def test_canvas_size_rule():
-    assert canvas_size(PAPER) == (448, 598)  # 224 / sqrt(0.25); 448 * 4 / 3
-    assert canvas_size(default_view_config({}, 14)) == (448, 598)  # 98 / sqrt(0.05) = 438.3
-    assert canvas_size(SMALL) == (144, 192)  # the locals decide: 32 / sqrt(0.05) = 143.1
-    assert canvas_size(ViewConfig(64, 32, local_crops=0)) == (128, 171)
+def test_canvas_side_rule():
+    assert canvas_side(PAPER) == 598  # 224 / sqrt(0.25) = 448, * 4 / 3
+    assert canvas_side(default_view_config({}, 14)) == 598  # 98 / sqrt(0.05) = 438.3 < 448
+    assert canvas_side(SMALL) == 192  # the locals decide: 32 / sqrt(0.05) = 143.1 -> 144
+    assert canvas_side(ViewConfig(64, 32, local_crops=0)) == 171  # 128 * 4 / 3
 
 
 @pytest.mark.parametrize(
     "size, fitted",
     [
         ((300, 200), (300, 200)),  # small: never enlarged
-        ((1000, 750), (597, 448)),  # shorter side to S
-        ((640, 427), (598, 399)),  # longer side capped at L
+        ((500, 500), (500, 500)),  # fits the canvas: kept as it is
+        ((1000, 800), (598, 478)),  # longer side to L
+        ((640, 427), (598, 399)),
         ((2000, 600), (598, 179)),
         ((600, 2000), (179, 598)),
     ],
@@ -114,9 +115,8 @@ def test_worker_target_sizes_keep_the_ratio():
     for width, height in rng.integers(20, 5000, size=(300, 2)).tolist():
         w, h = decoder.target_size(width, height)
         assert abs(w * height - h * width) <= 0.5 * (width + height)  # rounding of each side
-        assert min(w, h) <= 448 and max(w, h) <= 598
-        shrunk = (w, h) != (width, height)
-        assert not shrunk or min(w, h) >= 447 or max(w, h) >= 597  # one bound is reached
+        assert max(w, h) <= 598
+        assert (w, h) == (width, height) or max(w, h) == 598  # kept, or fitted to the canvas
 
 
 def test_worker_draft_decodes_smaller_without_distortion(photos, tmp_path):
