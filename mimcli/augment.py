@@ -33,8 +33,9 @@ TRIES = 10  # RandomResizedCrop's attempts before its centre-crop fallback
 # Columns of one view's uniform draws (a fixed layout, so every parameter of an image depends on
 # its seed only): crop areas, log ratios, top, left, flip, jitter, 4 factors, 4 order keys,
 # grayscale, blur, sigma, solarize.
-_AREA, _RATIO, _TOP, _LEFT, _FLIP, _JITTER = 0, 10, 20, 21, 22, 23
-_FACTORS, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE, _DRAWS = 24, 28, 32, 33, 34, 35, 36
+_AREA, _RATIO, _TOP = 0, TRIES, 2 * TRIES
+_LEFT, _FLIP, _JITTER, _FACTORS, _ORDER = _TOP + 1, _TOP + 2, _TOP + 3, _TOP + 4, _TOP + 8
+_GRAY, _BLUR, _SIGMA, _SOLARIZE, _DRAWS = _TOP + 12, _TOP + 13, _TOP + 14, _TOP + 15, _TOP + 16
 
 
 def canvas_side(cfg: ViewConfig) -> int:
