@@ -16,6 +16,7 @@ NAMES = (
     "plan_memory",
     "compile_step",
     "gpu_refine",
+    "data_pipeline",
 )
 
 
