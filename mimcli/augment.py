@@ -71,6 +71,8 @@ class CanvasDecoder:
         valid: ``(2,)`` int64, the image's ``(h, w)`` in the canvas.
     """
 
+    decodes = True  # give it images opened, not decoded (data.ImageDataset, views.StreamSample)
+
     def __init__(self, cfg: ViewConfig, draft: bool = True) -> None:
         self.side = canvas_side(cfg)
         self.draft = draft

@@ -57,12 +57,15 @@ class ImageList:
     def row(self, index: int) -> int:
         return index if self.rows is None else self.rows[index]
 
-    def open(self, index: int) -> Image.Image:
-        """The image at position ``index``, converted to RGB (map-style sources only)."""
+    def open(self, index: int, load: bool = True) -> Image.Image:
+        """The image at position ``index`` in RGB (map-style sources only); ``load=False``:
+        opened, not decoded yet (a JPEG can then be decoded at a reduced size,
+        ``Image.draft``)."""
         if self.reader is None:
-            with Image.open(self.paths[index]) as img:
-                return img.convert("RGB")
-        return self.reader.open(self.row(index))
+            img = Image.open(self.paths[index])
+        else:
+            img = self.reader.open(self.row(index), load=False)
+        return rgb(img) if load else img
 
     def subset(self, keep: Sequence[int]) -> ImageList:
         labels = [self.labels[i] for i in keep]
@@ -72,6 +75,12 @@ class ImageList:
         return ImageList(
             self.root, RowNames(self.reader, rows), labels, self.classes, self.reader, rows
         )
+
+
+def rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img`` and return it in RGB (no copy when it is RGB already)."""
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class RowNames(Sequence[str]):
@@ -181,7 +190,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         try:
-            img = self.images.open(index)
+            # a transform that decodes itself (augment.CanvasDecoder) gets the image unread
+            img = self.images.open(index, load=not getattr(self.transform, "decodes", False))
             return self.transform(img), self.images.labels[index], index
         except BAD_IMAGE_ERRORS:
             return None, self.images.labels[index], index

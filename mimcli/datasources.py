@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimcli.data import ImageList, RowNames, scan_folder, subsample
+from mimcli.data import ImageList, RowNames, rgb, scan_folder, subsample
 from mimcli.errors import MimcliError, RemoteError
 from mimcli.fileio import cache_dir, write_json
 
@@ -282,19 +282,20 @@ def _from_dataset(ds: Any, spec: str, labelled: bool, what: str, columns: Column
     return ImageList(spec, RowNames(reader, n=len(ds)), labels, classes, reader)
 
 
-def to_pil(value: Any) -> Image.Image:
-    """An image as a dataset or shard holds it (PIL, ``{bytes, path}``, bytes, array) -> RGB."""
+def to_pil(value: Any, load: bool = True) -> Image.Image:
+    """An image as a dataset or shard holds it (PIL, ``{bytes, path}``, bytes, array) -> RGB;
+    ``load=False``: encoded ones opened, not decoded yet (see ``ImageList.open``)."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        if data is None and path:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        value = data
+        value = data if data is not None or not path else path
+        if isinstance(value, str):
+            img = Image.open(value)
+            return rgb(img) if load else img
     if isinstance(value, (bytes, bytearray, memoryview)):
-        with Image.open(io.BytesIO(value)) as img:
-            return img.convert("RGB")
+        img = Image.open(io.BytesIO(value))
+        return rgb(img) if load else img
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return rgb(value)
     if value is None:
         raise ValueError("no image")
     return Image.fromarray(np.asarray(value, dtype=np.uint8)).convert("RGB")
@@ -310,8 +311,8 @@ class DatasetRows:
     def __init__(self, ds: Any, column: str, spec: str) -> None:
         self.ds, self.column, self.spec = ds, column, spec
 
-    def open(self, row: int) -> Image.Image:
-        return to_pil(self.ds[int(row)][self.column])
+    def open(self, row: int, load: bool = True) -> Image.Image:
+        return to_pil(self.ds[int(row)][self.column], load)
 
     def name(self, row: int) -> str:
         return f"{self.spec}[{row}]"
@@ -387,8 +388,8 @@ class Stream:
         shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
         return f"{self.shards[shard]}#{row - int(self.offsets[shard])}"
 
-    def decode(self, record: Any) -> Image.Image:
-        return to_pil(record)
+    def decode(self, record: Any, load: bool = True) -> Image.Image:
+        return to_pil(record, load)
 
     def first(self, images: ImageList, limit: int, seed: int) -> ImageList:
         """``--limit`` for a stream: the first ``limit`` samples of the shards in a seeded

@@ -143,6 +143,8 @@ class StreamSample:
     def __call__(self, record: Any, epoch_key: int, index: int) -> Any:
         seed_sample(self.seed, epoch_key, index)
         try:
+            if getattr(self.transform, "decodes", False):  # augment.CanvasDecoder
+                return self.transform(self.decode(record, load=False))
             return self.transform(self.decode(record))
         except BAD_IMAGE_ERRORS:
             return None
