@@ -497,12 +497,53 @@ class WdsStream(Stream):
             ) from None
 
     def raw(self, shard: int, labels_only: bool = False) -> Iterator[tuple[Any, Any]]:
+        if labels_only and not self._remote():  # the index of a local shard: headers only
+            yield from ((None, _label_value(v)) for v in self._local_labels(shard))
+            return
         for sample in self._samples(shard):
             label = sample.get(self.label_field) if self.label_field else None
-            if isinstance(label, (bytes, bytearray)):
-                text = label.decode("utf-8", "replace").strip()
-                label = int(text) if text.lstrip("-").isdigit() else text
-            yield (None if labels_only else sample.get(self.image_field)), label
+            yield (None if labels_only else sample.get(self.image_field)), _label_value(label)
+
+    def _local_labels(self, shard: int) -> Iterator[Any]:
+        """The label field of each sample of a local shard, grouped as ``webdataset`` groups
+        files into samples (consecutive files sharing the name up to the first dot of the base
+        name; ``__meta__`` files skipped), reading tar headers and seeking past the images:
+        indexing a local ImageNet takes seconds, not a pass over its bytes."""
+        import re
+        import tarfile
+
+        from webdataset.tariterators import base_plus_ext
+
+        path = self.shards[shard]
+        try:
+            with tarfile.open(path, mode="r:*") as tar:
+                key, label = None, None
+                for member in tar:
+                    name = member.name
+                    if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                        continue
+                    prefix, suffix = base_plus_ext(name)
+                    if prefix is None:
+                        continue
+                    if prefix != key:
+                        if key is not None:
+                            yield label
+                        key, label = prefix, None
+                    if self.label_field and suffix.lower() == self.label_field:
+                        handle = tar.extractfile(member)
+                        label = handle.read() if handle is not None else None
+                if key is not None:
+                    yield label
+        except (OSError, tarfile.TarError) as exc:
+            raise MimcliError(f"{self.spec}: cannot read shard {path} ({exc})") from None
+
+
+def _label_value(label: Any) -> Any:
+    """A shard's label file (text bytes) as an int when it is one, else as text."""
+    if isinstance(label, (bytes, bytearray)):
+        text = label.decode("utf-8", "replace").strip()
+        return int(text) if text.lstrip("-").isdigit() else text
+    return label
 
 
 class HubStream(Stream):
@@ -546,11 +587,37 @@ class HubStream(Stream):
             sha = None
         return {"hfids": list(self.name_split), "sha": sha, "label": self.label_field}
 
+    def _labels_only(self) -> Any:
+        """The stream of the label column alone: parquet files are read for that column only
+        (``columns=``, the parquet reader's projection), not their images."""
+        import datasets
+
+        if getattr(self, "_label_ds", None) is not None:
+            return self._label_ds
+        self._label_ds = self._label_stream(datasets)
+        return self._label_ds
+
+    def _label_stream(self, datasets: Any) -> Any:
+        if self.label_field is None:
+            return self.ds.select_columns([self.image_col])
+        name, split = self.name_split
+        try:
+            with _bars(datasets):
+                ds = datasets.load_dataset(
+                    name, split=split, streaming=True, columns=[self.label_field]
+                )
+            if ds.n_shards == self.ds.n_shards:
+                return ds
+        except (TypeError, ValueError):  # not parquet: no projection
+            pass
+        return self.ds.select_columns([self.label_field])
+
     def raw(self, shard: int, labels_only: bool = False) -> Iterator[tuple[Any, Any]]:
-        part = self.ds.shard(num_shards=self.ds.n_shards, index=shard)
-        cols = [c for c in (None if labels_only else self.image_col, self.label_field) if c]
-        if cols:
-            part = part.select_columns(cols)
+        if labels_only:
+            part = self._labels_only().shard(num_shards=self.ds.n_shards, index=shard)
+        else:
+            cols = [c for c in (self.image_col, self.label_field) if c]
+            part = self.ds.select_columns(cols).shard(num_shards=self.ds.n_shards, index=shard)
         for record in part:
             label = record.get(self.label_field) if self.label_field else None
             yield (None if labels_only else record[self.image_col]), label

@@ -332,3 +332,30 @@ def test_cli_columns_and_one_line_errors(tiny_model_dir, image_folders, tmp_path
     assert "labels are needed here" in one_line_error(result)
     result = runner.invoke(app, [*base, *named, "--num-workers", "lots"])
     assert "--num-workers must be a count or auto" in one_line_error(result)
+
+
+def test_local_shard_index_reads_headers_as_webdataset_groups(image_folders, tmp_path):
+    """The index of a local shard (tar headers, images skipped) lists the same samples and
+    labels as webdataset's own full pass, odd samples included."""
+    import webdataset as wds
+
+    from mimcli.datasources import WdsStream
+
+    train, _ = image_folders
+    png = next(train.rglob("*.png")).read_bytes()
+    with wds.TarWriter(str(tmp_path / "odd-0.tar")) as sink:
+        sink.write({"__key__": "a/x0", "png": png, "cls": 2})
+        sink.write({"__key__": "b", "png": png, "json": b"{}"})  # no label
+        sink.write({"__key__": "c", "cls": 1})  # no image
+        sink.write({"__key__": "d", "PNG": png, "CLS": b"7"})  # upper-case extensions
+    pattern = write_shards(train, tmp_path / "w", per_shard=9)
+    stream = WdsStream(f"{tmp_path}/odd-0.tar", "wds/odd", Columns())
+    stream.prepare(labelled=False, what="--data")
+    full = [label for _, label in stream.raw(0)]
+    assert list(stream.raw(0, labels_only=True)) == [(None, v) for v in full]
+    assert full == [2, None, 1, 7]
+    stream = WdsStream(pattern, "wds/x", Columns())
+    stream.prepare(labelled=True, what="--train")
+    for shard in range(len(stream.shards)):
+        full = [label for _, label in stream.raw(shard)]
+        assert [v for _, v in stream.raw(shard, labels_only=True)] == full
