@@ -71,14 +71,34 @@ def probe(model, train, val, **kw):
     return [(b.block, b.cls, b.patch) for b in run_probe(cfg).blocks]
 
 
+def eval_knn(model, train, val):
+    from mimcli.evaluate.runner import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        models=[str(model)],
+        train=train,
+        val=val,
+        protocols=("knn",),
+        ks=(5,),
+        num_workers=0,
+        cache=False,
+    )
+    knn = run_eval(cfg).models[0].knn
+    assert knn
+    return knn
+
+
 def test_probe_on_parquet_and_shards_matches_the_folder(tiny_model_dir, image_folders, tmp_path):
     train, val = image_folders
     want = probe(tiny_model_dir, train, val)
     pq_train, pq_val = write_parquet(train, tmp_path / "pt"), write_parquet(val, tmp_path / "pv")
     assert probe(tiny_model_dir, str(pq_train), str(pq_val)) == want
+    folder_knn = eval_knn(tiny_model_dir, train, val)
+    assert eval_knn(tiny_model_dir, str(pq_train), str(pq_val)) == folder_knn
     wds_train = "wds/" + write_shards(train, tmp_path / "wt", per_shard=8)
     wds_val = "wds/" + write_shards(val, tmp_path / "wv", per_shard=4)
     assert probe(tiny_model_dir, wds_train, wds_val) == want
+    assert eval_knn(tiny_model_dir, wds_train, wds_val) == folder_knn
     # two workers, each reading every other shard: other order, same numbers
     assert probe(tiny_model_dir, wds_train, wds_val, batch_size=5) == want
 
@@ -86,32 +106,29 @@ def test_probe_on_parquet_and_shards_matches_the_folder(tiny_model_dir, image_fo
 def test_eval_on_a_hub_dataset_and_its_stream_matches_the_folder(
     hub, tiny_model_dir, image_folders, tmp_path
 ):
-    from mimcli.evaluate.runner import EvalConfig, run_eval
-
     train, val = image_folders
     push_dataset(hub, "someone/tiny-set", {"train": train, "validation": val})
 
     def knn(train_spec, val_spec):
-        cfg = EvalConfig(
-            models=[str(tiny_model_dir)],
-            train=train_spec,
-            val=val_spec,
-            protocols=("knn",),
-            ks=(5,),
-            num_workers=0,
-            cache=False,
-        )
-        return run_eval(cfg).models[0].knn
+        return eval_knn(tiny_model_dir, train_spec, val_spec)
 
     want = knn(train, val)
     assert want and knn("hfds/someone/tiny-set", "hfds/someone/tiny-set:validation") == want
     assert knn("hfids/someone/tiny-set", "hfids/someone/tiny-set:validation") == want
     assert hub.count("GET", "tiny-set") > 0  # through the loopback Hub's HTTP routes
-    # refine streams it: 2 shards, one lane
+    hf = ("hfds/someone/tiny-set", "hfds/someone/tiny-set:validation")
+    assert probe(tiny_model_dir, *hf) == probe(tiny_model_dir, train, val)
+    # refine reads it at random (hfds: the folder's batches, so the folder's export) and streams
+    # it (hfids: 2 shards, one lane)
     from mimcli.refine.pipeline import run_refine
 
+    short = dict(head_steps=1, steps=2)
+    run_refine(refine_cfg(tiny_model_dir, train, tmp_path / "folder", **short))
+    run_refine(refine_cfg(tiny_model_dir, hf[0], tmp_path / "hfds", **short))
+    a, b = export(tmp_path / "folder"), export(tmp_path / "hfds")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     out = tmp_path / "run"
-    run_refine(refine_cfg(tiny_model_dir, "hfids/someone/tiny-set", out, head_steps=1, steps=2))
+    run_refine(refine_cfg(tiny_model_dir, "hfids/someone/tiny-set", out, **short))
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["data"] == "hfids/someone/tiny-set"
     assert config["config"]["data_lanes"] == 1 and config["resolved"]["images"] == 30
@@ -133,6 +150,14 @@ def test_shards_over_http(tiny_model_dir, image_folders, tmp_path):
             urls[split] = "wds/" + server.url + f"/{split}/" + pattern.rsplit("/", 1)[1]
         assert probe(tiny_model_dir, urls["train"], urls["val"]) == want
         assert server.gets(f"/train/{sorted((tmp_path / 'train').glob('*.tar'))[0].name}")
+        assert eval_knn(tiny_model_dir, urls["train"], urls["val"]) == eval_knn(
+            tiny_model_dir, train, val
+        )
+        from mimcli.refine.pipeline import run_refine
+
+        out = tmp_path / "run"
+        run_refine(refine_cfg(tiny_model_dir, urls["train"], out, head_steps=1, steps=2))
+        assert (out / "export" / "model.safetensors").is_file()
 
 
 def test_one_line_errors(tmp_path, image_folders, hub):
