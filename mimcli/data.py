@@ -241,7 +241,7 @@ def make_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,
     )
 
 

@@ -114,6 +114,15 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the default process group in place (nothing in one process); no
     gradient, nothing read back to the host."""

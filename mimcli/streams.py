@@ -85,7 +85,7 @@ class OrderedImages(IterableDataset):
         offsets, where = stream.offsets, _selection(images)
         for shard in live_shards(images)[worker::workers]:
             row = int(offsets[shard])
-            for record, _ in stream.raw(shard):
+            for record in stream.read(shard):
                 pos = row if where is None else where.get(row)
                 row += 1
                 if pos is None:
@@ -146,6 +146,12 @@ class StreamBatches(IterableDataset):
         self.per_rank = batch_size // world
         self.lanes, self.rank, self.world = lanes, rank, world
         self.shards = live_shards(images)
+        if len(self.shards) < world * lanes:  # a lane without shards would wait forever
+            raise MimcliError(
+                f"{images.root}: {len(self.shards)} shard(s) cannot give each of {world} "
+                f"process(es) x {lanes} lane(s) its own (a resumed run keeps its lanes: resume "
+                "it on as many processes as it started with)"
+            )
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
@@ -161,19 +167,26 @@ class StreamBatches(IterableDataset):
         where = _selection(self.images)
         shards = self.lane_shards(epoch, lane)
 
-        def rows() -> Iterator[tuple[int, Any]]:
-            while True:
-                for shard in shards:
-                    row = int(offsets[shard])
-                    for record, _ in stream.raw(shard):
-                        pos = row if where is None else where.get(row)
-                        row += 1
-                        if pos is not None:
-                            yield pos, record
+        def one_pass() -> Iterator[tuple[int, Any]]:
+            for shard in shards:
+                row = int(offsets[shard])
+                for record in stream.read(shard):
+                    pos = row if where is None else where.get(row)
+                    row += 1
+                    if pos is not None:
+                        yield pos, record
 
         held = sum(1 for _ in self._positions(shards, offsets, where))
+        if not held:
+            raise MimcliError(f"{self.images.root}: lane {lane} of rank {self.rank} has no samples")
         rng = np.random.default_rng([self.seed, self.stage, epoch, self.rank, lane])
-        return shuffle_buffer(rows(), max(1, min(SHUFFLE_BUFFER, held)), rng)
+        size = max(1, min(SHUFFLE_BUFFER, held))
+
+        def passes() -> Iterator[tuple[int, Any]]:
+            while True:  # the buffer drains at the end of each pass: a pass gives each sample once
+                yield from shuffle_buffer(one_pass(), size, rng)
+
+        return passes()
 
     @staticmethod
     def _positions(shards: list[int], offsets: np.ndarray, where: dict[int, int] | None) -> Any:

@@ -52,6 +52,17 @@ def test_every_source_reads_the_folders_images(image_folders, tmp_path):
         open_images(str(bare), labelled=True, what="--train")
     with pytest.raises(MimcliError, match="no column 'pixels'.*--image-column"):
         open_images(str(pq), labelled=True, what="--train", columns=Columns(image="pixels"))
+    # labels that are not one class per image (missing, lists): fine unread, one line if needed
+    import datasets
+
+    ds = dataset_of(train, labels=False)
+    odd = ds.add_column("label", [None] + [1] * (len(ds) - 1))
+    odd = odd.add_column("labels", [[0, 1]] * len(ds))
+    odd.save_to_disk(str(tmp_path / "odd"))
+    assert isinstance(odd.features["label"], datasets.Value)
+    assert open_images(str(tmp_path / "odd"), labelled=False, what="--data").labels[1] == -1
+    with pytest.raises(MimcliError, match="column 'label' is not one class per image"):
+        open_images(str(tmp_path / "odd"), labelled=True, what="--train")
 
 
 def test_stream_limit_is_the_first_samples_of_a_seeded_shard_order(image_folders, tmp_path):
@@ -64,14 +75,14 @@ def test_stream_limit_is_the_first_samples_of_a_seeded_shard_order(image_folders
     assert subsample(shards, 8, seed=1).rows != a.rows
 
 
-def probe(model, train, val, **kw):
+def probe(model, train, val, workers=0, **kw):
     from mimcli.probe import ProbeConfig, run_probe
 
-    cfg = ProbeConfig(model=str(model), train=train, val=val, k=5, num_workers=0, **kw)
+    cfg = ProbeConfig(model=str(model), train=train, val=val, k=5, num_workers=workers, **kw)
     return [(b.block, b.cls, b.patch) for b in run_probe(cfg).blocks]
 
 
-def eval_knn(model, train, val):
+def eval_knn(model, train, val, workers=0):
     from mimcli.evaluate.runner import EvalConfig, run_eval
 
     cfg = EvalConfig(
@@ -80,7 +91,7 @@ def eval_knn(model, train, val):
         val=val,
         protocols=("knn",),
         ks=(5,),
-        num_workers=0,
+        num_workers=workers,
         cache=False,
     )
     knn = run_eval(cfg).models[0].knn
@@ -100,7 +111,7 @@ def test_probe_on_parquet_and_shards_matches_the_folder(tiny_model_dir, image_fo
     assert probe(tiny_model_dir, wds_train, wds_val) == want
     assert eval_knn(tiny_model_dir, wds_train, wds_val) == folder_knn
     # two workers, each reading every other shard: other order, same numbers
-    assert probe(tiny_model_dir, wds_train, wds_val, batch_size=5) == want
+    assert probe(tiny_model_dir, wds_train, wds_val, batch_size=5, workers=2) == want
 
 
 def test_eval_on_a_hub_dataset_and_its_stream_matches_the_folder(
@@ -109,12 +120,14 @@ def test_eval_on_a_hub_dataset_and_its_stream_matches_the_folder(
     train, val = image_folders
     push_dataset(hub, "someone/tiny-set", {"train": train, "validation": val})
 
-    def knn(train_spec, val_spec):
-        return eval_knn(tiny_model_dir, train_spec, val_spec)
+    def knn(train_spec, val_spec, workers=0):
+        return eval_knn(tiny_model_dir, train_spec, val_spec, workers)
 
     want = knn(train, val)
     assert want and knn("hfds/someone/tiny-set", "hfds/someone/tiny-set:validation") == want
     assert knn("hfids/someone/tiny-set", "hfids/someone/tiny-set:validation") == want
+    # two data workers, a parquet file each (datasets must not split them again per worker)
+    assert knn("hfids/someone/tiny-set", "hfids/someone/tiny-set:validation", workers=2) == want
     assert hub.count("GET", "tiny-set") > 0  # through the loopback Hub's HTTP routes
     hf = ("hfds/someone/tiny-set", "hfds/someone/tiny-set:validation")
     assert probe(tiny_model_dir, *hf) == probe(tiny_model_dir, train, val)
@@ -167,8 +180,10 @@ def test_one_line_errors(tmp_path, image_folders, hub):
     with pytest.raises(MimcliError, match="2 of 2 shards do not exist"):
         open_images(f"wds/{tmp_path}/none-{{0..1}}.tar", labelled=False, what="--data")
     push_dataset(hub, "someone/one-split", {"train": train})
-    with pytest.raises(MimcliError, match="split"):
+    with pytest.raises(MimcliError, match="hfds/someone/one-split:test: .*test.*; name one as"):
         open_images("hfds/someone/one-split:test", labelled=True, what="--val")
+    with pytest.raises(MimcliError, match="a folder of images has no splits"):
+        open_images(f"{train}:test", labelled=True, what="--val")
 
 
 # -- refinement --
@@ -248,6 +263,13 @@ def test_stream_batches_are_disjoint_balanced_and_resumable(image_folders, tmp_p
         shards = [{x // 6 for x in s} for s in seen]
         assert not shards[0] & shards[1]
     assert per_rank[0][:7] != per_rank[0][7:]  # a new seeded order each epoch
+    # 5 shards over 2 ranks: 18 and 12 samples for 14 per epoch; the rank with 12 starts its
+    # shards over (repeats), the other reads 14 different samples
+    for epoch in (slice(0, 7), slice(7, 14)):
+        for p in per_rank:
+            got = [x for batch in p[epoch] for x in batch]
+            held = 6 * len({x // 6 for x in got})
+            assert (len(set(got)) < len(got)) == (held < 14), (held, got)
     for start in (3, 8):
         assert positions(images, 2, 0, 2, start=start, total=14) == per_rank[0][start:]
     # a single process reading in the main process makes the same batches as one lane
@@ -384,3 +406,35 @@ def test_local_shard_index_reads_headers_as_webdataset_groups(image_folders, tmp
     for shard in range(len(stream.shards)):
         full = [label for _, label in stream.raw(shard)]
         assert [v for _, v in stream.raw(shard, labels_only=True)] == full
+
+
+def test_a_changed_shard_and_worker_errors_are_one_line(tiny_model_dir, image_folders, tmp_path):
+    """Remote shards are indexed by URL: one rewritten after it was indexed stops the worker
+    reading it with one line (torch re-raises a worker's error with the worker's traceback;
+    the CLI keeps the message)."""
+    from typer.testing import CliRunner
+
+    from mimcli.cli.app import app
+
+    train, val = image_folders
+    with FileServer() as server:
+        specs = {}
+        for split, folder, per in (("train", train, 8), ("val", val, 4)):
+            pattern = write_shards(folder, tmp_path / split, per_shard=per, name=split)
+            for tar in sorted((tmp_path / split).glob("*.tar")):
+                server.add(f"/{split}/{tar.name}", tar.read_bytes())
+            specs[split] = "wds/" + server.url + f"/{split}/" + pattern.rsplit("/", 1)[1]
+        open_images(specs["train"], labelled=True, what="--train")  # indexed and cached
+        write_shards(train, tmp_path / "other", per_shard=5)
+        server.add(
+            "/train/train-000000.tar", sorted((tmp_path / "other").glob("*.tar"))[0].read_bytes()
+        )
+        result = CliRunner().invoke(
+            app, ["probe", str(tiny_model_dir), "--train", specs["train"], "--val", specs["val"],
+                  "--num-workers", "1"],
+        )  # fmt: skip
+    # it fails mid-run: the model note and a progress bar came first, then one error line
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0].split(": ", 1)[1][-40:])
+    assert "train-000000.tar holds 5 samples, its index 8; the shards changed" in errors[0]

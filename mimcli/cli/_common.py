@@ -233,6 +233,18 @@ def collecting_notes() -> Iterator[None]:
         _pending_notes.clear()
 
 
+def error_text(err: BaseException) -> str:
+    """The message of ``err``; one raised in a DataLoader worker comes back from torch as
+    "Caught ... in DataLoader worker process N" plus the worker's traceback: keep the original
+    message (the traceback's last line) only."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def handle_errors(func: F) -> F:
     """User mistakes and remote failures become one line on stderr and an exit code, no trace."""
 
@@ -245,7 +257,8 @@ def handle_errors(func: F) -> F:
                 show_notes()
                 return result
         except MimcliError as err:
-            stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            text = escape(error_text(err))
+            stderr.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             stderr.print(

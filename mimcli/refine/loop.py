@@ -30,6 +30,7 @@ from mimcli.data import ImageList, subsample
 from mimcli.datasources import Columns, open_images
 from mimcli.ema import ema_decay, ema_update
 from mimcli.errors import MimcliError
+from mimcli.fileio import write_text
 from mimcli.models.build import build_model
 from mimcli.models.sources import load_model
 from mimcli.objectives import ignored_options, objective_class
@@ -198,11 +199,19 @@ class Refiner:
             images = open_images(cfg.data, labelled=False, what="--data", columns=columns)
             return subsample(images, cfg.limit, cfg.seed)
 
-        if dist.is_distributed():
-            images = read() if dist.rank() == 0 else None
-            dist.wait_for_rank0()
-            return images if images is not None else read()
-        return read()
+        if not dist.is_distributed():
+            return read()
+        images = read() if dist.rank() == 0 else None
+        dist.wait_for_rank0()
+        # a stream's index goes to every rank (other nodes may not share rank 0's cache: they
+        # would index again, downloading remote shards once per node)
+        path = getattr(images.reader, "index_path", None) if images is not None else None
+        shared = dist.broadcast_object(
+            (str(path), path.read_text()) if path is not None and path.exists() else None
+        )
+        if images is None and shared is not None and not Path(shared[0]).exists():
+            write_text(Path(shared[0]), shared[1])
+        return images if images is not None else read()
 
     def device_augment(self, cfg: RefineConfig) -> Any:
         """``--augment-on device``: the batched views (:class:`mimcli.augment.DeviceMultiCrop`)
@@ -349,7 +358,8 @@ class Refiner:
                 rank=dist.rank(),
                 world=dist.world_size(),
             )
-            workers = lanes if workers else 0
+            # the recorded order needs its lanes' workers (one lane: the main process may read)
+            workers = lanes if workers or lanes > 1 else 0
             return DataLoader(
                 batches,
                 batch_size=None,
@@ -372,7 +382,7 @@ class Refiner:
             num_workers=workers,
             collate_fn=collate_views,
             pin_memory=pin,
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=2 if workers else None,  # 2 batches of views per worker in flight
         )
 
     # -- the loop --
