@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -479,8 +480,26 @@ def _from_stream(stream: Stream, labelled: bool, what: str) -> ImageList:
         else:
             classes, index = _class_names(stream.raw_labels)
             labels = [index[v] for v in stream.raw_labels]
+    if classes:
+        _note_sorted(stream, labels, len(classes))
     stream.raw_labels = []  # not pickled into every data worker
     return ImageList(stream.spec, RowNames(stream, n=n), labels, classes, stream)
+
+
+def _note_sorted(stream: Stream, labels: Sequence[int], classes: int) -> None:
+    """A note when the shards look sorted by class (each holds a few classes): a shuffle
+    buffer and --limit then see few classes at a time."""
+    offsets = stream.offsets
+    per_shard = [len(set(labels[offsets[i] : offsets[i + 1]])) for i in range(len(offsets) - 1)]
+    typical = float(np.median(per_shard)) if per_shard else 0.0
+    if classes >= 10 and typical <= max(2.0, classes / 20):
+        logging.getLogger(__name__).info(
+            "%s: its shards look sorted by class (a typical shard holds %d of %d classes): "
+            "batches and --limit subsets will see few classes; write the shards shuffled",
+            stream.spec,
+            typical,
+            classes,
+        )
 
 
 class WdsStream(Stream):

@@ -57,12 +57,18 @@ def live_shards(images: ImageList) -> list[int]:
 
 def stream_lanes(images: ImageList, world: int, workers: int, explicit: bool) -> int:
     """Lanes (DataLoader workers) per rank for a stream; one clear line when its shards cannot
-    give every rank and worker its own. ``explicit``: the worker count was asked for (else it
-    shrinks to what the shards allow)."""
+    give every rank and worker its own. ``explicit``: the worker count was asked for; else it
+    shrinks to what the shards allow, and to a count that divides each rank's shards evenly
+    when one is at least half of it (every lane delivers the same number of batches: uneven
+    lanes repeat some samples and skip others each epoch, ~1/shards-per-lane of them)."""
     shards = len(live_shards(images))
     lanes = max(1, workers)
     if shards < world * lanes and not explicit:
         lanes = max(1, shards // world)
+    if not explicit:  # lanes that split a rank's shards evenly, if that costs at most half
+        per_rank = shards // world
+        even = [n for n in range(lanes, 0, -1) if per_rank % n == 0 and 2 * n >= lanes]
+        lanes = even[0] if even else lanes
     if shards < world * lanes:
         raise MimcliError(
             f"{images.root}: {shards} shard(s) cannot give each of {world} process(es) x "

@@ -438,3 +438,38 @@ def test_a_changed_shard_and_worker_errors_are_one_line(tiny_model_dir, image_fo
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0].split(": ", 1)[1][-40:])
     assert "train-000000.tar holds 5 samples, its index 8; the shards changed" in errors[0]
+
+
+def test_auto_lanes_split_each_ranks_shards_evenly():
+    """--num-workers auto: lanes that divide each rank's shards when that keeps at least half of
+    the workers (ImageNet's 1024 shards on 8 ranks with 12 cores each: 8 lanes of 16 shards)."""
+    from types import SimpleNamespace
+
+    from mimcli.streams import stream_lanes
+
+    class Shards:
+        streaming = True
+
+        def __init__(self, n):
+            self.offsets = np.arange(n + 1) * 10
+
+    def lanes(shards, world, workers, explicit=False):
+        images = SimpleNamespace(reader=Shards(shards), rows=None, root="wds/x")
+        return stream_lanes(images, world, workers, explicit)
+
+    assert lanes(1024, 8, 12) == 8 and lanes(1024, 8, 12, explicit=True) == 12
+    assert (
+        lanes(64, 8, 3) == 2 and lanes(1000, 8, 7) == 5 and lanes(1016, 8, 7) == 7
+    )  # 127 each: prime
+    assert lanes(12, 8, 4) == 1  # fewer shards than ranks x workers: one each
+
+
+def test_class_sorted_shards_get_a_note(tmp_path, caplog):
+    import logging
+
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "ten", per_class=2, classes=10, size=8)
+    with caplog.at_level(logging.INFO, logger="mimcli"):
+        open_images("wds/" + write_shards(folder, tmp_path / "w", 2), labelled=True, what="x")
+    assert "shards look sorted by class (a typical shard holds 1 of 10 classes)" in caplog.text
