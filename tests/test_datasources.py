@@ -135,11 +135,21 @@ def test_eval_on_a_hub_dataset_and_its_stream_matches_the_folder(
     # it (hfids: 2 shards, one lane)
     from mimcli.refine.pipeline import run_refine
 
-    short = dict(head_steps=1, steps=2)
-    run_refine(refine_cfg(tiny_model_dir, train, tmp_path / "folder", **short))
-    run_refine(refine_cfg(tiny_model_dir, hf[0], tmp_path / "hfds", **short))
+    short = dict(head_steps=1, steps=2, val_limit=None)
+    run_refine(refine_cfg(tiny_model_dir, train, tmp_path / "folder", val=val, **short))
+    run_refine(refine_cfg(tiny_model_dir, hf[0], tmp_path / "hfds", val=hf[1], **short))
     a, b = export(tmp_path / "folder"), export(tmp_path / "hfds")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the k-NN monitor read --data and --val from the Hub too: the folder's numbers
+    knn_logs = [
+        [
+            {k: v for k, v in r.items() if k.startswith("knn_")}
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+            if "knn_ema_cls" in r
+        ]
+        for run in ("folder", "hfds")
+    ]
+    assert knn_logs[0] and knn_logs[0] == knn_logs[1]
     out = tmp_path / "run"
     run_refine(refine_cfg(tiny_model_dir, "hfids/someone/tiny-set", out, **short))
     config = json.loads((out / "config.json").read_text())
