@@ -145,3 +145,42 @@ def losses_on_fixed_batch(
             refiner.objective.after_step(refiner.encoder, stage, step)
         losses.append(float(loss.detach()))
     return losses
+
+
+def torchrun_refine(args: list[str], out: Path, processes: int, port: int, *extra: str):
+    """``torchrun -m mimcli.cli.app refine ARGS --out OUT`` on gloo, in its own session (so
+    :func:`kill_when` can kill it with its workers); returns the Popen."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mimcli.cli.app",
+         "refine", *args, "--out", str(out), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_when(proc, metrics: Path, lines: int, timeout: float = 200) -> int:
+    """SIGKILL a :func:`torchrun_refine` run (its workers, then the launcher) once ``metrics``
+    holds ``lines`` records; returns how many it holds then."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.02)
+    # torchrun's workers live in their own sessions: kill them, then the launcher
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    for pid in workers.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(metrics.read_text().splitlines())

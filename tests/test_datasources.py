@@ -308,28 +308,17 @@ def test_two_process_refine_on_shards_resumes_sample_exactly(tiny_model_dir, dat
     the export equals an uninterrupted run's tensor for tensor (each lane skips what it had
     consumed); both runs record one lane per rank."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.objective_harness import tiny_run_args
+    from tests.objective_harness import kill_when, tiny_run_args, torchrun_refine
 
     pattern = "wds/" + write_shards(data_dir, tmp_path / "shards", per_shard=3)
     args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--data", pattern, "--local-crops",
             "1", "--topk", "3", "--lr", "1e-3", "--steps", "10", "--num-workers", "1",
             "--blocks", "last2"]  # fmt: skip
-    env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    port = str(29800 + os.getpid() % 100)
+    port = 29800 + os.getpid() % 100
 
     def launch(out, *extra):
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mimcli.cli.app",
-             "refine", *args, "--out", str(out), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+        return torchrun_refine(args, out, 2, port, *extra)
 
     full = launch(tmp_path / "full")
     assert full.wait(timeout=240) == 0, full.stderr.read()[-3000:]
@@ -337,17 +326,7 @@ def test_two_process_refine_on_shards_resumes_sample_exactly(tiny_model_dir, dat
     assert config["config"]["data_lanes"] == 1 and config["resolved"]["world_size"] == 2
     cut = launch(tmp_path / "cut")
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 200
-    while time.time() < deadline:  # kill it inside the refinement stage
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.02)
-    workers = subprocess.run(["pgrep", "-P", str(cut.pid)], capture_output=True, text=True)
-    for pid in workers.stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.wait(timeout=30)
-    done = len(metrics.read_text().splitlines())
+    done = kill_when(cut, metrics, 5)  # inside the refinement stage
     assert 5 <= done < 12, done
     resumed = launch(tmp_path / "cut", "--resume")
     assert resumed.wait(timeout=240) == 0, resumed.stderr.read()[-3000:]

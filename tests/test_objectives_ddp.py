@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.objective_harness import tiny_run_args
+from tests.objective_harness import kill_when, tiny_run_args, torchrun_refine
 
 
 def refine(args: list[str], out, processes: int) -> subprocess.CompletedProcess:
@@ -99,8 +99,6 @@ def test_two_process_resume_repeats_every_ranks_draws(
     FSDP2 (``--shard on``: sharded checkpoints through torch.distributed.checkpoint): each rank's
     draw generator comes back from the checkpoint, so the export equals an uninterrupted
     2-process run's, tensor for tensor."""
-    import signal
-    import time
 
     from safetensors.torch import load_file
 
@@ -109,33 +107,16 @@ def test_two_process_resume_repeats_every_ranks_draws(
     blocks = "last2" if shard == "off" else "2,3"
     args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--blocks", blocks, "--local-crops",
             "1", "--topk", "3", "--lr", "1e-3", "--steps", "12", "--shard", shard]  # fmt: skip
-    env = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    port = str(29700 + os.getpid() % 1000)
+    port = 29700 + os.getpid() % 1000
 
     def launch(out, *extra):
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mimcli.cli.app",
-             "refine", *args, "--out", str(out), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+        return torchrun_refine(args, out, processes, port, *extra)
 
     full = launch(tmp_path / "full")
     assert full.wait(timeout=240) == 0, full.stderr.read()[-3000:]
     cut = launch(tmp_path / "cut")
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 200
-    while time.time() < deadline:  # kill it inside the refinement stage
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.02)
-    # torchrun's workers live in their own sessions: kill them, then the launcher
-    workers = subprocess.run(["pgrep", "-P", str(cut.pid)], capture_output=True, text=True)
-    for pid in workers.stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.wait(timeout=30)
+    kill_when(cut, metrics, 4)  # inside the refinement stage
     done = len(metrics.read_text().splitlines())
     assert 4 <= done < 14, done  # stopped inside the refinement stage, draws still to come
     assert not (tmp_path / "cut" / "export").exists()
