@@ -303,3 +303,23 @@ def test_eval_num_heads_applies_to_models_without_their_own_count(
         line.startswith("error:")
         and "gives 2 attention heads, not 4; leave out --num-heads 4" in line
     )
+
+
+def test_training_progress_estimates_each_stage_once(capsys):
+    """After a stage's first 3 steps: its estimated wall time, once; hours name what cuts
+    them; the ETA column keeps an hour of steps (a slow step does not blank it)."""
+    from mimcli.cli._common import ImageProgress
+
+    bar = ImageProgress(show_loss=True)
+    assert bar.progress.speed_estimate_period == 3600
+    with bar.running():
+        bar("heads", 0, 10, {"loss": 1.0, "img/s": 5.0})
+        bar.started["heads"] -= 30  # the first steps took 30 s
+        for done in (1, 2, 3, 4):
+            bar("heads", done, 10, {"loss": 1.0, "img/s": 5.0})
+        bar("refine", 0, 3000, {"loss": 1.0, "img/s": 5.0})
+        bar.started["refine"] -= 30
+        bar("refine", 3, 3000, {"loss": 1.0, "img/s": 5.0})
+    err = capsys.readouterr().err
+    assert err.count("heads: about") == 1 and "heads: about 2 min for 10 steps" in err
+    assert "refine: about 8.3 h for 3000 steps" in err and "fewer --local-crops" in err

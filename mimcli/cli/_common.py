@@ -286,9 +286,13 @@ class ImageProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
-        self.progress = Progress(*columns, console=stderr, transient=False)
+        # the ETA from the last hour's steps (rich's 30 s default blanks it when a step is slower)
+        self.progress = Progress(
+            *columns, console=stderr, transient=False, speed_estimate_period=3600
+        )
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
+        self.estimated: set[str] = set()
         self.live = False
 
     def __call__(
@@ -309,10 +313,26 @@ class ImageProgress:
         if metrics is not None:
             fields["rate"] = f"{metrics.get('img/s', 0.0):,.0f}"
             fields["loss"] = f"{metrics.get('loss', float('nan')):.3f}"
+            self.estimate(stage, done, total)
         else:
             elapsed = time.perf_counter() - self.started[stage]
             fields["rate"] = f"{done / elapsed:,.0f}" if done and elapsed > 0 else "-"
         self.progress.update(self.tasks[stage], completed=done, **fields)
+
+    def estimate(self, stage: str, done: int, total: int) -> None:
+        """Once per training stage, after its first steps (3, or 60 s): the stage's estimated
+        wall time, and what cuts it when that is hours."""
+        elapsed = time.perf_counter() - self.started[stage]
+        if stage in self.estimated or done >= total or (done < 3 and elapsed < 60) or not done:
+            return
+        self.estimated.add(stage)
+        left = elapsed / done * (total - done)
+        line = (
+            f"{stage}: about {_duration(elapsed + left)} for {total} steps ({_duration(left)} left)"
+        )
+        if left > 2 * 3600:
+            line += "; fewer --local-crops or --steps (or a GPU) cut it"
+        self.progress.console.print(line, highlight=False)
 
     @contextmanager
     def running(self) -> Iterator[ImageProgress]:
@@ -322,6 +342,14 @@ class ImageProgress:
             if self.live:
                 self.progress.stop()
                 self.live = False
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def print_json(obj: Any) -> None:
