@@ -110,6 +110,8 @@ class ModelEval:
     lowshot: dict[str, Any] = field(default_factory=dict)
     cluster: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # per-query k-NN correctness ("cls"/"patch" -> k -> packed bits, evaluate.stats.pack)
+    knn_correct: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def refined_run(self) -> str | None:

@@ -93,3 +93,23 @@ def test_chunked_standardisation_equals_whole(monkeypatch):
     z = (query.astype(np.float64) - t64.mean(0)) / t64.std(0)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     np.testing.assert_allclose(chunk_q.numpy(), z, atol=1e-5)
+
+
+def test_standard_error_and_mcnemar_against_hand_counts():
+    """Binomial SE and the exact McNemar test (scipy's binomtest on the discordant pairs),
+    against counts worked out by hand; packed correctness survives the round trip."""
+    import math
+
+    import numpy as np
+
+    from mimcli.evaluate.stats import mcnemar, pack, standard_error, unpack
+
+    assert standard_error(80.0, 100) == pytest.approx(100 * math.sqrt(0.8 * 0.2 / 100))
+    a = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1], dtype=bool)
+    b = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    # discordant: a-only 1, b-only 3; two-sided exact: P(X<=1)+P(X>=3) for Bin(4, 1/2) = 10/16
+    assert mcnemar(a, b) == pytest.approx(10 / 16)
+    assert mcnemar(a, a) == 1.0
+    many = np.zeros(200, dtype=bool)
+    assert mcnemar(many, ~many) < 1e-50  # 200 to 0
+    assert np.array_equal(unpack(pack(a)), a) and np.array_equal(unpack(pack(many[:13])), many[:13])

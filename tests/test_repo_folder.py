@@ -120,7 +120,12 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
     assert "return_prefix_tokens=True" in body and "<redacted>" not in body
     assert "MIM-Refiner recipe" in body and "mim-refiner" in meta["tags"]
     # inherited from the base folder's timm pretrained_cfg (timm's default for this arch)
-    assert meta["license"] == "apache-2.0" and not built.warnings
+    assert meta["license"] == "apache-2.0"
+    # a tiny run does not improve k-NN: the push warns, the card's first sentence says so
+    assert built.warnings == [
+        w for w in built.warnings if w.startswith("the refined model is not measurably better")
+    ]
+    assert len(built.warnings) == 1 and "did **not** measurably improve k-NN" in body
     assert f"inherited from the base model {base}" in body
     assert meta["datasets"] == ["x/y"]
     refined = result.models[1]
@@ -135,7 +140,17 @@ def test_card_reports_eval_and_probe(tiny_run, tmp_path):
     # the before/after table: base and refined columns with their values and the change
     base_cls, new_cls = result.models[0].knn["cls"]["3"], refined.knn["cls"]["3"]
     row = next(line for line in body.splitlines() if line.startswith("| k-NN CLS k=3 %"))
-    assert row == f"| k-NN CLS k=3 % | {base_cls:.2f} | {new_cls:.2f} | {new_cls - base_cls:+.2f} |"
+    # k-NN with its binomial standard error; the change with McNemar's p on the same queries
+    from mimcli.evaluate.stats import mcnemar, p_text, standard_error, unpack
+
+    before, after = (unpack(m.knn_correct["cls"]["3"]) for m in (result.models[0], refined))
+    assert len(before) == len(after) == result.val_images
+    se = [standard_error(acc, result.val_images) for acc in (base_cls, new_cls)]
+    p = p_text(mcnemar(before, after))
+    assert row == (
+        f"| k-NN CLS k=3 % | {base_cls:.2f} ± {se[0]:.2f} | {new_cls:.2f} ± {se[1]:.2f} | "
+        f"{new_cls - base_cls:+.2f} ({p}) |"
+    )
     nmi = next(line for line in body.splitlines() if line.startswith("| k-means NMI"))
     base_nmi, new_nmi = result.models[0].cluster["nmi"], refined.cluster["nmi"]
     assert nmi.endswith(f"| {new_nmi - base_nmi:+.4f} |")

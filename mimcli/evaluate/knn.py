@@ -137,6 +137,40 @@ def knn_accuracy(
     return {k: float((p == truth).double().mean().item() * 100.0) for k, p in preds.items()}
 
 
+def last_block_knn_correct(
+    train: FeatureSet,
+    val: FeatureSet,
+    ks: Sequence[int],
+    tau: float,
+    num_classes: int,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per-query correctness (bool, val order) of weighted k-NN on the last tapped block, CLS
+    and mean patch: ``{"cls": {k: correct}, "patch": {k: correct}}`` (for paired tests)."""
+    last = train.blocks[-1]
+    truth = torch.as_tensor(np.asarray(val.labels)).long()
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for kind in ("cls", "patch"):
+        preds = knn_predict(
+            train.block(last, kind),
+            train.labels,
+            val.block(last, kind),
+            ks,
+            tau,
+            num_classes,
+            backend,
+            device,
+        )
+        out[kind] = {k: (p == truth).numpy() for k, p in preds.items()}
+    return out
+
+
+def accuracy_of(correct: np.ndarray) -> float:
+    """Accuracy in percent of per-query correctness (as :func:`knn_accuracy` computes it)."""
+    return float(torch.as_tensor(correct).double().mean().item() * 100.0)
+
+
 def last_block_knn(
     train: FeatureSet,
     val: FeatureSet,

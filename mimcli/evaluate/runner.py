@@ -18,8 +18,9 @@ from pathlib import Path
 from mimcli.data import eval_transform
 from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
-from mimcli.evaluate.knn import last_block_knn
+from mimcli.evaluate.knn import accuracy_of, last_block_knn_correct
 from mimcli.evaluate.linear import LAST_BLOCKS
+from mimcli.evaluate.stats import pack
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
 from mimcli.models.released import PREFIX as RELEASED_PREFIX
@@ -140,8 +141,16 @@ def evaluate_model(
     try:
         if "knn" in cfg.protocols:
             t = time.perf_counter()
-            accs = last_block_knn(train, val, cfg.ks, cfg.tau, num_classes, backend, device)
-            result.knn = {kind: {str(k): v for k, v in a.items()} for kind, a in accs.items()}
+            correct = last_block_knn_correct(
+                train, val, cfg.ks, cfg.tau, num_classes, backend, device
+            )
+            result.knn = {
+                kind: {str(k): accuracy_of(c) for k, c in per_k.items()}
+                for kind, per_k in correct.items()
+            }
+            result.knn_correct = {
+                kind: {str(k): pack(c) for k, c in per_k.items()} for kind, per_k in correct.items()
+            }
             timings["knn"] = time.perf_counter() - t
         if "linear" in cfg.protocols:
             from mimcli.evaluate.linear import LinearConfig, linear_probe

@@ -20,12 +20,14 @@ from typing import Any
 
 from mimcli._version import __version__
 from mimcli.errors import MimcliError
+from mimcli.evaluate.stats import SIGNIFICANT, p_text
 from mimcli.fileio import write_json, write_text
 from mimcli.hub.provenance import base_model_info, choose_license, eval_columns, teacher_sources
 from mimcli.hub.scrub import scrub, scrub_literals
 from mimcli.hub.timm_layout import CONFIG_FILE, WEIGHTS_FILE, encoder_weights, write_timm_folder
 from mimcli.models.postnorm import MIMCLI_ARCHS, POSTNORM_ARCH
 from mimcli.report import modelcard
+from mimcli.report.rows import headline
 from mimcli.results import EVAL_FILE, PROBE_FILE, EvalResult, load_eval, read_probe_json
 from mimcli.runs import CONFIG, EXPORT, RunFolder
 
@@ -86,6 +88,25 @@ def _eval_option(path: Path) -> tuple[EvalResult, Path]:
 
 def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
+
+
+def not_better(inputs: modelcard.CardInputs) -> list[str]:
+    """A warning when the refined model is not measurably better than its base on the
+    headline k-NN metric (the card says so too)."""
+    base, refined = inputs.eval_columns
+    if inputs.eval is None or base is None:
+        return []
+    change = headline(inputs.eval, base, refined)
+    if change is None:
+        return []
+    diff, p = change
+    if diff > 0 and (p is None or p < SIGNIFICANT):
+        return []
+    tested = "" if p is None else f", McNemar {p_text(p)}"
+    return [
+        f"the refined model is not measurably better than its base on k-NN ({diff:+.2f} "
+        f"points{tested}); the card says so"
+    ]
 
 
 def build_repo_folder(
@@ -195,6 +216,7 @@ def build_repo_folder(
             num_params=sum(t.numel() for t in tensors.values()),
             plots=plots,
         )
+        warnings.extend(not_better(inputs))
         # the card is built from scrubbed inputs; a second pass only removes literal secrets
         # (key patterns would mangle code such as ``return_prefix_tokens=True``)
         write_text(tmp / "README.md", scrub_literals(modelcard.render_card(inputs), secrets))

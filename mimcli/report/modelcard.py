@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from mimcli._version import __version__
+from mimcli.evaluate.stats import SIGNIFICANT, p_text
 from mimcli.objectives import OBJECTIVES, ObjectiveInfo
-from mimcli.report.rows import eval_rows
+from mimcli.report.rows import eval_rows, headline
 from mimcli.results import EvalResult
 
 PIPELINE_TAG = "image-feature-extraction"
@@ -53,16 +54,22 @@ def results_table(result: EvalResult, base: int | None, refined: int) -> str:
         if all(v is None for v in values):
             continue
         precision = metric.digits
-        cells = [
-            "-"
-            if v is None
-            else f"{v[0]:.{precision}f}" + (f" ± {v[1]:.2f}" if v[1] is not None else "")
-            for v in values
-        ]
+        cells = []
+        for v, i in zip(values, idx, strict=True):
+            spread = (
+                None if v is None else v[1] if v[1] is not None else metric.error(result.models[i])
+            )
+            cells.append(
+                "-"
+                if v is None
+                else f"{v[0]:.{precision}f}" + (f" ± {spread:.2f}" if spread is not None else "")
+            )
         row = f"| {metric.label} | " + " | ".join(cells)
         if base is not None:
             a, b = values
-            row += " | " + ("" if a is None or b is None else f"{b[0] - a[0]:+.{precision}f}")
+            change = "" if a is None or b is None else f"{b[0] - a[0]:+.{precision}f}"
+            p = metric.paired_p(result.models[base], result.models[refined])
+            row += " | " + (change if p is None or not change else f"{change} ({p_text(p)})")
         lines.append(row + " |")
     return "\n".join(lines)
 
@@ -274,6 +281,31 @@ def _shape(inputs: CardInputs) -> str:
     return ", ".join(parts)
 
 
+def _claim(inputs: CardInputs) -> str:
+    """The card's first sentence ends with what was measured, not with what was hoped."""
+    base, refined = inputs.eval_columns
+    change = None if inputs.eval is None or base is None else headline(inputs.eval, base, refined)
+    if change is None:
+        return (
+            "to give stronger off-the-shelf features (k-NN, low-shot, clustering) than the "
+            "masked-image-modeling model it started from; this repo holds no comparison with "
+            "that model."
+        )
+    diff, p = change
+    tested = "" if p is None else f", McNemar {p_text(p)}"
+    if diff > 0 and (p is None or p < SIGNIFICANT):
+        return (
+            "so that the frozen encoder gives stronger off-the-shelf features than the "
+            f"masked-image-modeling model it started from (k-NN {diff:+.2f} points{tested}, "
+            "below)."
+        )
+    return (
+        "to strengthen its off-the-shelf features; on the evaluation below it did **not** "
+        f"measurably improve k-NN accuracy over the model it started from ({diff:+.2f} "
+        f"points{tested})."
+    )
+
+
 def render_card(inputs: CardInputs) -> str:
     """The whole ``README.md``: front matter, summary, how it was refined, license, teachers,
     results, plots, usage and the list of files."""
@@ -283,9 +315,7 @@ def render_card(inputs: CardInputs) -> str:
         "---\n" + front_matter(inputs) + "---\n",
         f"# {name}\n",
         f"A ViT encoder ({_shape(inputs)}) refined from `{base}` with "
-        f"mimcli ({_objective_sentence(inputs)}) so that the frozen encoder gives stronger "
-        "off-the-shelf features (k-NN, low-shot, clustering) than the masked-image-modeling "
-        "model it started from.\n",
+        f"mimcli ({_objective_sentence(inputs)}) {_claim(inputs)}\n",
     ]
     if not inputs.stock_timm:
         what = (

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from mimcli.evaluate.stats import mcnemar, standard_error, unpack
 from mimcli.results import EvalResult, ModelEval
 
 # (key in ModelEval.cluster, label, decimals): ACC is in percent, the rest are fractions or scores
@@ -35,6 +38,7 @@ class EvalRow:
     protocol: str
     read: Callable[[ModelEval], tuple[float, float | None]]
     digits: int = 2
+    key: tuple[str, str] | None = None  # k-NN rows: (kind, k) of ModelEval.knn_correct
 
     def cell(self, model: ModelEval) -> tuple[float, float | None] | None:
         """``(value, spread or None)`` of ``model``, or None when it has no such value."""
@@ -42,6 +46,28 @@ class EvalRow:
             return self.read(model)
         except (KeyError, TypeError):
             return None
+
+    def correct(self, model: ModelEval) -> np.ndarray | None:
+        """Per-query correctness behind a k-NN row, when the result kept it."""
+        if self.key is None:
+            return None
+        packed = model.knn_correct.get(self.key[0], {}).get(self.key[1])
+        return unpack(packed) if packed else None
+
+    def error(self, model: ModelEval) -> float | None:
+        """The binomial standard error (points) of a k-NN row's accuracy."""
+        cell, correct = self.cell(model), self.correct(model)
+        if cell is None or correct is None:
+            return None
+        return standard_error(cell[0], len(correct))
+
+    def paired_p(self, a: ModelEval, b: ModelEval) -> float | None:
+        """McNemar's p-value of the change from ``a`` to ``b`` on the same queries (k-NN rows
+        whose results kept per-query correctness), else None."""
+        ca, cb = self.correct(a), self.correct(b)
+        if ca is None or cb is None or ca.shape != cb.shape:
+            return None
+        return mcnemar(ca, cb)
 
 
 def _knn(kind: str, k: int) -> Callable[[ModelEval], tuple[float, float | None]]:
@@ -56,6 +82,18 @@ def _cluster(key: str) -> Callable[[ModelEval], tuple[float, float | None]]:
     return lambda m: (m.cluster[key], None)
 
 
+def headline(result: EvalResult, base: int, refined: int) -> tuple[float, float | None] | None:
+    """The first k-NN row's change from ``base`` to ``refined`` and its McNemar p-value (None
+    without per-query correctness); None without k-NN."""
+    for row in eval_rows(result):
+        if row.protocol == "knn":
+            a, b = row.cell(result.models[base]), row.cell(result.models[refined])
+            if a is None or b is None:
+                return None
+            return b[0] - a[0], row.paired_p(result.models[base], result.models[refined])
+    return None
+
+
 def eval_rows(result: EvalResult) -> list[EvalRow]:
     """The rows ``result``'s protocols produce: k-NN (CLS, then mean patch, per k), the linear
     probe's best grid cell, each low-shot setting (mean ± std over splits), the k-means metrics.
@@ -64,7 +102,9 @@ def eval_rows(result: EvalResult) -> list[EvalRow]:
     if "knn" in result.protocols:
         for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
             for k in result.ks:
-                rows.append(EvalRow(f"k-NN {label} k={k} %", "knn", _knn(kind, k)))
+                rows.append(
+                    EvalRow(f"k-NN {label} k={k} %", "knn", _knn(kind, k), key=(kind, str(k)))
+                )
     if "linear" in result.protocols:
         rows.append(
             EvalRow(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from mimcli.evaluate.stats import p_text
 from mimcli.report.rows import eval_rows
 
 if TYPE_CHECKING:
@@ -55,14 +56,28 @@ def eval_table(result: EvalResult) -> Table:
     table = Table(
         title="Frozen-feature evaluation",
         caption=f"{result.train_images} train / {result.val_images} val images, "
-        f"{result.num_classes} classes; last block, CLS before the final norm",
+        f"{result.num_classes} classes; last block, CLS before the final norm; k-NN ± "
+        "binomial standard error, change tested by McNemar on the same queries",
     )
     table.add_column("metric")
     models = result.models
     for m in models:
         table.add_column(m.name, justify="right")
+    paired = len(models) > 1
+    if paired:
+        table.add_column(f"change ({models[-1].name} - {models[0].name})", justify="right")
     for row in eval_rows(result):
-        table.add_row(row.label, *[_fmt(*cell) if cell else "-" for cell in map(row.cell, models)])
+        cells = []
+        for m in models:
+            cell = row.cell(m)
+            spread = row.error(m) if cell is not None and cell[1] is None else None
+            cells.append(_fmt(cell[0], cell[1] if spread is None else spread) if cell else "-")
+        if paired:
+            a, b = row.cell(models[0]), row.cell(models[-1])
+            change = "-" if a is None or b is None else f"{b[0] - a[0]:+.2f}"
+            p = row.paired_p(models[0], models[-1])
+            cells.append(change if p is None else f"{change} ({p_text(p)})")
+        table.add_row(row.label, *cells)
         if row.protocol == "linear":
             best = [m.linear.get("best", {}) for m in models]
             table.add_row(
