@@ -180,7 +180,7 @@ def test_unmatched_shared_and_repeated_names_are_one_clear_error_each(tmp_path):
     with pytest.raises(MimcliError) as err:
         match_split_file(missing, names)
     assert str(err.value).startswith(
-        f"--split-file {missing}: 5 of 6 names are not among the 9 --train images "
+        f"--split-file {missing}: 5 of 6 names not found among the 9 --train images "
         "(n0_7.JPEG, n9/n9_0.JPEG, n1_8.JPEG, …)"
     )
     # the same file name in two class folders: a bare name is ambiguous, a path is not
@@ -190,7 +190,7 @@ def test_unmatched_shared_and_repeated_names_are_one_clear_error_each(tmp_path):
     shared.write_text("n0_2.JPEG\n")
     with pytest.raises(
         MimcliError,
-        match=r"1 file names belong to several --train images: "
+        match=r"1 file name shared by several --train images: "
         r"n0_2\.JPEG \(n0/n0_2\.JPEG and n1/n0_2\.JPEG\); write those lines as "
         r"paths relative to --train",
     ):
@@ -201,7 +201,7 @@ def test_unmatched_shared_and_repeated_names_are_one_clear_error_each(tmp_path):
     repeated.write_text("n0_1.JPEG\nn2_0.JPEG\nn0/n0_1.JPEG\n")
     with pytest.raises(
         MimcliError,
-        match=r"1 lines name an image listed before: line 3 repeats "
+        match=r"1 line naming an image listed before: line 3 repeats "
         r"line 1 \(n0/n0_1\.JPEG\)",
     ):
         match_split_file(repeated, names)
@@ -292,11 +292,12 @@ def test_eval_cli_refuses_unusable_split_files_in_one_line(tiny_model_dir, image
     train, val = image_folders  # every class folder holds 000.png ... 009.png
     args = ["eval", str(tiny_model_dir), "--train", str(train), "--val", str(val)]
     shared = tmp_path / "shared.txt"
-    shared.write_text("000.png\nclass_1/001.png\n")
+    shared.write_text("000.png\n001.png\nclass_1/002.png\n")
     line = one_line_error(runner.invoke(app, [*args, "--split-file", str(shared)]))
     assert line == (
-        f"error: --split-file {shared}: 1 file names belong to several --train images: 000.png "
-        "(class_0/000.png and class_1/000.png); write those lines as paths relative to --train"
+        f"error: --split-file {shared}: 2 file names shared by several --train images: 000.png "
+        "(class_0/000.png and class_1/000.png), 001.png (class_0/001.png and class_1/001.png); "
+        "write those lines as paths relative to --train"
     )
     missing = tmp_path / "missing.txt"
     missing.write_text("class_0/000.png\nclass_0/010.png\nclass_3/000.png\n")
@@ -306,7 +307,7 @@ def test_eval_cli_refuses_unusable_split_files_in_one_line(tiny_model_dir, image
     assert f"--split-file {shared}" in line  # files are checked in the order given
     line = one_line_error(runner.invoke(app, [*args, "--split-file", str(missing)]))
     assert line.startswith(
-        f"error: --split-file {missing}: 2 of 3 names are not among the 30 --train images "
+        f"error: --split-file {missing}: 2 of 3 names not found among the 30 --train images "
         "(class_0/010.png, class_3/000.png)"
     )
     line = one_line_error(

@@ -253,6 +253,10 @@ def read_split_lines(path: str | Path) -> list[tuple[int, str]]:
     return entries
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _quote(items: Sequence[str]) -> str:
     shown = ", ".join(items[:SHOWN])
     return shown + (", …" if len(items) > SHOWN else "")
@@ -275,17 +279,21 @@ def match_split_file(path: str | Path, names: Sequence[str]) -> np.ndarray:
     """
     entries = read_split_lines(path)
     by_path = {n: i for i, n in enumerate(names)} if any("/" in e for _, e in entries) else {}
-    by_name: dict[str, list[int]] = {}
+    # one position per file name; the few names several images share keep all their positions
+    by_name: dict[str, int] = {}
+    shared_by: dict[str, list[int]] = {}
     if any("/" not in e for _, e in entries):
         for i, n in enumerate(names):
-            by_name.setdefault(n.rpartition("/")[2], []).append(i)
+            base = n.rpartition("/")[2]
+            if by_name.setdefault(base, i) != i:
+                shared_by.setdefault(base, [by_name[base]]).append(i)
     missing, shared, repeats = [], [], []
     first_line: dict[int, int] = {}
     for number, entry in entries:
         if "/" in entry:
             found = [by_path[entry]] if entry in by_path else []
         else:
-            found = by_name.get(entry, [])
+            found = shared_by.get(entry) or ([by_name[entry]] if entry in by_name else [])
         if not found:
             missing.append(entry)
         elif len(found) > 1:
@@ -296,18 +304,18 @@ def match_split_file(path: str | Path, names: Sequence[str]) -> np.ndarray:
             first_line[found[0]] = number
     if missing:
         raise MimcliError(
-            f"--split-file {path}: {len(missing)} of {len(entries)} names are not among the "
+            f"--split-file {path}: {len(missing)} of {len(entries)} names not found among the "
             f"{len(names)} --train images ({_quote(missing)}); names with a '/' are paths "
             "relative to --train, others file names"
         )
     if shared:
         raise MimcliError(
-            f"--split-file {path}: {len(shared)} file names belong to several --train images: "
-            f"{_quote(shared)}; write those lines as paths relative to --train"
+            f"--split-file {path}: {_count(len(shared), 'file name')} shared by several --train "
+            f"images: {_quote(shared)}; write those lines as paths relative to --train"
         )
     if repeats:
         raise MimcliError(
-            f"--split-file {path}: {len(repeats)} lines name an image listed before: "
+            f"--split-file {path}: {_count(len(repeats), 'line')} naming an image listed before: "
             f"{_quote(repeats)}; list each image once"
         )
     return np.sort(np.fromiter(first_line, dtype=np.int64, count=len(first_line)))
