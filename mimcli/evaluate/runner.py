@@ -224,7 +224,16 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     labels = _stage_labels(names)
     models = [
         evaluate_model(
-            spec, name, cfg, train_images, val_images, progress, device, backend, label, splits
+            spec,
+            name,
+            cfg,
+            train_images,
+            val_images,
+            progress,
+            device,
+            backend,
+            label,
+            split_files=splits,
         )
         for spec, name, label in zip(cfg.models, names, labels, strict=True)
     ]
