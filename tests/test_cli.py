@@ -250,6 +250,52 @@ def test_library_does_not_import_typer():
     assert out.stdout.strip() == "False"
 
 
+# Runs the app as the installed `mimcli` script does, then names the heavy modules it imported.
+RUN_APP = """
+import sys
+from mimcli.cli.app import app
+try:
+    app(prog_name="mimcli")
+finally:
+    print(sorted(m for m in ("torch", "timm") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def run_app(*args, **env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", RUN_APP, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+
+
+def test_version_and_shell_completion_start_without_torch():
+    version = run_app("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mimcli ")
+    assert version.stderr.strip() == "[]"
+    # typer names the shell itself when detection is off (else it detects the running shell)
+    script = run_app("--show-completion", "bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    assert script.returncode == 0, script.stderr
+    assert "_MIMCLI_COMPLETE=complete_bash" in script.stdout
+    assert "complete -o default -F _mimcli_completion mimcli" in script.stdout
+    assert script.stderr.strip() == "[]"
+    zsh = run_app("--show-completion", "zsh", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    assert zsh.returncode == 0 and "#compdef mimcli" in zsh.stdout
+    # what the installed script asks on <TAB>: sub-commands, then a command's options
+    words = run_app(_MIMCLI_COMPLETE="complete_bash", COMP_WORDS="mimcli ev", COMP_CWORD="1")
+    assert (words.returncode, words.stdout.split()) == (0, ["eval"])
+    options = run_app(
+        _MIMCLI_COMPLETE="complete_bash", COMP_WORDS="mimcli eval --split", COMP_CWORD="2"
+    )
+    assert options.stdout.split() == ["--split-file"] and options.stderr.strip() == "[]"
+
+
 def raw_checkpoint(path, embed_dim=128, num_heads=4):
     """An MAE-style .pth of a ViT whose width (128) is no released width: no head count."""
     from tests.conftest import make_tiny_vit

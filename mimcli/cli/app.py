@@ -21,7 +21,7 @@ app = typer.Typer(
     ),
     epilog="Example:\n\n  mimcli probe vit_large_patch16_224.mae --train in1k/train --val in1k/val",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion; start-up stays torch-free
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )

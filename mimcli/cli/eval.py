@@ -49,6 +49,9 @@ Examples:
   mimcli eval ckpt/vit_w512.pth#heads=8 vit_base_patch16_224.mae \\
       --train data/train --val data/val
 
+  mimcli eval runs/mae-l --train in1k/train --val in1k/val \\
+      --split-file 1percent.txt --split-file 1imgs_class.txt
+
   mimcli eval vit_large_patch16_224.mae runs/mae-l \\
       mim-refiner:mae_refined_l16 --train in1k/train --val in1k/val
 
@@ -56,6 +59,11 @@ A refine run folder (RUN_DIR) evaluates its exported encoder; mim-refiner:NAME i
 MIM-Refiner paper released (the last example: base model, your run and the paper's result). \
 --num-heads applies to every MODEL without its own #heads=N; a MODEL whose file records another \
 count is refused.
+
+A --split-file (SimCLRv2's 1percent.txt, MSN's 1imgs_class.txt) names train images one per line: \
+a file name, or a path relative to the --train folder when the line holds a '/' (blank lines and \
+# comments are skipped). Each file is scored like one seeded split and reported under its file \
+name; --out/splits/ holds the seeded splits in the same format.
 """
     + HEADS_HELP
     + SOURCES_HELP
@@ -118,6 +126,15 @@ def evaluate(
             rich_help_panel=PROTOCOLS,
         ),
     ] = "cls",
+    split_files: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--split-file",
+            help="Low-shot subset of --train: one file name or relative path per line "
+            "(SimCLRv2, MSN lists); repeatable.",
+            rich_help_panel=PROTOCOLS,
+        ),
+    ] = None,
     limit_train: Annotated[
         int | None,
         typer.Option(
@@ -178,6 +195,7 @@ def evaluate(
         device=device,
         knn_backend=knn_backend,
         seed=seed,
+        split_files=tuple(split_files or ()),
     )
     bar = ImageProgress()
     with bar.running():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mimcli.errors import MimcliError
-from mimcli.evaluate.splits import shot_name, split_for
+from mimcli.evaluate.splits import NamedSplit, check_split_names, shot_name, split_for
 from mimcli.runtime import Progress, torch_threads
 
 Array = torch.Tensor | np.ndarray
@@ -228,6 +228,8 @@ def lowshot_eval(
     split_dir: Path | None = None,
     num_classes: int | None = None,
     progress: Progress | None = None,
+    split_files: Sequence[NamedSplit] = (),
+    train_names: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Low-shot accuracy for each shot setting, over seeded splits.
 
@@ -242,11 +244,17 @@ def lowshot_eval(
         split_dir: folder of split files (``5shot-seed0.json``, ``1pct-seed1.json``, …).
         num_classes: defaults to 1 + the largest train or val label.
         progress: called as ``progress("lowshot", splits_done, splits_total)``.
+        split_files: subsets read from ``--split-file``s, each fitted and scored the same way
+            once, after the seeded settings.
+        train_names: (N,) relative paths of the train images; with ``split_dir``, each seeded
+            split is also written there as a split file (``5shot-seed0.txt``).
 
     Returns:
         ``{"1-shot": {"mean": %, "std": % (sample std over seeds, 0 for one seed),
         "runs": [% per seed], "seeds": [...], "l2": [strength per seed],
-        "l2_rule": "given" | "fixed 1-shot default" | "cv"}, ..., "1%": {...}}``.
+        "l2_rule": "given" | "fixed 1-shot default" | "cv"}, ..., "1%": {...}}``, then one entry
+        per split file under its name: ``{"mean": %, "std": 0, "runs": [%], "seeds": [],
+        "l2": [strength], "l2_rule": ..., "split_file": path, "images": M, "classes": count}``.
     """
     y_train = _as_tensor(train_labels).long().ravel().numpy()
     y_val = _as_tensor(val_labels).long().ravel()
@@ -259,32 +267,42 @@ def lowshot_eval(
         )
     if num_classes is None:
         num_classes = int(max(y_train.max(), int(y_val.max()))) + 1
+    check_split_names(
+        [s.name for s in split_files], [s.path for s in split_files], [shot_name(s) for s in shots]
+    )
     results: dict[str, dict[str, Any]] = {}
-    total = len(shots) * len(seeds)
+    total = len(shots) * len(seeds) + len(split_files)
+    done = 0
     if progress is not None:
         progress("lowshot", 0, total)
+
+    def score(indices: np.ndarray) -> tuple[float, float, str]:
+        """Accuracy, L2 strength and its rule of a fit on the train images at ``indices``."""
+        nonlocal done
+        subset = _take(train_feats, indices)
+        subset_y = y_train[indices]
+        if l2 is not None:
+            strength, rule = float(l2), "given"
+        elif int(np.unique(subset_y, return_counts=True)[1].min()) < 2:
+            strength, rule = ONE_SHOT_L2, "fixed 1-shot default"
+        else:
+            strength, rule = choose_l2(subset, subset_y, num_classes), "cv"
+        fit_x = prepare(subset)[0]
+        weight, bias = logistic_regression(fit_x, torch.from_numpy(subset_y), num_classes, strength)
+        mean = subset.to(torch.float64).mean(dim=0)
+        acc = accuracy(val_feats, y_val, mean, weight, bias)
+        done += 1
+        if progress is not None:
+            progress("lowshot", done, total)
+        return acc, strength, rule
+
     for setting in shots:
         runs, strengths, rules = [], [], set()
         for seed in seeds:
-            indices = split_for(y_train, setting, seed, split_dir)
-            subset = _take(train_feats, indices)
-            subset_y = y_train[indices]
-            if l2 is not None:
-                strength, rule = float(l2), "given"
-            elif int(np.unique(subset_y, return_counts=True)[1].min()) < 2:
-                strength, rule = ONE_SHOT_L2, "fixed 1-shot default"
-            else:
-                strength, rule = choose_l2(subset, subset_y, num_classes), "cv"
-            fit_x = prepare(subset)[0]
-            weight, bias = logistic_regression(
-                fit_x, torch.from_numpy(subset_y), num_classes, strength
-            )
-            mean = subset.to(torch.float64).mean(dim=0)
-            runs.append(accuracy(val_feats, y_val, mean, weight, bias))
+            acc, strength, rule = score(split_for(y_train, setting, seed, split_dir, train_names))
+            runs.append(acc)
             strengths.append(strength)
             rules.add(rule)
-            if progress is not None:
-                progress("lowshot", len(results) * len(seeds) + len(runs), total)
         results[shot_name(setting)] = {
             "mean": float(np.mean(runs)),
             "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
@@ -292,5 +310,18 @@ def lowshot_eval(
             "seeds": [int(s) for s in seeds],
             "l2": strengths,
             "l2_rule": " + ".join(sorted(rules)),
+        }
+    for split in split_files:
+        acc, strength, rule = score(split.indices)
+        results[split.name] = {
+            "mean": acc,
+            "std": 0.0,
+            "runs": [acc],
+            "seeds": [],
+            "l2": [strength],
+            "l2_rule": rule,
+            "split_file": split.path,
+            "images": int(split.indices.size),
+            "classes": int(np.unique(y_train[split.indices]).size),
         }
     return results

@@ -20,6 +20,7 @@ from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import accuracy_of, last_block_knn_correct
 from mimcli.evaluate.linear import LAST_BLOCKS
+from mimcli.evaluate.splits import NamedSplit, folder_names, load_split_files, shot_name
 from mimcli.evaluate.stats import pack
 from mimcli.featcache import cached_features
 from mimcli.index import resolve_backend
@@ -59,6 +60,7 @@ class EvalConfig:
     threads: int | None = None
     image_column: str | None = None
     label_column: str | None = None
+    split_files: tuple[str | Path, ...] = ()  # --split-file: low-shot subsets of a folder --train
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -101,6 +103,7 @@ def evaluate_model(
     device,
     backend: str,
     label: str | None = None,
+    split_files: Sequence[NamedSplit] = (),
 ) -> ModelEval:
     source, label = resolve_eval_source(spec)
     timings: dict[str, float] = {}
@@ -173,6 +176,7 @@ def evaluate_model(
 
             t = time.perf_counter()
             split_dir = cfg.out / "splits" if cfg.out else None
+            names = folder_names(train_images) if split_dir else None
             result.lowshot = lowshot_eval(
                 train.block(last, "cls"),
                 train.labels,
@@ -181,6 +185,8 @@ def evaluate_model(
                 shots=cfg.shots,
                 seeds=cfg.seeds,
                 split_dir=split_dir,
+                split_files=split_files,
+                train_names=names,
             )
             timings["lowshot"] = time.perf_counter() - t
         if "cluster" in cfg.protocols:
@@ -209,6 +215,8 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         raise MimcliError("--k values must be at least 1")
     if cfg.cluster_features not in ("cls", "patch"):
         raise MimcliError("--cluster-features must be cls or patch")
+    if cfg.split_files and "lowshot" not in cfg.protocols:
+        raise MimcliError("--split-file is a low-shot subset: add lowshot to --protocols")
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
@@ -220,10 +228,22 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         cfg.seed,
         Columns(cfg.image_column, cfg.label_column),
     )
+    splits = load_split_files(cfg.split_files, train_images, [shot_name(s) for s in cfg.shots])
     names = _display_names(cfg.models)
     labels = _stage_labels(names)
     models = [
-        evaluate_model(spec, name, cfg, train_images, val_images, progress, device, backend, label)
+        evaluate_model(
+            spec,
+            name,
+            cfg,
+            train_images,
+            val_images,
+            progress,
+            device,
+            backend,
+            label,
+            split_files=splits,
+        )
         for spec, name, label in zip(cfg.models, names, labels, strict=True)
     ]
     result = EvalResult(

@@ -94,9 +94,8 @@ def _model_index(inputs: CardInputs) -> list[Any]:
     if m.linear.get("best", {}).get("val_acc") is not None:
         metrics.append(("accuracy", "linear probe top-1", m.linear["best"]["val_acc"]))
     for key, stats in m.lowshot.items():
-        metrics.append(
-            ("accuracy", f"{key} logistic regression top-1 (mean of splits)", stats["mean"])
-        )
+        over = "split file" if "split_file" in stats else "mean of splits"
+        metrics.append(("accuracy", f"{key} logistic regression top-1 ({over})", stats["mean"]))
     if "nmi" in m.cluster:
         metrics.append(("nmi", "k-means NMI", m.cluster["nmi"]))
     if "acc" in m.cluster:

@@ -79,7 +79,10 @@ def plot_lowshot(result: EvalResult, path: Path) -> Path:
         xs = [j + i * width for j in range(len(keys))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=m.name)
     ax.set_xticks([j + width * (len(result.models) - 1) / 2 for j in range(len(keys))])
-    ax.set_xticklabels(keys)
+    if any(len(k) > 8 for k in keys):  # split-file names: slant them so they do not overlap
+        ax.set_xticklabels(keys, rotation=20, ha="right", fontsize=8)
+    else:
+        ax.set_xticklabels(keys)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)

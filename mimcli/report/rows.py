@@ -75,7 +75,11 @@ def _knn(kind: str, k: int) -> Callable[[ModelEval], tuple[float, float | None]]
 
 
 def _lowshot(key: str) -> Callable[[ModelEval], tuple[float, float | None]]:
-    return lambda m: (m.lowshot[key]["mean"], m.lowshot[key]["std"])
+    def read(m: ModelEval) -> tuple[float, float | None]:
+        stats = m.lowshot[key]
+        return stats["mean"], None if "split_file" in stats else stats["std"]  # a file: one split
+
+    return read
 
 
 def _cluster(key: str) -> Callable[[ModelEval], tuple[float, float | None]]:
@@ -96,8 +100,9 @@ def headline(result: EvalResult, base: int, refined: int) -> tuple[float, float 
 
 def eval_rows(result: EvalResult) -> list[EvalRow]:
     """The rows ``result``'s protocols produce: k-NN (CLS, then mean patch, per k), the linear
-    probe's best grid cell, each low-shot setting (mean ± std over splits), the k-means metrics.
-    Low-shot settings are those of the first model."""
+    probe's best grid cell, each low-shot setting (mean ± std over splits) and split file (one
+    value, named ``split NAME``), the k-means metrics. Low-shot settings are those of the first
+    model."""
     rows: list[EvalRow] = []
     if "knn" in result.protocols:
         for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
@@ -114,8 +119,10 @@ def eval_rows(result: EvalResult) -> list[EvalRow]:
             )
         )
     if "lowshot" in result.protocols and result.models and result.models[0].lowshot:
-        for key in result.models[0].lowshot:
+        for key, stats in result.models[0].lowshot.items():
             label = "1% of labels %" if key == "1%" else f"{key} %"
+            if "split_file" in stats:
+                label = f"split {key} %"
             rows.append(EvalRow(label, "lowshot", _lowshot(key)))
     if "cluster" in result.protocols:
         for key, label, digits in CLUSTER_METRICS:
