@@ -95,7 +95,7 @@ def hub_offers_xet(api: HfApi, repo_id: str, revision: str | None, create_pr: bo
     target = "None" if create_pr else quote(revision or constants.DEFAULT_REVISION, safe="")
     response = get_session().get(
         f"{api.endpoint}/api/models/{repo_id}/xet-write-token/{target}",
-        headers=build_hf_headers(),
+        headers=build_hf_headers(token=api.token),
         params={"create_pr": "1"} if create_pr else None,
     )
     if response.status_code in NO_XET_STATUS:
