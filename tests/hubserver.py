@@ -69,13 +69,24 @@ What the server speaks (enough for ``hf_hub_download``, ``snapshot_download``, `
   - ``POST /api/{type}s/{repo_id}/preupload/{rev}`` - every file ``uploadMode: "regular"``,
     ``shouldIgnore: false``, ``oid`` = git blob sha1 of the *content* now at that path on ``rev``
     (null if absent): exactly what the client compares with its local oid to drop unchanged files.
+    After ``offer_lfs()``, LFS-like paths (``LFS_SUFFIXES``, or a ``size`` >= ``LFS_MIN_SIZE``)
+    get ``uploadMode: "lfs"`` and ``oid`` = the stored content's sha256 instead, as the Hub
+    answers; the client then uploads them through the LFS batch API below before committing.
+  - ``POST /[datasets/|spaces/]{repo_id}.git/info/lfs/objects/batch`` - the Git LFS batch API of a
+    Hub without Xet storage: ``{"transfer": "basic", "objects": [...]}``, each object either
+    without ``actions`` (content already stored) or with an ``upload`` action (``PUT
+    /lfs-objects/{oid}``, no token needed, as for a presigned storage URL; the body must have that
+    sha256 and size) and a ``verify`` action (``POST /lfs-objects/verify``, write token). No Xet:
+    neither header nor transfer, and ``.../xet-write-token/...`` is a 404 like any unknown route.
+    ``lfs_objects`` lists what arrived this way.
   - ``POST /api/{type}s/{repo_id}/commit/{branch}`` (NDJSON: ``header`` with ``summary``,
     ``description``, ``parentCommit``; ``file`` (base64 or utf-8), ``deletedFile``,
-    ``deletedFolder``, ``lfsFile`` - only for an oid already stored, e.g. a server-side copy;
-    anything else is 400). ``create_pr=1`` creates ``refs/pr/N`` (N = 1, 2, ...) from the branch
-    head (or ``parentCommit``) and commits there. 200 ``{success, commitOid, commitUrl,
-    [pullRequestUrl]}``; 412 if ``parentCommit`` is not the branch head; 404 ``EntryNotFound``
-    for deleting a missing file; 404 ``RevisionNotFound`` if ``{branch}`` is not a branch.
+    ``deletedFolder``, ``lfsFile`` - only for an oid already stored: uploaded through the LFS
+    batch API, or a server-side copy; anything else is 400). ``create_pr=1`` creates
+    ``refs/pr/N`` (N = 1, 2, ...) from the branch head (or ``parentCommit``) and commits there.
+    200 ``{success, commitOid, commitUrl, [pullRequestUrl]}``; 412 if ``parentCommit`` is not the
+    branch head; 404 ``EntryNotFound`` for deleting a missing file; 404 ``RevisionNotFound`` if
+    ``{branch}`` is not a branch.
   - ``POST /api/validate-yaml`` - 400 if a README's YAML front matter does not parse, else 200.
 
 * Plain files registered with ``add_url_file`` at any other path (``GET``/``HEAD``/``Range``).
@@ -458,6 +469,9 @@ class LoopbackHub:
         self._requests: list[RecordedRequest] = []
         self._errors: list[str] = []
         self._tokens: dict[str, _Token] = {}
+        self._lfs_offered = False
+        self._lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through LFS
+        self._lfs_pending: dict[str, int] = {}  # sha256 -> size, announced by a batch request
         self._server = _Server((HOST, port), _Handler)
         self._server.hub = self
         self._thread: threading.Thread | None = None
@@ -510,6 +524,9 @@ class LoopbackHub:
             self._repos.clear()
             self._url_files.clear()
             self._tokens.clear()
+            self._lfs_offered = False
+            self._lfs_objects.clear()
+            self._lfs_pending.clear()
             self._failures.clear()
             self._requests.clear()
             self._errors.clear()
@@ -624,6 +641,19 @@ class LoopbackHub:
             self._url_files[path] = bytes(data)
         return self.url + path
 
+    def offer_lfs(self, offered: bool = True) -> None:
+        """Answer ``preupload`` with ``uploadMode: "lfs"`` for LFS-like files (until ``reset()``),
+        as a Hub without Xet storage does: the client then uploads them through the LFS batch API.
+        """
+        with self._lock:
+            self._lfs_offered = offered
+
+    @property
+    def lfs_objects(self) -> dict[str, int]:
+        """sha256 -> size of every object uploaded through the LFS batch API (``PUT``)."""
+        with self._lock:
+            return {oid: len(data) for oid, data in self._lfs_objects.items()}
+
     # -- fault injection & observation -------------------------------------------------------
 
     def fail_next(
@@ -705,6 +735,11 @@ class LoopbackHub:
             url_file = self._url_files.get(unquote(raw_path))
         if url_file is not None and method in ("GET", "HEAD"):
             return _file_response(url_file, headers, [("Content-Type", "application/octet-stream")])
+
+        if method == "POST" and raw_path.endswith(_LFS_BATCH_SUFFIX):
+            return self._lfs_batch(raw_path[: -len(_LFS_BATCH_SUFFIX)], headers, body)
+        if raw_path.startswith("/lfs-objects/"):
+            return self._lfs_object(method, raw_path[len("/lfs-objects/") :], headers, body)
 
         segments = raw_path.strip("/").split("/")
         if segments[0] == "api":
@@ -1044,20 +1079,109 @@ class LoopbackHub:
             answer = []
             for item in files:
                 stored = commit.files.get(item["path"])
+                size = item.get("size")
+                lfs = self._lfs_offered and (
+                    item["path"].lower().endswith(LFS_SUFFIXES)
+                    or (isinstance(size, int) and size >= LFS_MIN_SIZE)
+                )
+                # What the client computes for its file: sha256 in "lfs" mode, else the git blob
+                # sha1 of the content (for LFS-like files that is not ``blob_oid``, the pointer's).
+                oid = None
+                if stored is not None:
+                    oid = stored.sha256 if lfs else _git_blob_oid(stored.data)
                 answer.append(
                     {
                         "path": item["path"],
-                        "uploadMode": "regular",
+                        "uploadMode": "lfs" if lfs else "regular",
                         "shouldIgnore": False,
-                        # What the client computes for a "regular" file: git blob sha1 of the
-                        # content (for LFS-like files that is not ``blob_oid``, the pointer's).
-                        "oid": None if stored is None else _git_blob_oid(stored.data),
+                        "oid": oid,
                     }
                 )
         return _json_response(200, {"files": answer, "commitOid": commit.sha})
 
+    def _lfs_batch(self, repo_path: str, headers: Mapping[str, str], body: bytes) -> _Response:
+        """``POST {repo}.git/info/lfs/objects/batch``: upload actions for what is not stored yet."""
+        token = self._authorize(headers, write=True)
+        if isinstance(token, _Response):
+            return token
+        segments = repo_path.strip("/").split("/")
+        repo_type = "model"
+        if segments[0] in _REPO_TYPE_PREFIXES:
+            repo_type = _REPO_TYPE_PREFIXES[segments[0]]
+            segments = segments[1:]
+        repo_id = unquote("/".join(segments))
+        repo_id = repo_id[: -len(".git")] if repo_id.endswith(".git") else repo_id
+        if self.get_repo(repo_id, repo_type) is None:
+            return _hub_error(404, "RepoNotFound", "Repository not found")
+        payload = _json_or_none(body)
+        if not isinstance(payload, dict):
+            payload = {}
+        objects = payload.get("objects")
+        if (
+            payload.get("operation") != "upload"
+            or "basic" not in (payload.get("transfers") or ["basic"])
+            or not isinstance(objects, list)
+            or not all(
+                isinstance(o, dict)
+                and isinstance(o.get("oid"), str)
+                and len(o["oid"]) == 64
+                and isinstance(o.get("size"), int)
+                for o in objects
+            )
+        ):
+            return _hub_error(400, None, "Expected an LFS upload batch with 'basic' transfer")
+        answer = []
+        for item in objects:
+            oid, size = item["oid"].lower(), item["size"]
+            if self._stored_by_sha256(oid) is not None:
+                answer.append({"oid": oid, "size": size})  # no actions: nothing to upload
+                continue
+            with self._lock:
+                self._lfs_pending[oid] = size
+            actions = {
+                "upload": {"href": f"{self.url}/lfs-objects/{oid}"},
+                "verify": {"href": f"{self.url}/lfs-objects/verify"},
+            }
+            answer.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
+        return _Response(
+            200,
+            json.dumps({"transfer": "basic", "objects": answer}).encode(),
+            [("Content-Type", "application/vnd.git-lfs+json")],
+        )
+
+    def _lfs_object(
+        self, method: str, rest: str, headers: Mapping[str, str], body: bytes
+    ) -> _Response:
+        """``PUT /lfs-objects/{oid}`` (the upload action) and ``POST /lfs-objects/verify``."""
+        if method == "POST" and rest == "verify":
+            token = self._authorize(headers, write=True)
+            if isinstance(token, _Response):
+                return token
+            payload = _json_or_none(body)
+            oid = str(payload.get("oid", "")).lower() if isinstance(payload, dict) else ""
+            with self._lock:
+                data = self._lfs_objects.get(oid)
+            if data is None or len(data) != payload.get("size"):
+                return _hub_error(404, None, f"LFS object {oid!r} was not uploaded")
+            return _json_response(200, {})
+        if method != "PUT":
+            return _json_response(404, {"error": f"Not found: {method} /lfs-objects/{rest}"})
+        oid = rest.lower()
+        with self._lock:
+            size = self._lfs_pending.get(oid)
+        if size is None:
+            return _hub_error(403, None, f"no upload of LFS object {oid!r} was announced")
+        if len(body) != size or hashlib.sha256(body).hexdigest() != oid:
+            return _hub_error(400, None, f"the body is not LFS object {oid!r} of {size} bytes")
+        with self._lock:
+            self._lfs_objects[oid] = body
+            self._lfs_pending.pop(oid, None)
+        return _Response(200, b"", [("ETag", f'"{oid}"')])
+
     def _stored_by_sha256(self, sha256: str) -> bytes | None:
         with self._lock:
+            if sha256 in self._lfs_objects:
+                return self._lfs_objects[sha256]
             for repo in self._repos.values():
                 for commit in repo.commits.values():
                     for entry in commit.files.values():
@@ -1132,8 +1256,7 @@ class LoopbackHub:
                                 400,
                                 None,
                                 f"lfsFile {path!r}: LFS object {value.get('oid')!r} was never"
-                                " uploaded (LoopbackHub only answers uploadMode 'regular', so"
-                                " lfsFile can only reference content it already stores)",
+                                " uploaded (through the LFS batch API, or stored before)",
                             )
                     additions[path] = data
                     deletions.discard(path)
@@ -1197,6 +1320,7 @@ def _repo_oid(repo: HubRepo) -> str:
 
 
 _COMMIT_KEYS = ("file", "lfsFile", "deletedFile", "deletedFolder")
+_LFS_BATCH_SUFFIX = "/info/lfs/objects/batch"
 
 
 def _parse_commit_payload(body: bytes) -> tuple[dict[str, Any], list[tuple[str, dict]]] | _Response:

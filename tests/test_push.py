@@ -262,6 +262,7 @@ def test_run_push_uploads_and_clears_its_staging_copy(logged_in, tiny_run):
     from mimcli.hub.push import PushConfig, run_push
 
     hub = logged_in
+    hub.offer_lfs()  # as the Hub does; with Xet disabled in this process, the client uses LFS
     run = tiny_run["run"]
     retries: list[str] = []
     hub.fail_next(1, 503, path_contains="/commit/")
@@ -274,6 +275,10 @@ def test_run_push_uploads_and_clears_its_staging_copy(logged_in, tiny_run):
     assert len(retries) == 1 and "HTTP 503" in retries[0]
     repo = hub.get_repo("alice/lib")
     assert repo.branches["main"] == upload.commit_oid
+    # the weights went up once through LFS: the retried commit found them stored
+    weights = repo.commits[upload.commit_oid].files["model.safetensors"]
+    assert weights.lfs and hub.lfs_objects == {weights.sha256: weights.size}
+    assert hub.count("PUT", "/lfs-objects/") == 1 and hub.count("GET", "/xet-write-token/") == 0
     as_dict = outcome.to_dict()
     assert list(as_dict) == JSON_KEYS + UPLOAD_KEYS
     assert as_dict["folder"] is None and as_dict["uploaded"] is True

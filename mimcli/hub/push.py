@@ -107,7 +107,8 @@ def run_push(
         cfg: the request.
         on_retry: called with one line before each retry of a transient Hub failure.
         on_warning: called with each warning of the build (unknown license, post-norm
-            architecture, guessed eval column), before anything is uploaded.
+            architecture, guessed eval column), before anything is uploaded, and when the Hub
+            has no Xet storage for the repo (large files then go through Git LFS).
 
     Returns:
         The folder built and the upload's result.
@@ -152,6 +153,7 @@ def run_push(
             retries=cfg.retries,
             retry_wait=cfg.retry_wait,
             on_retry=on_retry,
+            on_warning=on_warning,
         )
     except RemoteError as err:  # transient failures: keep the folder for the re-run
         raise RemoteError(f"{err} [repo folder: {built.path}]") from err

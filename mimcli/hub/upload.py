@@ -1,8 +1,11 @@
 """Uploading a repo folder to the Hugging Face Hub through ``huggingface_hub.HfApi``: token,
 offline and repo-id checks before anything is built, then create the repo (and branch) if needed
-and upload the folder as one commit, retrying transient failures (HTTP 408/429/5xx, connection
-errors) with exponential backoff. Unchanged files are skipped by the client, so uploading the same
-folder again creates no new commit: a re-run after a failure is safe."""
+and send the folder's changed files as exactly one commit (``create_commit``, never
+``upload_folder``, which splits uploads into several commits when ``hf_xet`` is installed),
+retrying transient failures (HTTP 408/429/5xx, connection errors) with exponential backoff.
+Unchanged files are compared by hash with the branch and left out, and a folder with nothing
+changed makes no commit, so a re-run after a failure is safe. Large files go through Xet storage,
+or through Git LFS where the Hub has no Xet storage for the repo."""
 
 from __future__ import annotations
 
@@ -14,6 +17,13 @@ from typing import Any
 
 from mimcli._version import __version__
 from mimcli.errors import MimcliError, RemoteError
+from mimcli.hub.commit import (
+    additions,
+    changed_files,
+    client_uses_xet,
+    folder_files,
+    hub_offers_xet,
+)
 from mimcli.hub.download import endpoint_reachable, is_network_error
 from mimcli.hub.repo_folder import MARKER
 
@@ -179,8 +189,15 @@ def upload_folder(
     retries: int = 4,
     retry_wait: float = 2.0,
     on_retry: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> PushResult:
-    """Create ``repo_id`` if needed and upload ``folder`` as one commit."""
+    """Create ``repo_id`` if needed and commit the files of ``folder`` that differ from the
+    branch (``main`` for a pull request) as one commit; none when nothing differs.
+
+    Args:
+        on_retry: called with one line before each retry of a transient Hub failure.
+        on_warning: called with one line when large files must go through Git LFS.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RevisionNotFoundError
 
@@ -216,23 +233,51 @@ def upload_folder(
             return None
 
     before = attempt(f"reading {repo_id}", head)
-    message = commit_message or f"Upload encoder refined with mimcli {__version__}"
-    info = attempt(
-        f"uploading to {repo_id}",
-        lambda: api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            revision=branch,
-            commit_message=message,
-            create_pr=create_pr,
+    changed = attempt(
+        f"reading {repo_id}",
+        lambda: (
+            folder_files(folder) if before is None else changed_files(api, repo_id, before, folder)
         ),
     )
+    if before is not None and not changed:
+        return PushResult(
+            repo_id=repo_id,
+            repo_url=str(repo_url),
+            commit_url=f"{api.endpoint}/{repo_id}/commit/{before}",
+            commit_oid=before,
+            pr_url=None,
+            unchanged=True,
+            attempts=attempts,
+        )
+    # huggingface_hub 2.x sends large files through Xet whenever hf_xet is installed, and fails
+    # on a Hub without Xet storage; open files make it use the Hub's Git LFS API instead
+    lfs = client_uses_xet() and not attempt(
+        f"asking {repo_id} for Xet storage",
+        lambda: hub_offers_xet(api, repo_id, branch, create_pr),
+    )
+    if lfs and on_warning is not None:
+        on_warning(f"the Hub has no Xet storage for {repo_id}: uploading through Git LFS")
+    message = commit_message or f"Upload encoder refined with mimcli {__version__}"
+
+    def commit() -> Any:
+        with additions(folder, changed, lfs) as operations:
+            return api.create_commit(
+                repo_id,
+                operations,
+                commit_message=message,
+                revision=branch,
+                create_pr=create_pr,
+            )
+
+    info = attempt(f"uploading to {repo_id}", commit)
     return PushResult(
         repo_id=repo_id,
         repo_url=str(repo_url),
         commit_url=info.commit_url,
         commit_oid=info.oid,
         pr_url=info.pr_url,
-        unchanged=(not create_pr and info.oid == before),
+        # the client drops files that match the branch: a commit sent again after its answer was
+        # lost finds nothing left to change, and reports the head
+        unchanged=(info.pr_url is None and info.oid == before),
         attempts=attempts,
     )
