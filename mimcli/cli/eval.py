@@ -21,6 +21,7 @@ from mimcli.cli._common import (
     ImageProgress,
     JsonOpt,
     LabelColumnOpt,
+    TrackerOpt,
     WorkersOpt,
     handle_errors,
     print_json,
@@ -146,6 +147,7 @@ def evaluate(
             rich_help_panel=RUNTIME,
         ),
     ] = 0,
+    trackers: TrackerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.datasources import data_spec
@@ -178,6 +180,7 @@ def evaluate(
         device=device,
         knn_backend=knn_backend,
         seed=seed,
+        trackers=list(trackers or []),
     )
     bar = ImageProgress()
     with bar.running():
