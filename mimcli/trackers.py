@@ -30,7 +30,7 @@ from mimcli.results import EvalResult
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 STATE_FILE = "trackers.json"  # in the run folder: what reopens each tracker's run on --resume
 PROJECT = "mimcli"  # W&B project, MLflow experiment and Trackio project unless the user set one
-PARAM_LENGTH = 500  # MLflow servers refuse longer parameter values (older ones at 500)
+PARAM_LENGTH = 500  # older MLflow servers refuse longer parameter values (newer: 6000)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,9 @@ class TensorBoard(Tracker):
     name = "tensorboard"
     rewinds = True
 
-    def start(self, config, run_dir, resume):
+    def start(
+        self, config: Mapping[str, Any], run_dir: Path | None, resume: Resume | None
+    ) -> dict[str, Any]:
         _require(self.name)
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
@@ -183,11 +185,11 @@ class TensorBoard(Tracker):
     def where(self) -> str:
         return self.writer.log_dir
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def log_images(self, step, images):
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         import numpy as np
         from PIL import Image
 
@@ -196,7 +198,7 @@ class TensorBoard(Tracker):
                 pixels = np.asarray(image.convert("RGB"))
             self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
-    def finish(self, failed=False):
+    def finish(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -206,7 +208,9 @@ class WandB(Tracker):
 
     name = "wandb"
 
-    def start(self, config, run_dir, resume):
+    def start(
+        self, config: Mapping[str, Any], run_dir: Path | None, resume: Resume | None
+    ) -> dict[str, Any]:
         wandb = _require(self.name)
         kwargs: dict[str, Any] = {
             "project": os.environ.get("WANDB_PROJECT") or PROJECT,
@@ -229,13 +233,13 @@ class WandB(Tracker):
     def where(self) -> str:
         return f"project {self.run.project}, run {self.run.id} ({self.run.dir})"
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
 
-    def log_images(self, step, images):
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         self.run.log({k: self.wandb.Image(str(p)) for k, p in images.items()}, step=step)
 
-    def finish(self, failed=False):
+    def finish(self, failed: bool = False) -> None:
         with _to_stderr():
             self.run.finish(exit_code=1 if failed else 0)
 
@@ -246,7 +250,9 @@ class MLflow(Tracker):
 
     name = "mlflow"
 
-    def start(self, config, run_dir, resume):
+    def start(
+        self, config: Mapping[str, Any], run_dir: Path | None, resume: Resume | None
+    ) -> dict[str, Any]:
         _require(self.name)
         from mlflow import MlflowClient
         from mlflow.entities import Param
@@ -280,18 +286,18 @@ class MLflow(Tracker):
         host = uri.netloc.rsplit("@", 1)[-1]
         return f"run {self.run_id} ({urlunsplit(uri._replace(netloc=host, query=''))})"
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_images(self, step, images):
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         for path in images.values():
             self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
 
-    def finish(self, failed=False):
+    def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
@@ -302,7 +308,9 @@ class Trackio(Tracker):
 
     name = "trackio"
 
-    def start(self, config, run_dir, resume):
+    def start(
+        self, config: Mapping[str, Any], run_dir: Path | None, resume: Resume | None
+    ) -> dict[str, Any]:
         trackio = _require(self.name)
         self.trackio = trackio
         project = resume.state["project"] if resume is not None else PROJECT
@@ -341,13 +349,13 @@ class Trackio(Tracker):
 
         return f"project {self.run.project}, run {self.run.name} ({TRACKIO_DIR})"
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
 
-    def log_images(self, step, images):
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         self.run.log({k: self.trackio.Image(str(p)) for k, p in images.items()}, step=step)
 
-    def finish(self, failed=False):
+    def finish(self, failed: bool = False) -> None:
         with _to_stderr():
             self.trackio.finish()
 

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from mimcli.trackers import open_trackers, read_state
 from tests.objective_harness import Interrupt, metric_steps, refine_cli, tiny_run_args
 
 runner = CliRunner()
+# some of what a tiny nna run's metrics.jsonl records hold: losses, schedule, speed, the
+# objective's per-head metrics, the --val k-NN
+SCALARS = ("loss", "lr", "images_per_s", "loss/4", "nn_sim/4", "knn_ema_cls", "knn_encoder_patch")
 
 
 def records(run: Path) -> dict[int, dict]:
@@ -42,10 +46,7 @@ def tensorboard_hparams(events) -> dict:
 
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     start = HParamsPluginData.FromString(content).session_start_info
-    return {
-        k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-        for k, v in start.hparams.items()
-    }
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
 
 
 def trackio_rows(state: dict) -> list[tuple[str, int, dict]]:
@@ -77,14 +78,15 @@ def trackio_config(state: dict) -> dict:
 
 
 def test_refine_logs_every_record_and_resume_continues_the_same_runs(
-    tiny_model_dir, data_dir, tmp_path, monkeypatch
+    tiny_model_dir, data_dir, image_folders, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
     args = [str(tiny_model_dir), *tiny_run_args(data_dir), "--out", str(out), "--log-every", "1"]
-    args += ["--checkpoint-every", "2", "--tracker", "tensorboard", "--tracker", "trackio"]
-    # killed during refinement step 4 (global), after logging step 3 but before the checkpoint
-    # at refine step 2: the run resumes from the checkpoint after global step 1, so steps 2-3
-    # are computed and logged again
+    args += ["--checkpoint-every", "2", "--val", str(image_folders[1])]  # k-NN at stage ends
+    args += ["--tracker", "tensorboard", "--tracker", "trackio"]
+    # global steps: head warm-up 0-1, refinement 2-4. Killed as it writes the checkpoint after
+    # step 3: steps 0-3 are logged, the last checkpoint is the warm-up's (after step 1), so the
+    # resumed run computes and logs steps 2 and 3 again
     real_save = Refiner.save
 
     def save_or_die(self, stage, done):
@@ -115,7 +117,8 @@ def test_refine_logs_every_record_and_resume_continues_the_same_runs(
     assert Path(first["tensorboard"]["log_dir"]) == log_dir
     assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2
     events = tensorboard_events(log_dir)
-    for key in ("loss", "lr", "images_per_s", "loss/4", "nn_sim/4"):
+    assert [s for s, r in sorted(final.items()) if "knn_ema_cls" in r] == [1, 4]
+    for key in SCALARS:
         logged = [(e.step, e.value) for e in events.Scalars(key)]
         expected = [(s, r[key]) for s, r in sorted(final.items()) if r.get(key) is not None]
         assert [s for s, _ in logged] == [s for s, _ in expected], key
@@ -136,6 +139,7 @@ def test_refine_logs_every_record_and_resume_continues_the_same_runs(
         assert logged["loss"] == pytest.approx(final[step]["loss"], rel=1e-12)
         assert "stage" not in logged and "step" not in logged
     assert rows[-1][2]["ema_decay"] == pytest.approx(final[4]["ema_decay"])
+    assert rows[-1][2]["knn_ema_cls"] == pytest.approx(final[4]["knn_ema_cls"])
     config = trackio_config(first["trackio"])
     assert config["config"]["objective"] == "nna"
     assert config["resolved"]["steps"] == {"heads": 2, "refine": 3}
@@ -274,7 +278,7 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk still being written
             break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
@@ -283,6 +287,18 @@ def wandb_records(path: Path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_wandb_records(path: Path) -> list:
+    """``path``'s records once they end with the run's exit record: W&B's service process may
+    still be writing the file when ``finish()`` returns."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = list(wandb_records(path))
+        if found and found[-1].WhichOneof("record_type") == "exit":
+            return found
+        assert time.monotonic() < deadline, f"{path}: no exit record"
+        time.sleep(0.1)
 
 
 def test_wandb_offline_run_reopened_by_id(tmp_path, monkeypatch):
@@ -305,7 +321,7 @@ def test_wandb_offline_run_reopened_by_id(tmp_path, monkeypatch):
     assert [f.name for f in files] == [f"run-{state['id']}.wandb"] * 2  # offline, one id
     history, ids = [], set()
     for path in files:
-        for record in wandb_records(path):
+        for record in finished_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 ids.add(record.run.run_id)
