@@ -455,7 +455,15 @@ def open_trackers(
             tracker = CLASSES[name](run_name)
             prior = saved.get(name)
             resume = Resume(prior, int(resume_step)) if prior and resume_step is not None else None
-            state[name] = tracker.start(config, run_dir, resume)
+            try:
+                state[name] = tracker.start(config, run_dir, resume)
+            except MimcliError:
+                raise
+            except Exception as exc:  # e.g. no login for online W&B, an unreachable server
+                what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise MimcliError(
+                    f"--tracker {name}: could not open its run ({type(exc).__name__}: {what})"
+                ) from exc
             held = logged_through if resume is not None and not tracker.rewinds else -1
             started.append((tracker, held))
             log.info("--tracker %s: %s", name, tracker.where())

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mimcli.cli.app import app
+from mimcli.errors import MimcliError
 from mimcli.refine.loop import Refiner
 from mimcli.trackers import open_trackers, read_state
 from tests.objective_harness import Interrupt, metric_steps, refine_cli, tiny_run_args
@@ -232,6 +233,13 @@ def test_missing_package_or_unknown_tracker_is_one_line(
     assert unknown.output.strip() == (
         "error: --tracker 'neptune': choose from tensorboard, wandb, mlflow, trackio"
     )
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
+    (tmp_path / "tensorboard").write_text("a file where the log dir goes")
+    with pytest.raises(MimcliError, match=r"^--tracker tensorboard: could not open its run \("):
+        open_trackers(["tensorboard"], tmp_path, {"config": {}})
+    assert not (tmp_path / "trackers.json").exists()
 
 
 def test_mlflow_run_reopened_by_id(tmp_path, monkeypatch):
