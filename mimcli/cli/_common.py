@@ -146,6 +146,16 @@ NumHeadsOpt = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+TrackerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tracker",
+        help="Also log to tensorboard, wandb, mlflow or trackio (repeatable; offline by default; "
+        "extras mimcli[NAME]).",
+        rich_help_panel=OUTPUT,
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT),

@@ -21,6 +21,7 @@ from mimcli.cli._common import (
     ImageProgress,
     JsonOpt,
     LabelColumnOpt,
+    TrackerOpt,
     WorkersOpt,
     handle_errors,
     print_json,
@@ -163,6 +164,7 @@ def evaluate(
             rich_help_panel=RUNTIME,
         ),
     ] = 0,
+    trackers: TrackerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.datasources import data_spec
@@ -196,6 +198,7 @@ def evaluate(
         knn_backend=knn_backend,
         seed=seed,
         split_files=tuple(split_files or ()),
+        trackers=list(trackers or []),
     )
     bar = ImageProgress()
     with bar.running():

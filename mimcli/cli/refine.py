@@ -21,6 +21,7 @@ from mimcli.cli._common import (
     ImageProgress,
     LabelColumnOpt,
     NumHeadsOpt,
+    TrackerOpt,
     WorkersOpt,
     handle_errors,
     print_json,
@@ -372,6 +373,7 @@ def refine(
             rich_help_panel=OUTPUT,
         ),
     ] = 10,
+    trackers: TrackerOpt = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -569,6 +571,7 @@ def refine(
         val_limit=val_limit,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
+        trackers=list(trackers or []),
         resume=resume,
         seed=seed,
         device=device,

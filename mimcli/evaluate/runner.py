@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mimcli.data import eval_transform
@@ -31,6 +31,7 @@ from mimcli.models.spec import HEADS_SUFFIX, parse_model_spec
 from mimcli.results import REFINED_SUFFIX, EvalResult, ModelEval, save_eval_json
 from mimcli.runs import RunFolder
 from mimcli.runtime import Progress, configure_threads, select_device, torch_threads
+from mimcli.trackers import check_trackers
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
 
@@ -61,6 +62,7 @@ class EvalConfig:
     image_column: str | None = None
     label_column: str | None = None
     split_files: tuple[str | Path, ...] = ()  # --split-file: low-shot subsets of a folder --train
+    trackers: list[str] = field(default_factory=list)  # --tracker: mimcli.trackers
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -217,6 +219,7 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         raise MimcliError("--cluster-features must be cls or patch")
     if cfg.split_files and "lowshot" not in cfg.protocols:
         raise MimcliError("--split-file is a low-shot subset: add lowshot to --protocols")
+    check_trackers(cfg.trackers)
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
@@ -258,6 +261,8 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     )
     if cfg.out is not None:
         save_eval(result, cfg.out)
+    if cfg.trackers:
+        track_eval(result, cfg)
     return result
 
 
@@ -270,3 +275,29 @@ def save_eval(result: EvalResult, out: Path) -> None:
         plot_knn(result, out / "knn.png")
     if "lowshot" in result.protocols:
         plot_lowshot(result, out / "lowshot.png")
+
+
+def track_eval(result: EvalResult, cfg: EvalConfig) -> None:
+    """``--tracker``: the final metrics and the plots as one new run of each tracker, the
+    options as its config (without ``--out`` the plots are drawn in a temporary folder)."""
+    import tempfile
+
+    from mimcli.report.plots import plot_knn, plot_lowshot
+    from mimcli.trackers import eval_scalars, open_trackers
+
+    name = None if cfg.out else "eval"  # the tracker runs' name: --out's folder name
+    trackers = open_trackers(cfg.trackers, cfg.out, asdict(cfg), run_name=name)
+    failed = True
+    try:
+        trackers.log(0, eval_scalars(result))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = cfg.out or Path(tmp)
+            images = {}
+            for protocol, plot in (("knn", plot_knn), ("lowshot", plot_lowshot)):
+                if protocol in result.protocols:
+                    path = folder / f"{protocol}.png"
+                    images[protocol] = path if cfg.out else plot(result, path)
+            trackers.log_images(0, images)
+        failed = False
+    finally:
+        trackers.finish(failed)

@@ -55,6 +55,7 @@ class RefineConfig:
     val_limit: int | None = 5000
     checkpoint_every: int = 50
     log_every: int = 10  # metrics.jsonl: means over windows of N steps (see refine.window)
+    trackers: list[str] = field(default_factory=list)  # --tracker: mimcli.trackers
     resume: bool = False
     seed: int = 0
     device: str = "auto"

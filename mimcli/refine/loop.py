@@ -75,6 +75,7 @@ from mimcli.runtime import (
     select_device,
 )
 from mimcli.streams import StreamBatches, stream_lanes
+from mimcli.trackers import TrackerSet, open_trackers
 from mimcli.views import (
     BatchPlan,
     KeyedDataset,
@@ -185,6 +186,8 @@ class Refiner:
         self.monitor = Monitor(cfg, self.images, self.device) if cfg.val else None
         self.knn_log: list[dict[str, Any]] = []
         self.last_loss = float("nan")
+        self.trackers = TrackerSet()  # --tracker: opened by run_all on rank 0
+        self.logged_through = -1  # on --resume: the last step metrics.jsonl held
         self.optimizer = self.make_optimizer("heads")
 
     # -- data --
@@ -473,6 +476,7 @@ class Refiner:
                     record.update(self.measure(stage, step))
                 if dist.rank() == 0:
                     self.run.log(record)
+                    self.trackers.log(record["step"], record)
             if self.progress:  # the loss of the last window; img/s of the window so far
                 self.progress(stage, done, total, {"loss": self.last_loss, "img/s": rate})
             # checkpoint
@@ -607,6 +611,7 @@ class Refiner:
         random.setstate(state["rng"]["python"])
         self.knn_log = list(state["knn_log"])
         self.last_loss = state["last_loss"]
+        self.logged_through = max((r.get("step", -1) for r in self.run.metrics()), default=-1)
         self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
         return stage, state["done"]
 
@@ -635,13 +640,39 @@ class Refiner:
         model.pretrained_cfg = dict(self.loaded.pretrained_cfg)
         return self.run.write_export(model, self.loaded.model_args)
 
+    def open_trackers(self, stage: str, done: int) -> TrackerSet:
+        """``--tracker`` on rank 0: new tracker runs given the config record, or on ``--resume``
+        the run's own ones again (``RUN/trackers.json``), from the checkpoint's next step."""
+        if dist.rank() != 0 or not self.cfg.trackers:
+            return TrackerSet()
+        if not self.cfg.resume:
+            return open_trackers(self.cfg.trackers, self.run.root, self.config_record())
+        return open_trackers(
+            self.cfg.trackers,
+            self.run.root,
+            self.run.read_config(),
+            resume_step=self.global_step(stage, done),
+            logged_through=self.logged_through,
+        )
+
     def run_all(self) -> RefineResult:
-        """Both stages (from the checkpoint with ``--resume``), then the export."""
+        """Both stages (from the checkpoint with ``--resume``), then the export; the trackers
+        are closed however the run ends."""
         start_stage, start_step = "heads", 0
         if self.cfg.resume:
             start_stage, start_step = self.restore()
         elif dist.rank() == 0:
             self.run.write_config(self.config_record())
+        self.trackers = self.open_trackers(start_stage, start_step)
+        failed = True
+        try:
+            result = self.train_and_export(start_stage, start_step)
+            failed = False
+        finally:
+            self.trackers.finish(failed)
+        return result
+
+    def train_and_export(self, start_stage: str, start_step: int) -> RefineResult:
         for stage in STAGES[STAGES.index(start_stage) :]:
             first = start_step if stage == start_stage else 0
             if first >= self.totals[stage]:

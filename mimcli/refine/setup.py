@@ -16,6 +16,7 @@ from mimcli.models import posembed
 from mimcli.objectives import check_option_values, objective_defaults, objective_info
 from mimcli.refine.config import RESUME_KEYS, RefineConfig
 from mimcli.runs import RunFolder
+from mimcli.trackers import check_trackers
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,6 +49,7 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
     if cfg.shard not in ("auto", "on", "off"):
         raise MimcliError(f"--shard must be auto, on or off, got {cfg.shard!r}")
     check_option_values(asdict(cfg))
+    check_trackers(cfg.trackers)
     if cfg.pos_embed_resize is not None and cfg.pos_embed_resize not in posembed.RULES:
         raise MimcliError(
             f"--pos-embed-resize {cfg.pos_embed_resize!r}: choose one of "
@@ -105,7 +107,7 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
             value = data_spec(value)
         elif name in TUPLE_OPTIONS and value is not None:
             value = tuple(value)
-        elif name == "teacher":
+        elif name in ("teacher", "trackers"):
             value = list(value or [])
         updates[name] = value
     return replace(cfg, **updates)
