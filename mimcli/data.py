@@ -245,6 +245,35 @@ def make_loader(
     )
 
 
+def native_size(images: ImageList) -> tuple[int, int] | None:
+    """(width, height) of the first image of a map-style source (None for a stream or an
+    unreadable first image): what the data looks like before a model's transform."""
+    if not len(images) or images.streaming:
+        return None
+    try:
+        img = images.open(0, load=False)
+        return int(img.size[0]), int(img.size[1])
+    except BAD_IMAGE_ERRORS:
+        return None
+
+
+def resize_note(images: ImageList, input_size: int, what: str) -> str | None:
+    """One line when images are resized far (over 2x either way) from their native size to
+    the model's input size: features of, e.g., 28 px images blown up to 224 px are not what
+    the model saw in pre-training."""
+    size = native_size(images)
+    if size is None:
+        return None
+    factor = input_size / min(size)
+    if 0.5 <= factor <= 2:
+        return None
+    return (
+        f"{what}: images are {size[0]}x{size[1]} px and are resized to the model's "
+        f"{input_size} px ({factor:.1f}x); results of much resized images say less about the "
+        "model"
+    )
+
+
 class BadImageTracker:
     """Counts unreadable files and applies ``--on-bad-image``."""
 

@@ -7,6 +7,7 @@ through the last block.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mimcli.data import eval_transform
+from mimcli.data import eval_transform, resize_note
 from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import knn_accuracy
@@ -169,6 +170,11 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
         fit_input_size(loaded.model, cfg.transform_overrides["input_size"])
     model = loaded.model.to(device)
     transform = eval_transform(loaded.pretrained_cfg, **cfg.transform_overrides)
+    size = cfg.transform_overrides.get("input_size") or loaded.pretrained_cfg.get("input_size")
+    for what, images in (("--train", train_images), ("--val", val_images)):
+        note = resize_note(images, int((size or (3, 224, 224))[-1]), what)
+        if note:
+            logging.getLogger(__name__).info(note)
     feats: dict[str, FeatureSet] = {}
     try:
         for name, images in (("train", train_images), ("val", val_images)):

@@ -112,6 +112,8 @@ class ModelEval:
     seconds: dict[str, float] = field(default_factory=dict)
     # per-query k-NN correctness ("cls"/"patch" -> k -> packed bits, evaluate.stats.pack)
     knn_correct: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the eval transform (timm pretrained_cfg terms) and the data's native size
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def refined_run(self) -> str | None:

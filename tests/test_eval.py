@@ -141,3 +141,22 @@ def test_cli_all_protocols_two_models(tiny_model_dir, image_folders, tmp_path):
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["models"][1]["lowshot"] == saved["models"][1]["lowshot"]
     assert all(m["features_cached"] for m in rerun["models"])
+
+
+def test_far_resized_images_get_a_note_and_results_record_the_preprocessing(
+    tiny_model_dir, tmp_path, caplog
+):
+    import logging
+
+    from mimcli.evaluate.runner import EvalConfig, run_eval
+    from tests.conftest import write_image_folder
+
+    train = write_image_folder(tmp_path / "train", per_class=4, size=8, seed=1)
+    val = write_image_folder(tmp_path / "val", per_class=2, size=8, seed=2)
+    cfg = EvalConfig(models=[str(tiny_model_dir)], train=train, val=val, protocols=("knn",),
+                     ks=(3,), num_workers=0, cache=False)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="mimcli"):
+        result = run_eval(cfg)
+    assert "--train: images are 8x8 px and are resized to the model's 32 px (4.0x)" in caplog.text
+    pre = result.models[0].preprocessing
+    assert pre["native_size"] == [8, 8] and pre["input_size"] == [3, 32, 32]

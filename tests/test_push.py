@@ -253,9 +253,10 @@ def test_run_push_dry_run_reports_the_folder_and_its_warnings(tmp_path):
         "license": "other",
         "uploaded": False,
     }
-    # the card's usage line gets an owner even without --repo
+    # without --repo no placeholder owner: the card's usage loads the folder from disk
     readme = (tmp_path / "dry" / "README.md").read_text()
-    assert 'timm.create_model("hf-hub:your-name/run", pretrained=True)' in readme
+    assert 'timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)' in readme
+    assert "your-name" not in readme
 
 
 def test_run_push_uploads_and_clears_its_staging_copy(logged_in, tiny_run):

@@ -280,3 +280,54 @@ def test_rebuild_replaces_only_on_success(tiny_run, tmp_path, monkeypatch):
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     assert re.search(r"license: mit", (dest / "README.md").read_text())
+
+
+def test_card_usage_snippet_runs_verbatim_and_gives_the_measured_feature(
+    tiny_run, tmp_path, monkeypatch
+):
+    """The card's Python block, run as written (the folder's path put where it says so), gives
+    the CLS the results measured: the last block before the final norm."""
+    from PIL import Image
+
+    from mimcli.models.taps import tap_blocks
+
+    built = build_repo_folder(tiny_run["run"], tmp_path / "repo", "tiny-refined")
+    _, body = card_meta(built.path)
+    code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+    assert "your-name" not in body and "local-dir:PATH/TO/THIS/FOLDER" in code
+    monkeypatch.chdir(tmp_path)
+    photo = next(tiny_run["val"].rglob("*.png"))
+    Image.open(photo).convert("RGB").save(tmp_path / "photo.jpg", quality=95)
+    scope: dict = {}
+    exec(code.replace("PATH/TO/THIS/FOLDER", str(built.path)), scope)  # noqa: S102 - our card
+    model, x = scope["model"], scope["transform"](scope["image"]).unsqueeze(0)
+    with torch.no_grad():
+        taps = tap_blocks(model, x, [len(model.blocks) - 1])
+    torch.testing.assert_close(scope["cls"], taps.cls[:, 0])
+    torch.testing.assert_close(scope["mean_patch"], taps.patch[:, 0])
+
+
+def test_card_datasets_come_from_hub_sources_never_from_folder_names(tiny_run, tmp_path):
+    """Dataset ids from --dataset and hfds/ sources only; the probe the run's --probe named
+    is published with its plot."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    built = build_repo_folder(run, tmp_path / "a", "alice/x")
+    meta, _ = card_meta(built.path)
+    assert "datasets" not in meta  # a folder's name is not a dataset id
+    assert "plots/probe.png" not in built.files
+    probe = run_probe(
+        ProbeConfig(model=str(run / "export"), train=tiny_run["train"], val=tiny_run["val"], k=3,
+                    num_workers=0)
+    )  # fmt: skip
+    save_probe(probe, tmp_path / "probe")
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["data"] = "hfds/someone/tiny-set:train"
+    config["config"]["probe"] = str(tmp_path / "probe" / "probe.json")
+    (run / "config.json").write_text(json.dumps(config))
+    built = build_repo_folder(run, tmp_path / "b", "alice/x", datasets=["other/set"])
+    meta, _ = card_meta(built.path)
+    assert meta["datasets"] == ["other/set", "someone/tiny-set"]
+    assert "plots/probe.png" in built.files and "probe.json" in built.files

@@ -10,12 +10,13 @@ transform) and cached; every protocol then works on those features:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mimcli.data import eval_transform
+from mimcli.data import eval_transform, native_size, resize_note
 from mimcli.datasources import Columns, labelled_pair
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import accuracy_of, last_block_knn_correct
@@ -121,6 +122,11 @@ def evaluate_model(
         k: loaded.pretrained_cfg.get(k)
         for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
     }
+    input_size = int((tcfg.get("input_size") or (3, 224, 224))[-1])
+    for what, images in (("--train", train_images), ("--val", val_images)):
+        note = resize_note(images, input_size, what)
+        if note:
+            logging.getLogger(__name__).info(note)
     feats = {}
     cached = True
     for split, images in (("train", train_images), ("val", val_images)):
@@ -140,6 +146,11 @@ def evaluate_model(
         cached &= hit
     timings["features"] = time.perf_counter() - start
     result = ModelEval(name=name, source=label, arch=loaded.arch, features_cached=cached)
+    native = native_size(train_images)
+    result.preprocessing = {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()},
+        "native_size": list(native) if native else None,  # the first train image, w x h
+    }
     train, val = feats["train"], feats["val"]
     num_classes = len(train_images.classes)
     last = blocks[-1]

@@ -92,8 +92,8 @@ def _repo_id(cfg: PushConfig) -> str:
     """The repo id the card names: checked with the Hub (uploads), or a local guess (dry runs)."""
     if not cfg.dry_run:
         return preflight(cfg.repo or "", retries=cfg.retries, retry_wait=cfg.retry_wait)
-    repo_id = normalize_repo_id(cfg.repo) if cfg.repo else cfg.run_dir.resolve().name
-    return repo_id if "/" in repo_id else f"your-name/{repo_id}"  # the usage line needs an owner
+    # no --repo: the run's name, no owner (the card's usage then loads the folder from disk)
+    return normalize_repo_id(cfg.repo) if cfg.repo else cfg.run_dir.resolve().name
 
 
 def run_push(

@@ -109,6 +109,26 @@ def not_better(inputs: modelcard.CardInputs) -> list[str]:
     ]
 
 
+def hub_datasets(run: dict[str, Any], eval_path: Path | None) -> list[str]:
+    """Hub dataset ids the run and its eval read (``hfds/``/``hfids/`` sources); a local
+    folder's name is never taken for one."""
+    specs = [run.get("config", {}).get("data")]
+    if eval_path is not None:
+        try:
+            result = _eval_option(eval_path)[0]
+            specs += [result.train, result.val]
+        except MimcliError:
+            pass
+    ids: list[str] = []
+    for spec in specs:
+        text = str(spec or "")
+        if text.startswith(("hfds/", "hfids/")):
+            name = text.split("/", 1)[1].rsplit(":", 1)[0]
+            if name not in ids:
+                ids.append(name)
+    return ids
+
+
 def build_repo_folder(
     run_dir: Path,
     dest: Path,
@@ -148,6 +168,10 @@ def build_repo_folder(
         eval_path = _existing(RunFolder(run_dir).eval_dir / EVAL_FILE)
     if probe_path is None:
         probe_path = _existing(RunFolder(run_dir).probe_dir / PROBE_FILE)
+    recorded = run.get("config", {}).get("probe")
+    if probe_path is None and recorded:  # the probe.json the run's --probe named
+        probe_path = _existing(Path(recorded))
+    datasets = [*datasets, *(d for d in hub_datasets(run, eval_path) if d not in datasets)]
     evaluation = _eval_option(eval_path) if eval_path is not None else None
     probe_file = None
     if probe_path is not None:

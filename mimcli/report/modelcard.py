@@ -82,10 +82,9 @@ def _model_index(inputs: CardInputs) -> list[Any]:
     if result is None:
         return []
     m = result.models[inputs.eval_columns[1]]
-    train = Path(result.train) if result.train else None
-    folder = train.parent.name if train is not None and train.parent.name else "imagefolder"
-    dataset_type = inputs.datasets[0] if inputs.datasets else folder
-    dataset_name = inputs.datasets[0] if inputs.datasets else folder
+    # a Hub dataset id only from --dataset or an hfds/ source, never from a folder's name
+    dataset_type = inputs.datasets[0] if inputs.datasets else "imagefolder"
+    dataset_name = inputs.datasets[0] if inputs.datasets else "local image folder"
     split = f"{Path(result.val).name if result.val else 'val'} ({result.val_images} images)"
     metrics: list[tuple[str, str, float]] = []
     for kind, label in (("cls", "CLS"), ("patch", "mean patch")):
@@ -242,22 +241,26 @@ def usage(inputs: CardInputs) -> str:
         if inputs.stock_timm
         else "import timm\nimport mimcli.models.postnorm  # registers the architecture\n"
     )
+    # a repo id without an owner: a dry-run folder (no Hub repo yet): load it from disk
+    where = f"hf-hub:{inputs.repo_id}" if "/" in inputs.repo_id else "local-dir:PATH/TO/THIS/FOLDER"
     return (
         "```python\n"
         f"{setup}import torch\nfrom PIL import Image\n\n"
-        f'model = timm.create_model("hf-hub:{inputs.repo_id}", pretrained=True).eval()\n'
+        f'model = timm.create_model("{where}", pretrained=True).eval()\n'
         "data_cfg = timm.data.resolve_data_config({}, model=model)\n"
         "transform = timm.data.create_transform(**data_cfg)\n\n"
         'image = Image.open("photo.jpg").convert("RGB")\n'
         "with torch.no_grad():\n"
-        "    tokens = model.forward_features(transform(image).unsqueeze(0))\n"
-        "    cls = model.forward_head(tokens, pre_logits=True)  # image embedding\n"
-        "    patches = tokens[:, model.num_prefix_tokens :].mean(1)  # mean-patch embedding\n"
+        "    # what the results above measured: the last block before the final norm\n"
+        "    [(patches, prefix)] = model.forward_intermediates(\n"
+        "        transform(image).unsqueeze(0), indices=1, norm=False,\n"
+        "        return_prefix_tokens=True, output_fmt='NLC', intermediates_only=True)\n"
+        "    cls = prefix[:, 0]  # image embedding (CLS)\n"
+        "    mean_patch = patches.mean(1)  # mean-patch embedding\n"
         "```\n\n"
-        "`forward_features` ends with the final norm; the results above read the last block "
-        "before it: `[(patches, prefix)] = model.forward_intermediates(x, indices=1, "
-        "norm=False, return_prefix_tokens=True, output_fmt='NLC', intermediates_only=True)`, "
-        "CLS = `prefix[:, 0]`, mean patch = `patches.mean(1)`.\n"
+        "`model.forward_features(x)` gives the same tokens after the final norm "
+        "(`model.forward_head(tokens, pre_logits=True)` pools them), as timm's classifiers "
+        "use them.\n"
     )
 
 

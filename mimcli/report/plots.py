@@ -46,14 +46,25 @@ def plot_knn(result: EvalResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mimcli.evaluate.stats import standard_error
+
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    low, high = 100.0, 0.0
     for m in result.models:
         for kind, style in (("cls", "-o"), ("patch", "--s")):
             ys = [m.knn.get(kind, {}).get(str(k)) for k in result.ks]
             if all(y is not None for y in ys):
-                ax.plot(result.ks, ys, style, label=f"{m.name} {kind}")
+                # error bars: the binomial standard error over the val queries
+                errs = [standard_error(y, result.val_images) for y in ys]
+                ax.errorbar(result.ks, ys, yerr=errs, fmt=style, capsize=3,
+                            label=f"{m.name} {kind}")  # fmt: skip
+                low = min(low, *(y - e for y, e in zip(ys, errs, strict=True)))
+                high = max(high, *(y + e for y, e in zip(ys, errs, strict=True)))
+    if high > low:  # at least a 5-point window: sub-point differences are not blown up
+        middle, half = (high + low) / 2, max(2.5, (high - low) / 2 + 0.5)
+        ax.set_ylim(max(0.0, middle - half), min(100.0, middle + half))
     ax.set_xlabel("k")
-    ax.set_ylabel("k-NN accuracy (%)")
+    ax.set_ylabel("k-NN accuracy (%), ± standard error")
     ax.set_xticks(result.ks)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
