@@ -163,6 +163,13 @@ def labelled_pair(
     return train_images, val_images
 
 
+def labelled_images(cfg: Any) -> tuple[ImageList, ImageList]:
+    """:func:`labelled_pair` of a probe or eval config (``train``, ``val``, ``limit_train``,
+    ``limit_val``, ``seed``, ``image_column``, ``label_column``)."""
+    columns = Columns(cfg.image_column, cfg.label_column)
+    return labelled_pair(cfg.train, cfg.val, cfg.limit_train, cfg.limit_val, cfg.seed, columns)
+
+
 # -- map-style datasets (hfds/, local parquet, save_to_disk) --
 
 

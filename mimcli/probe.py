@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mimcli.data import eval_transform, resize_note
-from mimcli.datasources import Columns, labelled_pair
+from mimcli.datasources import labelled_images
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import knn_accuracy
 from mimcli.features import FeatureSet, extract_features
@@ -145,14 +145,7 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
-    train_images, val_images = labelled_pair(
-        cfg.train,
-        cfg.val,
-        cfg.limit_train,
-        cfg.limit_val,
-        cfg.seed,
-        Columns(cfg.image_column, cfg.label_column),
-    )
+    train_images, val_images = labelled_images(cfg)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(cfg.model, num_heads=cfg.num_heads)

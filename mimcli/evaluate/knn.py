@@ -182,18 +182,5 @@ def last_block_knn(
 ) -> dict[str, dict[int, float]]:
     """Weighted k-NN accuracy (%) of the last tapped block, CLS and mean patch: what ``eval``
     reports and what ``refine --val`` monitors. Returns ``{"cls": {k: acc}, "patch": {k: acc}}``."""
-    last = train.blocks[-1]
-    return {
-        kind: knn_accuracy(
-            train.block(last, kind),
-            train.labels,
-            val.block(last, kind),
-            val.labels,
-            ks=ks,
-            tau=tau,
-            num_classes=num_classes,
-            backend=backend,
-            device=device,
-        )
-        for kind in ("cls", "patch")
-    }
+    correct = last_block_knn_correct(train, val, ks, tau, num_classes, backend, device)
+    return {kind: {k: accuracy_of(c) for k, c in per_k.items()} for kind, per_k in correct.items()}

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mimcli.data import eval_transform, native_size, resize_note
-from mimcli.datasources import Columns, labelled_pair
+from mimcli.datasources import labelled_images
 from mimcli.errors import MimcliError
 from mimcli.evaluate.knn import accuracy_of, last_block_knn_correct
 from mimcli.evaluate.linear import LAST_BLOCKS
@@ -234,14 +234,7 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
     backend = resolve_backend(cfg.knn_backend, device)
-    train_images, val_images = labelled_pair(
-        cfg.train,
-        cfg.val,
-        cfg.limit_train,
-        cfg.limit_val,
-        cfg.seed,
-        Columns(cfg.image_column, cfg.label_column),
-    )
+    train_images, val_images = labelled_images(cfg)
     splits = load_split_files(cfg.split_files, train_images, [shot_name(s) for s in cfg.shots])
     names = _display_names(cfg.models)
     labels = _stage_labels(names)
