@@ -26,7 +26,8 @@ EPILOG = """\
 Examples:
 
   mimcli eval vit_large_patch16_224.mae runs/mae-l \\
-      --train in1k/train --val in1k/val --out runs/mae-l/eval
+      --train in1k/train --val in1k/val --out runs/mae-l/eval \\
+      --save-heads runs/mae-l/eval/heads
   mimcli push runs/mae-l --repo my-name/vit-large-mae-refined
 
   mimcli push runs/tiny --dry-run --to runs/tiny/hub   (write the folder only)
@@ -34,8 +35,8 @@ Examples:
   mimcli push runs/mae-l --repo my-org/mae-l-refined --private --create-pr
 
 RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present, and so is \
-the refined model's linear-probe head from `mimcli eval ... --out RUN_DIR/eval --save-heads \
-RUN_DIR/eval/heads` (RUN_DIR/eval/heads/<run>/; or name one with --heads): the repo then holds \
+the refined model's linear-probe head in RUN_DIR/eval/heads/<run>/ (from eval's --save-heads, \
+as above; or name one with --heads): the repo then holds \
 head.safetensors + head.json and the card shows how to classify an image with them. Without \
 --to, the folder is staged in RUN_DIR/.push and removed after the upload; it is rebuilt from the \
 run each time (edit the card after pushing, or pass --to and upload it yourself).

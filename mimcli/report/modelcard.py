@@ -274,25 +274,25 @@ def head_usage(inputs: CardInputs) -> str:
     setup = "" if inputs.stock_timm else "import mimcli.models.postnorm  # registers the arch\n"
     if "/" in inputs.repo_id:
         where = f"hf-hub:{inputs.repo_id}"
-        fetch = (
-            "from huggingface_hub import hf_hub_download\n\n"
-            f'def repo_file(name):\n    return hf_hub_download("{inputs.repo_id}", name)\n\n'
-        )
+        hub_import = "from huggingface_hub import hf_hub_download\n"
+        fetch = f'def repo_file(name):\n    return hf_hub_download("{inputs.repo_id}", name)\n'
     else:
-        where = "local-dir:PATH/TO/THIS/FOLDER"
-        fetch = 'def repo_file(name):\n    return "PATH/TO/THIS/FOLDER/" + name\n\n'
-    blocks = ", ".join(map(str, recipe["blocks"]))
+        where, hub_import = "local-dir:PATH/TO/THIS/FOLDER", ""
+        fetch = 'def repo_file(name):\n    return "PATH/TO/THIS/FOLDER/" + name\n'
+    blocks = ("block " if len(recipe["blocks"]) == 1 else "blocks ") + ", ".join(
+        map(str, recipe["blocks"])
+    )
     tokens = "CLS and mean patch token" if recipe["tokens"] == "cls+patch" else "CLS token"
     return (
         "### Classify with the linear-probe head\n\n"
         f"`head.safetensors` is the best cell of the eval's linear probe ({recipe['features']}: "
-        f"the {tokens} of block(s) {blocks} before the final norm, "
+        f"the {tokens} of {blocks} before the final norm, "
         f"{len(recipe['classes'])} classes, val accuracy {recipe['val_acc']:.2f}%); `head.json` "
         "holds its feature recipe, class names and eval transform.\n\n"
         "```python\n"
-        f"import json\n\nimport timm\n{setup}import torch\nfrom PIL import Image\n"
-        "from safetensors.torch import load_file\n\n"
-        f"{fetch}"
+        f"import json\n\nimport timm\n{setup}import torch\n{hub_import}from PIL import Image\n"
+        "from safetensors.torch import load_file\n\n\n"
+        f"{fetch}\n\n"
         f'model = timm.create_model("{where}", pretrained=True).eval()\n'
         'head = load_file(repo_file("head.safetensors"))  # weight, bias, mean, var\n'
         'with open(repo_file("head.json")) as f:\n'
