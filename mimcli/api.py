@@ -152,8 +152,9 @@ def evaluate(
     for key in ("protocols", "ks", "shots", "seeds"):
         if key in options:
             options[key] = tuple(options[key])
-    if options.get("out") is not None:
-        options["out"] = Path(options["out"])
+    for key in ("out", "save_heads"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
     values = dict(models=[os.fspath(m) for m in names], train=_data(train), val=_data(val))
     cfg = _config(EvalConfig, "evaluate", {**values, **options})
     return run_eval(cfg, progress=_progress(progress))
@@ -169,7 +170,7 @@ def push(run_dir: PathLike, repo: str | None = None, **options: Any) -> PushOutc
 
     on_warning = options.pop("on_warning", None) or (lambda text: warnings.warn(text, stacklevel=3))
     on_retry = options.pop("on_retry", None)
-    for key in ("to", "eval_path", "probe_path"):
+    for key in ("to", "eval_path", "probe_path", "heads_path"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     cfg = _config(PushConfig, "push", dict(run_dir=Path(run_dir), repo=repo, **options))

@@ -97,6 +97,15 @@ def evaluate(
             "--out", help="Folder for results.json, plots, splits.", rich_help_panel=OUTPUT
         ),
     ] = None,
+    save_heads: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-heads",
+            help="Keep each model's best linear-probe head in DIR/<model>/ "
+            "(head.safetensors + head.json; needs linear in --protocols).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     protocols: Annotated[
         str,
         typer.Option(
@@ -199,6 +208,7 @@ def evaluate(
         seed=seed,
         split_files=tuple(split_files or ()),
         trackers=list(trackers or []),
+        save_heads=save_heads,
     )
     bar = ImageProgress()
     with bar.running():
@@ -209,3 +219,5 @@ def evaluate(
     stdout.print(eval_table(result))
     if out is not None:
         stdout.print(f"Wrote {out / 'results.json'} and plots in {out}", markup=False)
+    if save_heads is not None:
+        stdout.print(f"Wrote the linear-probe heads to {save_heads}", markup=False)

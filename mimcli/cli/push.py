@@ -26,14 +26,18 @@ EPILOG = """\
 Examples:
 
   mimcli eval vit_large_patch16_224.mae runs/mae-l \\
-      --train in1k/train --val in1k/val --out runs/mae-l/eval
+      --train in1k/train --val in1k/val --out runs/mae-l/eval \\
+      --save-heads runs/mae-l/eval/heads
   mimcli push runs/mae-l --repo my-name/vit-large-mae-refined
 
   mimcli push runs/tiny --dry-run --to runs/tiny/hub   (write the folder only)
 
   mimcli push runs/mae-l --repo my-org/mae-l-refined --private --create-pr
 
-RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present. Without \
+RUN_DIR/eval/results.json and RUN_DIR/probe/probe.json are picked up when present, and so is \
+the refined model's linear-probe head in RUN_DIR/eval/heads/<run>/ (from eval's --save-heads, \
+as above; or name one with --heads): the repo then holds \
+head.safetensors + head.json and the card shows how to classify an image with them. Without \
 --to, the folder is staged in RUN_DIR/.push and removed after the upload; it is rebuilt from the \
 run each time (edit the card after pushing, or pass --to and upload it yourself).
 """
@@ -106,6 +110,15 @@ def push(
             rich_help_panel=CARD,
         ),
     ] = None,
+    heads_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--heads",
+            help="Linear-probe head to publish: a head folder or `eval --save-heads` DIR.",
+            show_default="EVAL_DIR/heads/<run>",
+            rich_help_panel=CARD,
+        ),
+    ] = None,
     license: Annotated[  # noqa: A002 - the Hub's field name
         str | None,
         typer.Option(
@@ -163,6 +176,7 @@ def push(
         create_pr=create_pr,
         eval_path=eval_path,
         probe_path=probe_path,
+        heads_path=heads_path,
         license=license,
         datasets=_split(dataset),
         tags=_split(tag),

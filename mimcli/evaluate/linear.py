@@ -267,6 +267,7 @@ def linear_probe(
     num_classes: int,
     cfg: LinearConfig | None = None,
     progress: Progress | None = None,
+    keep_best: bool = False,
 ) -> dict[str, Any]:
     """Train the grid of linear probes together and report the cell chosen on the holdout.
 
@@ -278,6 +279,7 @@ def linear_probe(
         num_classes: C.
         cfg: options; defaults to ``LinearConfig()``.
         progress: called as ``progress("train", epoch, epochs)`` after each epoch.
+        keep_best: also return the best cell's tensors under "head" (see :func:`best_head`).
 
     Returns:
         {"best": {"features", "lr", "holdout_acc", "val_acc"}, "grid": [same keys per cell],
@@ -371,4 +373,36 @@ def linear_probe(
         notes.append(f"only {num_blocks} blocks cached: the @last4 sets use the last {num_blocks}")
     elif num_blocks == 1:
         notes.append("only 1 block cached: the @last4 sets are left out")
-    return {"best": best, "grid": grid, "epochs": cfg.epochs, "notes": notes + diverged}
+    out = {"best": best, "grid": grid, "epochs": cfg.epochs, "notes": notes + diverged}
+    if keep_best:
+        i = lrs.index(best["lr"])
+        out["head"] = best_head(norm, cells[best["features"]], i, best["features"], num_blocks, dim)
+    return out
+
+
+@torch.no_grad()
+def best_head(
+    norm: nn.BatchNorm1d, cells: _SetCells, index: int, name: str, num_blocks: int, dim: int
+) -> dict[str, Any]:
+    """One cell of the grid as plain CPU tensors: its Linear and the BatchNorm running
+    statistics of the dimensions its feature set reads.
+
+    Returns:
+        {"tensors": {"weight": (C, d), "bias": (C,), "mean": (d,), "var": (d,)}, "eps": float};
+        the cell's logits for a (B, d) input x laid out as :func:`select_sets` gives it are
+        ``((x - mean) / sqrt(var + eps)) @ weight.T + bias``.
+    """
+    assert norm.running_mean is not None and norm.running_var is not None
+    k = min(num_blocks, LAST_BLOCKS)
+    dims = select_sets(torch.arange(k * 2 * dim).view(1, k, 2, dim), [name])[name][0]
+    dims = dims.to(norm.running_mean.device)
+    tensors = {
+        "weight": cells.weight[:, index, :].T,
+        "bias": cells.bias[index],
+        "mean": norm.running_mean[dims],
+        "var": norm.running_var[dims],
+    }
+    return {
+        "tensors": {key: t.detach().float().cpu().contiguous() for key, t in tensors.items()},
+        "eps": float(norm.eps),
+    }

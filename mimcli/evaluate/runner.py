@@ -64,6 +64,7 @@ class EvalConfig:
     label_column: str | None = None
     split_files: tuple[str | Path, ...] = ()  # --split-file: low-shot subsets of a folder --train
     trackers: list[str] = field(default_factory=list)  # --tracker: mimcli.trackers
+    save_heads: Path | None = None  # --save-heads: each model's best linear-probe head
 
 
 def resolve_eval_source(spec: str) -> tuple[str, str]:
@@ -182,7 +183,10 @@ def evaluate_model(
                     val.labels,
                     num_classes,
                     LinearConfig(epochs=cfg.linear_epochs, seed=cfg.seed, device=str(device)),
+                    keep_best=cfg.save_heads is not None,
                 )
+            if cfg.save_heads is not None:
+                _save_head(cfg.save_heads, result, loaded, blocks, train_images.classes)
             timings["linear"] = time.perf_counter() - t
         if "lowshot" in cfg.protocols:
             from mimcli.evaluate.lowshot import lowshot_eval
@@ -217,6 +221,36 @@ def evaluate_model(
     return result
 
 
+def _save_head(root: Path, result: ModelEval, loaded, blocks: list[int], classes) -> None:
+    """``--save-heads``: the best linear-probe cell of ``result`` with its feature recipe, class
+    names and eval transform, in ``root/<model name>/`` (``result.linear`` loses the tensors)."""
+    from timm.data import resolve_data_config
+
+    from mimcli.linear_head import TRANSFORM_KEYS, feature_recipe, head_folder_name, save_head
+
+    head = result.linear.pop("head")
+    best = result.linear["best"]
+    resolved = resolve_data_config(dict(loaded.pretrained_cfg))
+    transform = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in resolved.items()
+        if k in TRANSFORM_KEYS and v is not None
+    }
+    recipe = {
+        "model": result.source,
+        "name": result.name,
+        "arch": result.arch,
+        **feature_recipe(best["features"], blocks),
+        "eps": head["eps"],
+        "classes": list(classes),
+        "transform": transform,
+        "lr": best["lr"],
+        "holdout_acc": best["holdout_acc"],
+        "val_acc": best["val_acc"],
+    }
+    save_head(root / head_folder_name(result.name), head["tensors"], recipe)
+
+
 def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     """Evaluate every model of ``cfg.models`` on the same train/val images."""
     unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
@@ -230,6 +264,8 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
         raise MimcliError("--cluster-features must be cls or patch")
     if cfg.split_files and "lowshot" not in cfg.protocols:
         raise MimcliError("--split-file is a low-shot subset: add lowshot to --protocols")
+    if cfg.save_heads is not None and "linear" not in cfg.protocols:
+        raise MimcliError("--save-heads keeps linear-probe heads: add linear to --protocols")
     check_trackers(cfg.trackers)
     configure_threads(cfg.threads)
     device = select_device(cfg.device)
@@ -238,6 +274,14 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None) -> EvalResult:
     splits = load_split_files(cfg.split_files, train_images, [shot_name(s) for s in cfg.shots])
     names = _display_names(cfg.models)
     labels = _stage_labels(names)
+    if cfg.save_heads is not None:
+        from mimcli.linear_head import head_folder_name
+
+        folders = [head_folder_name(n) for n in names]
+        if len(set(folders)) < len(folders):
+            raise MimcliError(
+                f"--save-heads: models {names} would share a head folder; evaluate them apart"
+            )
     models = [
         evaluate_model(
             spec,

@@ -39,6 +39,8 @@ class PushConfig:
         create_pr: open a pull request against main instead of committing to it.
         eval_path: ``results.json`` (or its folder); default ``RUN_DIR/eval/results.json``.
         probe_path: ``probe.json`` (or its folder); default ``RUN_DIR/probe/probe.json``.
+        heads_path: a linear-probe head folder or ``eval --save-heads`` folder; default
+            ``<eval folder>/heads/<refined model>/`` when present.
         license: overrides the license inherited from the base model.
         datasets: Hub dataset ids the run used.
         tags: extra card tags.
@@ -56,6 +58,7 @@ class PushConfig:
     create_pr: bool = False
     eval_path: Path | None = None
     probe_path: Path | None = None
+    heads_path: Path | None = None
     license: str | None = None
     datasets: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
@@ -136,6 +139,7 @@ def run_push(
         license=cfg.license,
         datasets=cfg.datasets,
         tags=cfg.tags,
+        heads_path=cfg.heads_path,
     )
     for warning in built.warnings:
         if on_warning is not None:

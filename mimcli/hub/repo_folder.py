@@ -25,6 +25,7 @@ from mimcli.fileio import write_json, write_text
 from mimcli.hub.provenance import base_model_info, choose_license, eval_columns, teacher_sources
 from mimcli.hub.scrub import scrub, scrub_literals
 from mimcli.hub.timm_layout import CONFIG_FILE, WEIGHTS_FILE, encoder_weights, write_timm_folder
+from mimcli.linear_head import HEAD_RECIPE, HEAD_WEIGHTS, head_folder_name, read_head
 from mimcli.models.postnorm import MIMCLI_ARCHS, POSTNORM_ARCH
 from mimcli.report import modelcard
 from mimcli.report.rows import headline
@@ -139,6 +140,7 @@ def build_repo_folder(
     license: str | None = None,  # noqa: A002 - the Hub's field name
     datasets: Iterable[str] = (),
     tags: Iterable[str] = (),
+    heads_path: Path | None = None,
 ) -> RepoFolder:
     """Write the repo of ``run_dir`` to ``dest`` (assembled beside it, then renamed).
 
@@ -151,6 +153,9 @@ def build_repo_folder(
         license: overrides the license inherited from the base model.
         datasets: Hub dataset ids for the card.
         tags: extra card tags.
+        heads_path: a head folder (``head.json`` + ``head.safetensors``) or an
+            ``eval --save-heads`` folder holding the refined model's; default
+            ``<eval folder>/heads/<refined model>/`` when present.
 
     Returns:
         The folder written, with its files and the warnings to show.
@@ -178,8 +183,15 @@ def build_repo_folder(
         probe_file = probe_path / PROBE_FILE if probe_path.is_dir() else probe_path
         read_probe_json(probe_file)  # validates
     tensors = encoder_weights(RunFolder(run_dir).export_dir, arch, model_args)
-
     base_spec = str(run.get("config", {}).get("model", ""))
+    column_warnings: list[str] = []
+    columns = (
+        eval_columns(evaluation[0], run_dir, base_spec, column_warnings)
+        if evaluation
+        else (None, 0)
+    )
+    head = find_head(heads_path, evaluation, columns[1], model_args)
+
     hub_id, inherited = base_model_info(base_spec, timm_cfg.get("pretrained_cfg", {}))
     warnings: list[str] = []
     lic, note, unknown = choose_license(license, inherited, hub_id or base_spec, base_spec)
@@ -213,6 +225,10 @@ def build_repo_folder(
         write_timm_folder(tmp, tensors, metadata, timm_cfg)
         write_json(tmp / MARKER, run)
         plots, probe_plot, probe_model = _copy_results(tmp, evaluation, probe_file, secrets)
+        if head is not None:
+            shutil.copyfile(head[0] / HEAD_WEIGHTS, tmp / HEAD_WEIGHTS)
+            head = (head[0], scrub({**head[1], "model": repo_id}, secrets))
+            write_json(tmp / HEAD_RECIPE, head[1])
         teachers = [
             (scrub(source, secrets), base_model_info(source, {})[1])
             for source in teacher_sources(run)
@@ -230,16 +246,14 @@ def build_repo_folder(
             datasets=list(datasets),
             tags=list(tags),
             eval=evaluation[0] if evaluation else None,
-            eval_columns=(
-                eval_columns(evaluation[0], run_dir, base_spec, warnings)
-                if evaluation
-                else (None, 0)
-            ),
+            eval_columns=columns,
+            head=head[1] if head else None,
             probe_plot=probe_plot,
             probe_model=probe_model,
             num_params=sum(t.numel() for t in tensors.values()),
             plots=plots,
         )
+        warnings.extend(column_warnings)
         warnings.extend(not_better(inputs))
         # the card is built from scrubbed inputs; a second pass only removes literal secrets
         # (key patterns would mangle code such as ``return_prefix_tokens=True``)
@@ -252,6 +266,40 @@ def build_repo_folder(
         raise
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     return RepoFolder(dest, files, arch, stock, lic, warnings)
+
+
+def find_head(
+    heads_path: Path | None,
+    evaluation: tuple[EvalResult, Path] | None,
+    refined: int,
+    model_args: dict[str, Any],
+) -> tuple[Path, dict[str, Any]] | None:
+    """The refined model's linear-probe head to publish: (its folder, its head.json), checked
+    against the encoder's width and depth; None when there is none to publish."""
+    name = head_folder_name(evaluation[0].models[refined].name) if evaluation else None
+    if heads_path is None:
+        if evaluation is None or not (evaluation[1] / "heads" / str(name) / HEAD_RECIPE).is_file():
+            return None
+        folder = evaluation[1] / "heads" / str(name)
+    elif (heads_path / HEAD_RECIPE).is_file() or name is None:
+        folder = heads_path
+    else:
+        folder = heads_path / name
+    if heads_path is not None and not (folder / HEAD_RECIPE).is_file():
+        raise MimcliError(
+            f"--heads {heads_path}: no {HEAD_RECIPE} there"
+            + (f" or in its {name}/ folder (the refined model's eval column)" if name else "")
+        )
+    tensors, recipe = read_head(folder)
+    per_block = 2 if recipe["tokens"] == "cls+patch" else 1
+    width = tensors["weight"].shape[1] // (per_block * len(recipe["indices"]))
+    depth, dim = model_args.get("depth"), model_args.get("embed_dim")
+    if (dim is not None and width != dim) or (depth is not None and max(recipe["blocks"]) > depth):
+        raise MimcliError(
+            f"{folder}: the head reads width-{width} features of blocks {recipe['blocks']}, "
+            f"but this encoder has width {dim} and {depth} blocks; it belongs to another model"
+        )
+    return folder, recipe
 
 
 def _copy_results(

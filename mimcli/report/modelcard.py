@@ -39,6 +39,7 @@ class CardInputs:
     num_params: int = 0
     # frozen teachers of mimco/mrmae runs: (source, license or None)
     teachers: list[tuple[str, str | None]] = field(default_factory=list)
+    head: dict[str, Any] | None = None  # head.json of a published linear-probe head
 
 
 def results_table(result: EvalResult, base: int | None, refined: int) -> str:
@@ -264,6 +265,58 @@ def usage(inputs: CardInputs) -> str:
     )
 
 
+def head_usage(inputs: CardInputs) -> str:
+    """The card's second snippet: classify an image with the encoder and the linear-probe head
+    (timm, torch, safetensors and json only), or nothing when no head is published."""
+    recipe = inputs.head
+    if recipe is None:
+        return ""
+    setup = "" if inputs.stock_timm else "import mimcli.models.postnorm  # registers the arch\n"
+    if "/" in inputs.repo_id:
+        where = f"hf-hub:{inputs.repo_id}"
+        hub_import = "from huggingface_hub import hf_hub_download\n"
+        fetch = f'def repo_file(name):\n    return hf_hub_download("{inputs.repo_id}", name)\n'
+    else:
+        where, hub_import = "local-dir:PATH/TO/THIS/FOLDER", ""
+        fetch = 'def repo_file(name):\n    return "PATH/TO/THIS/FOLDER/" + name\n'
+    blocks = ("block " if len(recipe["blocks"]) == 1 else "blocks ") + ", ".join(
+        map(str, recipe["blocks"])
+    )
+    tokens = "CLS and mean patch token" if recipe["tokens"] == "cls+patch" else "CLS token"
+    return (
+        "### Classify with the linear-probe head\n\n"
+        f"`head.safetensors` is the best cell of the eval's linear probe ({recipe['features']}: "
+        f"the {tokens} of {blocks} before the final norm, "
+        f"{len(recipe['classes'])} classes, val accuracy {recipe['val_acc']:.2f}%); `head.json` "
+        "holds its feature recipe, class names and eval transform.\n\n"
+        "```python\n"
+        f"import json\n\nimport timm\n{setup}import torch\n{hub_import}from PIL import Image\n"
+        "from safetensors.torch import load_file\n\n\n"
+        f"{fetch}\n\n"
+        f'model = timm.create_model("{where}", pretrained=True).eval()\n'
+        'head = load_file(repo_file("head.safetensors"))  # weight, bias, mean, var\n'
+        'with open(repo_file("head.json")) as f:\n'
+        "    recipe = json.load(f)\n"
+        'transform = timm.data.create_transform(**recipe["transform"])\n\n'
+        'image = Image.open("photo.jpg").convert("RGB")\n'
+        "with torch.no_grad():\n"
+        "    taps = model.forward_intermediates(\n"
+        '        transform(image).unsqueeze(0), indices=recipe["indices"], norm=False,\n'
+        "        return_prefix_tokens=True, output_fmt='NLC', intermediates_only=True)\n"
+        "    # block after block: the CLS token, then (cls+patch) the mean patch token\n"
+        "    parts = []\n"
+        "    for patches, prefix in taps:\n"
+        "        parts.append(prefix[:, 0])\n"
+        '        if recipe["tokens"] == "cls+patch":\n'
+        "            parts.append(patches.mean(1))\n"
+        "    x = torch.cat(parts, dim=1)\n"
+        '    x = (x - head["mean"]) / torch.sqrt(head["var"] + recipe["eps"])\n'
+        '    logits = x @ head["weight"].T + head["bias"]\n'
+        'print(recipe["classes"][logits.argmax(1).item()])\n'
+        "```\n"
+    )
+
+
 def _shape(inputs: CardInputs) -> str:
     """Width, depth, patch, image size, parameters and architecture, as one phrase."""
     args = inputs.run.get("resolved", {}).get("model_args") or {}
@@ -365,9 +418,11 @@ def render_card(inputs: CardInputs) -> str:
     captions = {"knn": "k-NN accuracy against k", "lowshot": "low-shot accuracy"}
     parts += [f"![{captions.get(Path(p).stem, Path(p).stem)}]({p})\n" for p in inputs.plots]
     parts += ["## Usage\n", usage(inputs)]
+    if inputs.head is not None:
+        parts.append(head_usage(inputs))
     parts.append(
         "Files: `model.safetensors` (encoder weights only, loaded strictly by timm), `config.json` "
         "(timm architecture and preprocessing), `mimcli_run.json` (the refine configuration), "
-        "`eval_results.json` / `probe.json` when published.\n"
+        "`eval_results.json` / `probe.json` / `head.safetensors` + `head.json` when published.\n"
     )
     return "\n".join(parts)
