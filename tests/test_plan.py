@@ -107,6 +107,13 @@ def test_cli_plan_writes_json_and_prints_table(tiny_model_dir, tmp_path):
     assert saved["blocks"] == [3, 4] and saved["batch_size"] == 8
     assert saved["device_memory"] == GIB
     assert not (out / "config.json").exists()  # nothing trained
+    # a run in that folder on a GPU the plan names prints its planned wall time at start
+    from mimcli.refine.plan import planned_seconds
+
+    h100 = next(g for g in saved["gpus"] if g["gpu"].startswith("H100"))
+    got = planned_seconds(saved, "NVIDIA H100 80GB HBM3", steps=100, batch_size=16)
+    assert got == pytest.approx(h100["step_s"] * 2 * 100)  # twice the planned batch
+    assert planned_seconds(saved, "NVIDIA GeForce RTX 4090", 100, 8) is None
     as_json = runner.invoke(
         app,
         ["refine", str(tiny_model_dir), "--plan", "--json", "--data", "x", "--out", str(out),

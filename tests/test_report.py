@@ -104,3 +104,31 @@ def test_each_table_formats_its_cells():
     only_refined = results_table(result, None, 1).splitlines()
     assert only_refined[0] == "| metric | refined (this repo) |"
     assert not any(line.startswith("| k-means") for line in only_refined)
+
+
+def test_eval_table_shows_standard_errors_and_the_change():
+    """Single-query accuracies carry their binomial SE (k-NN from the kept queries, the linear
+    probe over the val images); the change column has McNemar's p for k-NN."""
+    import numpy as np
+    from rich.console import Console
+
+    from mimcli.evaluate.stats import pack
+    from mimcli.report.tables import eval_table
+    from mimcli.results import EvalResult, ModelEval
+
+    right = np.arange(100) < 80
+    models = [
+        ModelEval(name=n, source=n, arch="vit", features_cached=False,
+                  knn={"cls": {"20": acc}, "patch": {"20": acc}},
+                  knn_correct={"cls": {"20": pack(c)}, "patch": {"20": pack(c)}},
+                  linear={"best": {"val_acc": lin, "features": "cls@last", "lr": 0.1}})
+        for n, acc, c, lin in (("a", 80.0, right, 70.0), ("b", 90.0, np.arange(100) < 90, 75.0))
+    ]  # fmt: skip
+    result = EvalResult(models=models, protocols=("knn", "linear"), ks=(20,), train_images=500,
+                        val_images=100, num_classes=10, train="t", val="v")  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(eval_table(result))
+    text = console.export_text()
+    assert "80.00 ± 4.00" in text and "90.00 ± 3.00" in text  # sqrt(.8*.2/100), sqrt(.9*.1/100)
+    assert "70.00 ± 4.58" in text  # the linear probe over 100 val images
+    assert "+10.00 (p=0.002)" in text  # 10 discordant pairs, all one way: 2 / 2**10

@@ -608,6 +608,8 @@ def refine(
             highlight=False,
             soft_wrap=True,
         )
+        if start.planned:
+            stderr.print(start.planned, markup=False, highlight=False)
 
     bar = ImageProgress(show_loss=True)
     with bar.running():

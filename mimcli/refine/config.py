@@ -116,6 +116,7 @@ class RefineStart:
     world_size: int
     shard: str = ""  # how several processes train: DDP or FSDP2, and why
     ignored_flags: list[str] = field(default_factory=list)  # set but unused by the objective
+    planned: str = ""  # the wall time RUN/plan.json gives this GPU, when it has one
 
 
 # Options that shape a run; --resume must be given the same values.

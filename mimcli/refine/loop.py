@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -48,6 +49,7 @@ from mimcli.refine.compiling import compile_step
 from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
 from mimcli.refine.engine import StepModule, step_module
 from mimcli.refine.monitor import Monitor
+from mimcli.refine.plan import PLAN_FILE, planned_seconds
 from mimcli.refine.setup import (
     check_resume,
     fill_defaults,
@@ -306,7 +308,24 @@ class Refiner:
             world_size=dist.world_size(),
             shard=self.shard_reason if dist.is_distributed() else "",
             ignored_flags=list(self.ignored_options),
+            planned=self.planned_time(),
         )
+
+    def planned_time(self) -> str:
+        """From ``RUN/plan.json`` (``refine --plan --out RUN``) on a GPU it names: the run's
+        estimated wall time at the planned MFU; empty otherwise."""
+        path = self.run.root / PLAN_FILE
+        if self.device.type != "cuda" or not path.is_file():
+            return ""
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return ""
+        name = torch.cuda.get_device_name(self.device)
+        seconds = planned_seconds(plan, name, sum(self.totals.values()), self.cfg.batch_size)
+        if seconds is None:
+            return ""
+        return f"plan.json: about {seconds / 3600:.1f} h on this {name} at MFU {plan.get('mfu')}"
 
     def blocks_reason_shown(self) -> str:
         if self.objective.uses_blocks:

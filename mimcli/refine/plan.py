@@ -516,6 +516,22 @@ def _block_saved(encoder: nn.Module, size: int, params: Sequence[Tensor], precis
     )
 
 
+def planned_seconds(
+    plan: dict[str, Any], device_name: str, steps: int, batch_size: int
+) -> float | None:
+    """Wall time of ``steps`` steps of a global ``batch_size`` on the GPU ``device_name`` (as
+    torch names it, e.g. "NVIDIA H100 80GB HBM3") from a plan.json: the planned step time of
+    the GPU whose model number it names, scaled from the plan's per-process batch; None when
+    the plan has no such GPU."""
+    words = set(device_name.replace("-", " ").upper().split())
+    per_process = batch_size / max(1, int(plan.get("processes", 1)))
+    for gpu in plan.get("gpus", []):
+        model = str(gpu.get("gpu", "")).split()[0].upper()
+        if model in words and plan.get("batch_size"):
+            return float(gpu["step_s"]) * per_process / float(plan["batch_size"]) * steps
+    return None
+
+
 def gib(n: float) -> float:
     return n / GIB
 

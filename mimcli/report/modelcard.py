@@ -58,7 +58,11 @@ def results_table(result: EvalResult, base: int | None, refined: int) -> str:
         cells = []
         for v, i in zip(values, idx, strict=True):
             spread = (
-                None if v is None else v[1] if v[1] is not None else metric.error(result.models[i])
+                None
+                if v is None
+                else v[1]
+                if v[1] is not None
+                else metric.error(result.models[i], result.val_images)
             )
             cells.append(
                 "-"

@@ -54,12 +54,18 @@ class EvalRow:
         packed = model.knn_correct.get(self.key[0], {}).get(self.key[1])
         return unpack(packed) if packed else None
 
-    def error(self, model: ModelEval) -> float | None:
-        """The binomial standard error (points) of a k-NN row's accuracy."""
+    def error(self, model: ModelEval, queries: int | None = None) -> float | None:
+        """The binomial standard error (points) of an accuracy measured on single queries: a
+        k-NN row (over its kept queries) or the linear probe (over ``queries``, the val
+        images); None for other rows."""
         cell, correct = self.cell(model), self.correct(model)
-        if cell is None or correct is None:
+        if cell is None:
             return None
-        return standard_error(cell[0], len(correct))
+        if correct is not None:
+            return standard_error(cell[0], len(correct))
+        if self.protocol == "linear" and queries:
+            return standard_error(cell[0], queries)
+        return None
 
     def paired_p(self, a: ModelEval, b: ModelEval) -> float | None:
         """McNemar's p-value of the change from ``a`` to ``b`` on the same queries (k-NN rows

@@ -57,7 +57,7 @@ def eval_table(result: EvalResult) -> Table:
         title="Frozen-feature evaluation",
         caption=f"{result.train_images} train / {result.val_images} val images, "
         f"{result.num_classes} classes; last block, CLS before the final norm; k-NN ± "
-        "binomial standard error, change tested by McNemar on the same queries",
+        "binomial standard error (k-NN, linear), k-NN change tested by McNemar on the same queries",
     )
     table.add_column("metric")
     models = result.models
@@ -70,7 +70,7 @@ def eval_table(result: EvalResult) -> Table:
         cells = []
         for m in models:
             cell = row.cell(m)
-            spread = row.error(m) if cell is not None and cell[1] is None else None
+            spread = row.error(m, result.val_images) if cell and cell[1] is None else None
             cells.append(_fmt(cell[0], cell[1] if spread is None else spread) if cell else "-")
         if paired:
             a, b = row.cell(models[0]), row.cell(models[-1])
