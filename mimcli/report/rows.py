@@ -56,14 +56,14 @@ class EvalRow:
 
     def error(self, model: ModelEval, queries: int | None = None) -> float | None:
         """The binomial standard error (points) of an accuracy measured on single queries: a
-        k-NN row (over its kept queries) or the linear probe (over ``queries``, the val
-        images); None for other rows."""
+        k-NN row (over its kept queries), the linear probe or k-means ACC (over ``queries``,
+        the val images); None for other rows (low-shot rows carry their spread over splits)."""
         cell, correct = self.cell(model), self.correct(model)
         if cell is None:
             return None
         if correct is not None:
             return standard_error(cell[0], len(correct))
-        if self.protocol == "linear" and queries:
+        if queries and (self.protocol == "linear" or self.label.startswith("k-means ACC")):
             return standard_error(cell[0], queries)
         return None
 
