@@ -121,10 +121,15 @@ def test_eval_table_shows_standard_errors_and_the_change():
         ModelEval(name=n, source=n, arch="vit", features_cached=False,
                   knn={"cls": {"20": acc}, "patch": {"20": acc}},
                   knn_correct={"cls": {"20": pack(c)}, "patch": {"20": pack(c)}},
-                  linear={"best": {"val_acc": lin, "features": "cls@last", "lr": 0.1}})
-        for n, acc, c, lin in (("a", 80.0, right, 70.0), ("b", 90.0, np.arange(100) < 90, 75.0))
+                  linear={"best": {"val_acc": lin, "features": "cls@last", "lr": 0.1,
+                                   "correct": pack(np.arange(100) < lin)}},
+                  lowshot={"5-shot": {"mean": shot, "std": 1.0, "runs": [shot, shot],
+                                      "correct": [pack(np.arange(100) < shot)] * 2}})
+        for n, acc, c, lin, shot in (("a", 80.0, right, 70.0, 50.0),
+                                     ("b", 90.0, np.arange(100) < 90, 75.0, 50.0))
     ]  # fmt: skip
-    result = EvalResult(models=models, protocols=("knn", "linear"), ks=(20,), train_images=500,
+    result = EvalResult(models=models, protocols=("knn", "linear", "lowshot"), ks=(20,),
+                        train_images=500,
                         val_images=100, num_classes=10, train="t", val="v")  # fmt: skip
     console = Console(width=200, record=True)
     console.print(eval_table(result))
@@ -132,3 +137,5 @@ def test_eval_table_shows_standard_errors_and_the_change():
     assert "80.00 ± 4.00" in text and "90.00 ± 3.00" in text  # sqrt(.8*.2/100), sqrt(.9*.1/100)
     assert "70.00 ± 4.58" in text  # the linear probe over 100 val images
     assert "+10.00 (p=0.002)" in text  # 10 discordant pairs, all one way: 2 / 2**10
+    assert "+5.00 (p=0.062)" in text  # linear: 5 discordant pairs, 2 / 2**5
+    assert "50.00 ± 1.00" in text and "+0.00 (p=1.000)" in text  # low-shot: its spread, no change

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mimcli.errors import MimcliError
+from mimcli.evaluate.stats import pack
 from mimcli.runtime import Progress, select_device
 
 LAST_BLOCKS = 4
@@ -257,6 +258,28 @@ def _count_correct(
     return {name: [int(c) for c in count.cpu()] for name, count in correct.items()}
 
 
+def _cell_hits(
+    norm: nn.BatchNorm1d,
+    cells: dict[str, _SetCells],
+    name: str,
+    index: int,
+    cls: np.ndarray,
+    patch: np.ndarray,
+    labels: np.ndarray,
+    chunk_rows: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Per-row correctness (bool) of one cell on every row of ``labels``, in chunks."""
+    labels_t = torch.from_numpy(labels)
+    out = []
+    for start in range(0, len(labels), chunk_rows):
+        chunk = np.arange(start, min(len(labels), start + chunk_rows))
+        inputs = _normalized_inputs(norm, _read_tokens(cls, patch, chunk, device), [name])
+        pred = cells[name].logits(inputs[name]).argmax(dim=2)[:, index]
+        out.append((pred.cpu() == labels_t[chunk]).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+
 def linear_probe(
     train_cls: np.ndarray,
     train_patch: np.ndarray,
@@ -373,9 +396,13 @@ def linear_probe(
         notes.append(f"only {num_blocks} blocks cached: the @last4 sets use the last {num_blocks}")
     elif num_blocks == 1:
         notes.append("only 1 block cached: the @last4 sets are left out")
+    i = lrs.index(best["lr"])
+    best_hits = _cell_hits(
+        norm, cells, best["features"], i, val_cls, val_patch, val_labels, cfg.batch_size, device
+    )
+    best = {**best, "correct": pack(best_hits)}  # per val image, for paired tests
     out = {"best": best, "grid": grid, "epochs": cfg.epochs, "notes": notes + diverged}
     if keep_best:
-        i = lrs.index(best["lr"])
         out["head"] = best_head(norm, cells[best["features"]], i, best["features"], num_blocks, dim)
     return out
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mimcli.errors import MimcliError
 from mimcli.evaluate.splits import NamedSplit, check_split_names, shot_name, split_for
+from mimcli.evaluate.stats import pack
 from mimcli.runtime import Progress, torch_threads
 
 Array = torch.Tensor | np.ndarray
@@ -203,18 +204,26 @@ def _take(x: Array, indices: np.ndarray) -> torch.Tensor:
     return _as_tensor(x[indices])
 
 
-def accuracy(
+def hits(
     val_x: Array, val_y: Array, mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> float:
-    """Top-1 accuracy in percent of ``(W, b)`` on (Q, D) raw val features, prepared with ``mean``
-    (chunk by chunk: the val set is never copied whole at float64)."""
+) -> np.ndarray:
+    """Per-query correctness (bool) of ``(W, b)`` on (Q, D) raw val features, prepared with
+    ``mean`` (chunk by chunk: the val set is never copied whole at float64)."""
     truth = _as_tensor(val_y).long().ravel()
-    correct = 0
+    parts = []
     for start in range(0, truth.numel(), VAL_CHUNK):
         part = val_x[start : start + VAL_CHUNK]
         logits = _centre_normalise(part, mean) @ weight.T + bias
-        correct += int((logits.argmax(dim=1) == truth[start : start + VAL_CHUNK]).sum())
-    return 100.0 * correct / truth.numel()
+        parts.append((logits.argmax(dim=1) == truth[start : start + VAL_CHUNK]).numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def accuracy(
+    val_x: Array, val_y: Array, mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> float:
+    """Top-1 accuracy in percent of ``(W, b)`` on (Q, D) raw val features (see :func:`hits`)."""
+    correct = hits(val_x, val_y, mean, weight, bias)
+    return 100.0 * int(correct.sum()) / correct.size
 
 
 def lowshot_eval(
@@ -276,8 +285,9 @@ def lowshot_eval(
     if progress is not None:
         progress("lowshot", 0, total)
 
-    def score(indices: np.ndarray) -> tuple[float, float, str]:
-        """Accuracy, L2 strength and its rule of a fit on the train images at ``indices``."""
+    def score(indices: np.ndarray) -> tuple[float, float, str, str]:
+        """Accuracy, L2 strength and its rule of a fit on the train images at ``indices``, and
+        its per-query correctness (packed, for paired tests between models)."""
         nonlocal done
         subset = _take(train_feats, indices)
         subset_y = y_train[indices]
@@ -290,19 +300,22 @@ def lowshot_eval(
         fit_x = prepare(subset)[0]
         weight, bias = logistic_regression(fit_x, torch.from_numpy(subset_y), num_classes, strength)
         mean = subset.to(torch.float64).mean(dim=0)
-        acc = accuracy(val_feats, y_val, mean, weight, bias)
+        correct = hits(val_feats, y_val, mean, weight, bias)
+        acc = 100.0 * int(correct.sum()) / correct.size
         done += 1
         if progress is not None:
             progress("lowshot", done, total)
-        return acc, strength, rule
+        return acc, strength, rule, pack(correct)
 
     for setting in shots:
-        runs, strengths, rules = [], [], set()
+        runs, strengths, rules, packed = [], [], set(), []
         for seed in seeds:
-            acc, strength, rule = score(split_for(y_train, setting, seed, split_dir, train_names))
+            split = split_for(y_train, setting, seed, split_dir, train_names)
+            acc, strength, rule, correct = score(split)
             runs.append(acc)
             strengths.append(strength)
             rules.add(rule)
+            packed.append(correct)
         results[shot_name(setting)] = {
             "mean": float(np.mean(runs)),
             "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
@@ -310,10 +323,12 @@ def lowshot_eval(
             "seeds": [int(s) for s in seeds],
             "l2": strengths,
             "l2_rule": " + ".join(sorted(rules)),
+            "correct": packed,
         }
     for split in split_files:
-        acc, strength, rule = score(split.indices)
+        acc, strength, rule, correct = score(split.indices)
         results[split.name] = {
+            "correct": [correct],
             "mean": acc,
             "std": 0.0,
             "runs": [acc],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class EvalRow:
     read: Callable[[ModelEval], tuple[float, float | None]]
     digits: int = 2
     key: tuple[str, str] | None = None  # k-NN rows: (kind, k) of ModelEval.knn_correct
+    lowshot_key: str | None = None  # low-shot rows: the setting's key in ModelEval.lowshot
 
     def cell(self, model: ModelEval) -> tuple[float, float | None] | None:
         """``(value, spread or None)`` of ``model``, or None when it has no such value."""
@@ -48,11 +50,21 @@ class EvalRow:
             return None
 
     def correct(self, model: ModelEval) -> np.ndarray | None:
-        """Per-query correctness behind a k-NN row, when the result kept it."""
-        if self.key is None:
+        """Per-query correctness behind a row, when the result kept it: k-NN (per kind and k),
+        the linear probe's chosen cell, a low-shot setting (its splits' queries, one after the
+        other: base and refined models see the same seeded splits)."""
+        packed: Any = None
+        if self.key is not None:
+            packed = model.knn_correct.get(self.key[0], {}).get(self.key[1])
+        elif self.protocol == "linear":
+            packed = model.linear.get("best", {}).get("correct")
+        elif self.protocol == "lowshot" and self.lowshot_key is not None:
+            packed = model.lowshot.get(self.lowshot_key, {}).get("correct")
+        if not packed:
             return None
-        packed = model.knn_correct.get(self.key[0], {}).get(self.key[1])
-        return unpack(packed) if packed else None
+        if isinstance(packed, list):
+            return np.concatenate([unpack(p) for p in packed])
+        return unpack(packed)
 
     def error(self, model: ModelEval, queries: int | None = None) -> float | None:
         """The binomial standard error (points) of an accuracy measured on single queries: a
@@ -129,7 +141,7 @@ def eval_rows(result: EvalResult) -> list[EvalRow]:
             label = "1% of labels %" if key == "1%" else f"{key} %"
             if "split_file" in stats:
                 label = f"split {key} %"
-            rows.append(EvalRow(label, "lowshot", _lowshot(key)))
+            rows.append(EvalRow(label, "lowshot", _lowshot(key), lowshot_key=key))
     if "cluster" in result.protocols:
         for key, label, digits in CLUSTER_METRICS:
             rows.append(EvalRow(label, "cluster", _cluster(key), digits))

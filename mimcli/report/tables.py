@@ -57,7 +57,7 @@ def eval_table(result: EvalResult) -> Table:
         title="Frozen-feature evaluation",
         caption=f"{result.train_images} train / {result.val_images} val images, "
         f"{result.num_classes} classes; last block, CLS before the final norm; k-NN ± "
-        "binomial standard error (k-NN, linear), k-NN change tested by McNemar on the same queries",
+        "binomial standard error (k-NN, linear); changes tested by McNemar on the same queries",
     )
     table.add_column("metric")
     models = result.models
