@@ -152,6 +152,7 @@ class StreamBatches(IterableDataset):
         self.per_rank = batch_size // world
         self.lanes, self.rank, self.world = lanes, rank, world
         self.shards = live_shards(images)
+        self.where = _selection(images)  # stream row -> position, built once
         if len(self.shards) < world * lanes:  # a lane without shards would wait forever
             raise MimcliError(
                 f"{images.root}: {len(self.shards)} shard(s) cannot give each of {world} "
@@ -169,8 +170,7 @@ class StreamBatches(IterableDataset):
 
     def lane(self, epoch: int, lane: int) -> Iterator[tuple[int, Any]]:
         """(position, raw record) of one lane, shuffled, wrapping around forever."""
-        stream, offsets = self.images.reader, self.images.reader.offsets
-        where = _selection(self.images)
+        stream, offsets, where = self.images.reader, self.images.reader.offsets, self.where
         shards = self.lane_shards(epoch, lane)
 
         def one_pass() -> Iterator[tuple[int, Any]]:
@@ -182,7 +182,7 @@ class StreamBatches(IterableDataset):
                     if pos is not None:
                         yield pos, record
 
-        held = sum(1 for _ in self._positions(shards, offsets, where))
+        held = self.held(shards)
         if not held:
             raise MimcliError(f"{self.images.root}: lane {lane} of rank {self.rank} has no samples")
         rng = np.random.default_rng([self.seed, self.stage, epoch, self.rank, lane])
@@ -194,12 +194,18 @@ class StreamBatches(IterableDataset):
 
         return passes()
 
-    @staticmethod
-    def _positions(shards: list[int], offsets: np.ndarray, where: dict[int, int] | None) -> Any:
-        for shard in shards:
-            for row in range(int(offsets[shard]), int(offsets[shard + 1])):
-                if where is None or row in where:
-                    yield row
+    def held(self, shards: list[int]) -> int:
+        """How many of the kept samples ``shards`` hold (from the index, nothing read)."""
+        offsets = self.images.reader.offsets
+        if self.images.rows is None:
+            return int(sum(offsets[s + 1] - offsets[s] for s in shards))
+        rows = np.sort(np.asarray(self.images.rows))
+        return int(
+            sum(
+                np.searchsorted(rows, offsets[s + 1]) - np.searchsorted(rows, offsets[s])
+                for s in shards
+            )
+        )
 
     def __iter__(self) -> Iterator[Any]:
         worker, workers = _worker()

@@ -200,23 +200,10 @@ def test_one_line_errors(tmp_path, image_folders, hub):
 
 
 def refine_cfg(model, data, out, **kw):
-    from mimcli.refine.config import RefineConfig
+    """A tiny nna run (objective_harness.tiny_cfg) with heads on the last 2 blocks, 1 local crop."""
+    from tests.objective_harness import tiny_cfg
 
-    base = dict(
-        model=str(model),
-        data=data,
-        out=out,
-        blocks="last2",
-        head_steps=2,
-        steps=3,
-        batch_size=8,
-        local_crops=1,
-        head_width="32",
-        num_workers=0,
-        checkpoint_every=1,
-        seed=0,
-    )
-    return RefineConfig(**{**base, **kw})
+    return tiny_cfg(model, data, out, "nna", **{"blocks": "last2", "local_crops": 1, **kw})
 
 
 def export(run):
