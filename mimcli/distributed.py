@@ -131,6 +131,22 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_control: list[Any] = []  # the gloo group of control flags, made once
+
+
+def agree_on_flags(flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over ranks (``flags`` itself in one process): a host-side all-reduce on a
+    gloo group (made on first use; every rank must call this at the same steps), so no device
+    stream waits. The refine loop agrees on stop requests and timed checkpoints this way."""
+    if not is_distributed():
+        return flags
+    if not _control:
+        _control.append(dist.new_group(backend="gloo") if backend() != "gloo" else None)
+    box = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control[0])
+    return [bool(v) for v in box.tolist()]
+
+
 def check_identical(tensors: list[torch.Tensor], what: str) -> None:
     """Raise if ``tensors`` differ between ranks (they must stay identical under DDP)."""
     if not is_distributed() or not tensors:

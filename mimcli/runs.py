@@ -10,10 +10,13 @@ file, the structure into its metadata.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 
 from mimcli._version import __version__
 from mimcli.errors import MimcliError
-from mimcli.fileio import write_json, write_with
+from mimcli.fileio import atomic_path, rename_in, write_json, write_with
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,7 +36,9 @@ if TYPE_CHECKING:
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
+PREV_CHECKPOINT = "checkpoint.prev.safetensors"  # the one before (unless --no-keep-previous)
 SHARDED_CHECKPOINT = "checkpoint.dcp"  # refine --shard: a folder (mimcli.refine.sharding)
+PREV_SHARDED = "checkpoint.dcp.prev"
 SHARDED_TRAINER = "trainer.safetensors"  # in it: rank 0's part, written last
 EXPORT = "export"
 PROBE_DIR = "probe"  # refine --probe-train/--probe-val probes here; push reads it for the card
@@ -77,8 +82,9 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` as one safetensors file (temporary name, then rename)."""
+def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = None) -> None:
+    """Write ``state`` as one safetensors file (temporary name, fsync, rename). ``previous``:
+    where the file ``path`` held before goes (kept as a fallback)."""
     tensors: dict[str, torch.Tensor] = {}
     structure = flatten(state, tensors)
     metadata = {
@@ -86,7 +92,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         "structure": json.dumps(structure),
         "mimcli_version": __version__,
     }
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    with atomic_path(path, keep_previous=previous) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -113,10 +120,29 @@ def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def write_error(what: str, path: Path, exc: OSError) -> MimcliError:
+    """The one line for a write that failed (disk full, file-size limit, I/O error)."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0)
+    hint = {
+        "ENOSPC": "free some space",
+        "EDQUOT": "free some space (disk quota)",
+        "EFBIG": "raise the file-size limit (ulimit -f)",
+        "EROFS": "make it writable",
+    }.get(code or "", "fix the disk")
+    named = f" ({code})" if code else ""
+    return MimcliError(f"cannot write {what} {path}: {reason}{named}; {hint}")
+
+
 def find_sharded(folder: Path) -> Path | None:
     """The complete sharded checkpoint ``folder``, or the previous one (``.old``) when a kill fell
-    between the two renames that swap a new one in; None when there is none."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
+    between the two renames that swap a new one in, or the one kept before it (``.prev``); None
+    when there is none."""
+    for candidate in (
+        folder,
+        folder.with_name(folder.name + ".old"),
+        folder.with_name(PREV_SHARDED),
+    ):
         if (candidate / SHARDED_TRAINER).is_file():
             return candidate
     return None
@@ -160,14 +186,42 @@ class RunFolder:
         return self.root / CHECKPOINT
 
     @property
+    def prev_checkpoint_path(self) -> Path:
+        return self.root / PREV_CHECKPOINT
+
+    @property
     def sharded_checkpoint_path(self) -> Path:
         return self.root / SHARDED_CHECKPOINT
 
     def has_checkpoint(self) -> bool:
-        """Whether a checkpoint to resume from is here (plain, or sharded by ``--shard``)."""
+        """Whether a checkpoint to resume from is here (plain, or sharded by ``--shard``; the
+        last one or the one kept before it)."""
         return (
-            self.checkpoint_path.exists() or find_sharded(self.sharded_checkpoint_path) is not None
+            self.checkpoint_path.exists()
+            or self.prev_checkpoint_path.exists()
+            or find_sharded(self.sharded_checkpoint_path) is not None
         )
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The last plain checkpoint; when it is missing or damaged (a kill between two renames,
+        a truncated copy), the one kept before it, with a warning saying so."""
+        path, prev = self.checkpoint_path, self.prev_checkpoint_path
+        try:
+            return load_checkpoint(path) if path.exists() else load_checkpoint(prev)
+        except MimcliError as exc:
+            if not prev.exists() or not path.exists():
+                raise MimcliError(
+                    f"{exc}; no earlier checkpoint is kept (--no-keep-previous): start the run "
+                    "again without --resume, or into another --out"
+                ) from None
+            damage = str(exc)
+        state = load_checkpoint(prev)
+        warnings.warn(
+            f"{damage}; resuming from the checkpoint before it ({prev.name}, stage "
+            f"{state.get('stage')} step {state.get('done')})",
+            stacklevel=2,
+        )
+        return state
 
     @property
     def probe_dir(self) -> Path:
@@ -208,18 +262,32 @@ class RunFolder:
         tmp = target.with_name(target.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_for_hf(model, str(tmp), model_args=dict(model_args), safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            save_for_hf(model, str(tmp), model_args=dict(model_args), safe_serialization=True)
+            if target.exists():
+                shutil.rmtree(target)
+            rename_in(tmp, target)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error("the export", target, exc) from None
         return target
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (a single small write; a torn last line is skipped on read)."""
+        """Append one JSON line (a single small write; a torn last line is skipped on read). A
+        write that fails (disk full) is cut back off, so the file holds whole records only."""
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+        line = json.dumps(clean) + "\n"
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean) + "\n")
-            fh.flush()
+            size = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+            except OSError as exc:
+                try:
+                    os.truncate(self.metrics_path, size)
+                except OSError:
+                    pass
+                raise write_error("a record to", self.metrics_path, exc) from None
 
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

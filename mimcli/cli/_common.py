@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mimcli.errors import MimcliError
+from mimcli.errors import Interrupted, MimcliError
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -266,14 +266,15 @@ def handle_errors(func: F) -> F:
                 result = func(*args, **kwargs)
                 show_notes()
                 return result
+        except Interrupted as err:  # refine: what was saved and how to go on
+            stderr.print(str(err), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
         except MimcliError as err:
             text = escape(error_text(err))
             stderr.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            stderr.print(
-                "interrupted (a refine run continues from its last checkpoint with --resume)"
-            )
+            stderr.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -364,6 +364,24 @@ def refine(
             rich_help_panel=OUTPUT,
         ),
     ] = 50,
+    checkpoint_minutes: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-minutes",
+            min=0,
+            help="Also checkpoint when N minutes have passed since the last (0: off).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = 15.0,
+    keep_previous: Annotated[
+        bool,
+        typer.Option(
+            "--keep-previous/--no-keep-previous",
+            help="Keep the checkpoint before the last; --resume falls back to it when the "
+            "last is damaged (--no-keep-previous halves checkpoint disk use).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = True,
     log_every: Annotated[
         int,
         typer.Option(
@@ -570,6 +588,8 @@ def refine(
         val_every=val_every,
         val_limit=val_limit,
         checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
+        keep_previous=keep_previous,
         log_every=log_every,
         trackers=list(trackers or []),
         resume=resume,

@@ -54,6 +54,8 @@ class RefineConfig:
     val_every: int = 0
     val_limit: int | None = 5000
     checkpoint_every: int = 50
+    checkpoint_minutes: float = 15.0  # also checkpoint when this long has passed (0: off)
+    keep_previous: bool = True  # keep the checkpoint before the last (checkpoint.prev.*)
     log_every: int = 10  # metrics.jsonl: means over windows of N steps (see refine.window)
     trackers: list[str] = field(default_factory=list)  # --tracker: mimcli.trackers
     resume: bool = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import time
@@ -30,8 +31,8 @@ from mimcli.blocks import resolve_blocks
 from mimcli.data import ImageList, subsample
 from mimcli.datasources import Columns, open_images
 from mimcli.ema import ema_decay, ema_update
-from mimcli.errors import MimcliError
-from mimcli.fileio import write_text
+from mimcli.errors import Interrupted, MimcliError
+from mimcli.fileio import remove_stale_temporaries, write_text
 from mimcli.models.build import build_model
 from mimcli.models.sources import load_model
 from mimcli.objectives import ignored_options, objective_class
@@ -48,6 +49,7 @@ from mimcli.refine import sharding
 from mimcli.refine.compiling import compile_step
 from mimcli.refine.config import STAGES, RefineConfig, RefineResult, RefineStart
 from mimcli.refine.engine import StepModule, step_module
+from mimcli.refine.interrupts import StopRequests, ignore_stop_signals
 from mimcli.refine.monitor import Monitor
 from mimcli.refine.plan import PLAN_FILE, planned_seconds
 from mimcli.refine.setup import (
@@ -64,9 +66,9 @@ from mimcli.refine.window import MetricWindow
 from mimcli.runs import (
     RunFolder,
     environment,
-    load_checkpoint,
     migrate_checkpoint,
     save_checkpoint,
+    write_error,
 )
 from mimcli.runtime import (
     StepProgress,
@@ -90,6 +92,7 @@ from mimcli.views import (
 )
 
 # Runs a probe for ``--blocks auto`` and returns its probe.json (see refine.pipeline).
+logger = logging.getLogger(__name__)
 Prober = Callable[[RefineConfig], Path]
 
 
@@ -101,8 +104,14 @@ class Refiner:
         cfg: RefineConfig,
         progress: StepProgress | None = None,
         prober: Prober | None = None,
+        stops: StopRequests | None = None,
     ) -> None:
         self.cfg, self.progress = cfg, progress
+        # signals (installed by refine.pipeline.run_refine), timed checkpoints, the last one
+        self.stops = stops if stops is not None else StopRequests()
+        self.last_save = time.monotonic()
+        self.saved_at: tuple[str, int] | None = None  # (stage, done) of the last checkpoint
+        self.resume_window: dict[str, Any] | None = None  # a window a checkpoint cut in two
         self.start_time = time.perf_counter()
         configure_threads(cfg.threads)
         seed_everything(cfg.seed)  # identical head initialisation on every rank
@@ -388,6 +397,7 @@ class Refiner:
                 num_workers=workers,
                 pin_memory=pin,
                 prefetch_factor=2 if workers else None,
+                worker_init_fn=ignore_stop_signals,
             )
         dataset = KeyedDataset(self.images, self.worker_transform(), seed=self.cfg.seed)
         plan = BatchPlan(
@@ -405,6 +415,7 @@ class Refiner:
             collate_fn=collate_views,
             pin_memory=pin,
             prefetch_factor=2 if workers else None,  # 2 batches of views per worker in flight
+            worker_init_fn=ignore_stop_signals,
         )
 
     # -- the loop --
@@ -417,10 +428,10 @@ class Refiner:
         logging step, summed on the device (:class:`mimcli.refine.window.MetricWindow`), are
         read at once: one ``metrics.jsonl`` record of their means, the non-finite check of
         every step's loss and the objective's alarms, before anything is saved. A checkpoint
-        step always ends a window, so a resumed run logs the same windows.
+        step on schedule always ends a window; one written on a stop request or by time keeps
+        the window's part so far, so a resumed run logs the same windows.
         """
         warmup = stage == "heads"
-        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
         log_every = int(self.cfg.log_every)
         if log_every < 1:
             raise MimcliError(f"--log-every must be at least 1, got {log_every}")
@@ -431,7 +442,19 @@ class Refiner:
             self.fsdp if self.fsdp is not None else step_module(self.encoder, self.objective, stage)
         )
         window = MetricWindow(self.device, log_every)
+        window.restore(self.resume_window)  # the part of a window before a mid-window checkpoint
+        self.resume_window = None
         tick, images = time.perf_counter(), 0
+        with self.stops.deferred():
+            self.run_steps(stage, start, engine, window, tick, images)
+
+    def run_steps(
+        self, stage: str, start: int, engine: Any, window: MetricWindow, tick: float, images: int
+    ) -> None:
+        """The steps of :meth:`train_stage` (signals wait for the end of a step here)."""
+        warmup = stage == "heads"
+        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
+        log_every = int(self.cfg.log_every)
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
             # schedules
             lr = lr_at(step, total, peak, warm)
@@ -494,13 +517,51 @@ class Refiner:
                 if measure:
                     record.update(self.measure(stage, step))
                 if dist.rank() == 0:
-                    self.run.log(record)
+                    try:
+                        self.run.log(record)
+                    except MimcliError as exc:
+                        raise MimcliError(f"{exc}; {self.how_to_go_on()}") from None
                     self.trackers.log(record["step"], record)
             if self.progress:  # the loss of the last window; img/s of the window so far
                 self.progress(stage, done, total, {"loss": self.last_loss, "img/s": rate})
-            # checkpoint
-            if checkpoint:
-                self.save(stage, done)
+            # checkpoint: on schedule, or on a stop request / timed (agreed over ranks)
+            stop, timed, lost = dist.agree_on_flags(
+                [self.stops.requested, self.checkpoint_due(), self.lock_lost()]
+            )
+            if lost:
+                raise MimcliError(self.lock.lost_line())  # type: ignore[attr-defined]
+            if checkpoint or stop or timed:
+                self.save(stage, done, window)
+            if stop:
+                raise Interrupted(
+                    f"{self.stops.name}: stopped after {stage} step {done} of {total} and saved "
+                    f"a checkpoint; continue with: {self.resume_command()}",
+                    self.stops.signum or 2,
+                )
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``--checkpoint-minutes`` have passed since the last checkpoint."""
+        minutes = float(self.cfg.checkpoint_minutes or 0)
+        return minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+
+    def lock_lost(self) -> bool:
+        """Whether another process took this run folder's lock (``--force-unlock``)."""
+        lock = getattr(self, "lock", None)
+        return bool(lock is not None and lock.lost)
+
+    def resume_command(self) -> str:
+        cfg = self.cfg
+        return f"mimcli refine {cfg.model} --data {cfg.data} --out {cfg.out} --resume"
+
+    def how_to_go_on(self) -> str:
+        """What a run that stopped on an error can do next (its last checkpoint, if any)."""
+        if self.saved_at is None:
+            return "stopped before the first checkpoint: start the run again (without --resume)"
+        stage, done = self.saved_at
+        return (
+            f"stopped; the checkpoint of {stage} step {done} is intact: continue with "
+            f"{self.resume_command()}"
+        )
 
     def measure(self, stage: str, step: int) -> dict[str, Any]:
         """k-NN of the encoder and its EMA now (``--val``); kept for the result."""
@@ -513,11 +574,27 @@ class Refiner:
         return {k: v for k, v in entry.items() if k.startswith("knn_")}
 
     # -- checkpoint / resume --
-    def save(self, stage: str, done: int) -> None:
+    def save(self, stage: str, done: int, window: MetricWindow | None = None) -> None:
         """Everything needed to continue exactly: weights, optimiser, queues, RNG states (the
-        objective's per-rank state, e.g. each rank's neighbour-draw generator, from every rank)."""
-        rank_extra = dist.gather_objects(self.objective.rank_state())
+        objective's per-rank state, e.g. each rank's neighbour-draw generator, from every rank)
+        and, for a checkpoint in the middle of a logging window, every rank's part of it.
+
+        A write that fails (disk full, file-size limit) stops the run with one line; the last
+        checkpoint stays whole (it is replaced by a rename only once the new one is written)."""
+        window_state = window.state() if window is not None else None
+        gathered = dist.gather_objects((self.objective.rank_state(), window_state))
+        rank_extra = [extra for extra, _ in gathered]
+        windows = [w for _, w in gathered]
+        for w in windows:  # what a logging step checks, before anything is saved
+            bad = [i for i, x in enumerate((w or {}).get("losses", [])) if not math.isfinite(x)]
+            if bad:
+                raise MimcliError(
+                    f"loss became non-finite at {stage} step {w['first_step'] + bad[0]}; stopped. "  # type: ignore[index]
+                    f"The last good checkpoint is kept in {self.checkpoint_path()} (try a lower "
+                    "--lr)"
+                )
         trainer = {
+            "windows": windows,
             "rank_extra": rank_extra,
             "stage": stage,
             "done": done,
@@ -531,18 +608,40 @@ class Refiner:
             "last_loss": self.last_loss,
         }
         if self.fsdp is not None:  # every rank writes its shards
-            sharding.save_sharded(self.run.sharded_checkpoint_path, self.sharded_state(), trainer)
+            try:
+                sharding.save_sharded(
+                    self.run.sharded_checkpoint_path,
+                    self.sharded_state(),
+                    trainer,
+                    keep_previous=bool(self.cfg.keep_previous),
+                )
+            except MimcliError as exc:
+                raise MimcliError(f"{exc}; {self.how_to_go_on()}") from None
+            self.saved(stage, done)
             return
-        if dist.rank() != 0:
-            return
-        state = {
-            **trainer,
-            "encoder": self.encoder.state_dict(),
-            "ema": self.ema.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        }
-        save_checkpoint(self.run.checkpoint_path, state)
+        error = None
+        if dist.rank() == 0:
+            state = {
+                **trainer,
+                "encoder": self.encoder.state_dict(),
+                "ema": self.ema.state_dict(),
+                "objective": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            }
+            path, prev = self.run.checkpoint_path, self.run.prev_checkpoint_path
+            try:
+                save_checkpoint(path, state, previous=prev if self.cfg.keep_previous else None)
+                if not self.cfg.keep_previous:
+                    prev.unlink(missing_ok=True)
+            except OSError as exc:
+                error = f"{write_error('the checkpoint', path, exc)}; {self.how_to_go_on()}"
+        error = dist.broadcast_object(error)  # every rank stops when rank 0 could not save
+        if error is not None:
+            raise MimcliError(error)
+        self.saved(stage, done)
+
+    def saved(self, stage: str, done: int) -> None:
+        self.saved_at, self.last_save = (stage, done), time.monotonic()
 
     def checkpoint_path(self) -> Path:
         """Where this run's checkpoint goes (a folder under ``--shard``)."""
@@ -575,7 +674,7 @@ class Refiner:
                 f"resume with {flag}"
             )
         if not sharded:
-            return migrate_checkpoint(load_checkpoint(self.run.checkpoint_path))
+            return migrate_checkpoint(self.run.load_checkpoint())
 
         def template(trainer: dict[str, Any]) -> dict[str, Any]:
             self.optimizer = self.make_optimizer(trainer["stage"])
@@ -630,6 +729,9 @@ class Refiner:
         random.setstate(state["rng"]["python"])
         self.knn_log = list(state["knn_log"])
         self.last_loss = state["last_loss"]
+        windows = state.get("windows") or []
+        self.resume_window = windows[dist.rank()] if dist.rank() < len(windows) else None
+        self.saved_at, self.last_save = (stage, state["done"]), time.monotonic()
         self.logged_through = max((r.get("step", -1) for r in self.run.metrics()), default=-1)
         self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
         return stage, state["done"]
@@ -678,6 +780,9 @@ class Refiner:
         """Both stages (from the checkpoint with ``--resume``), then the export; the trackers
         are closed however the run ends."""
         start_stage, start_step = "heads", 0
+        if dist.rank() == 0:  # what a kill left half-written (this run holds the folder now)
+            for path in remove_stale_temporaries(self.run.root):
+                logger.info("removed %s, left half-written by a stopped run", path.name)
         if self.cfg.resume:
             start_stage, start_step = self.restore()
         elif dist.rank() == 0:

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mimcli import distributed as dist
+from mimcli.errors import Interrupted
 from mimcli.probe import ProbeConfig, run_probe
 from mimcli.refine.config import RefineConfig, RefineResult, RefineStart
+from mimcli.refine.interrupts import StopRequests
 from mimcli.refine.loop import Refiner
 from mimcli.refine.setup import with_saved_options
 from mimcli.results import PROBE_FILE
@@ -62,7 +64,27 @@ def run_refine(
         given: with ``cfg.resume``, the options the user set; the others take the run's
             recorded values. None: ``cfg`` is used as it is.
     """
-    refiner = Refiner(with_saved_options(cfg, given), progress, prober=probe_for_blocks)
-    if on_start is not None:
-        on_start(refiner.start_info())
-    return refiner.run_all()
+    stops = StopRequests()
+    try:
+        with stops.installed():
+            refiner = Refiner(
+                with_saved_options(cfg, given), progress, prober=probe_for_blocks, stops=stops
+            )
+            if on_start is not None:
+                on_start(refiner.start_info())
+            return refiner.run_all()
+    except KeyboardInterrupt:  # before or after the steps, or a second Ctrl-C: nothing saved
+        raise Interrupted(stopped_line(cfg, stops.name), stops.signum or 2) from None
+
+
+def stopped_line(cfg: RefineConfig, signal_name: str) -> str:
+    """What a run stopped by a signal outside its steps tells the user to do next."""
+    if RunFolder(cfg.out).has_checkpoint():
+        return (
+            f"{signal_name}: stopped; continue from the last checkpoint with: mimcli refine "
+            f"{cfg.model} --data {cfg.data} --out {cfg.out} --resume"
+        )
+    return (
+        f"{signal_name}: stopped before the first checkpoint; start the run again "
+        "(without --resume)"
+    )

@@ -62,7 +62,10 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
             "must be on a filesystem every node sees"
         )
     if cfg.resume and not found:
-        raise MimcliError(f"--resume: no checkpoint in {cfg.out}")
+        raise MimcliError(
+            f"--resume: no checkpoint in {cfg.out} (a run stopped before its first checkpoint "
+            "has nothing to continue from); start it again without --resume"
+        )
     if not cfg.resume and found:
         raise MimcliError(
             f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"

@@ -31,12 +31,15 @@ from torch import nn
 
 from mimcli import distributed as dist
 from mimcli.errors import MimcliError
+from mimcli.fileio import rename_in
 from mimcli.runs import (
+    PREV_SHARDED,
     SHARDED_TRAINER,
     find_sharded,
     load_checkpoint,
     save_checkpoint,
     unflatten,
+    write_error,
 )
 
 SHARD_MODES = ("auto", "on", "off")
@@ -156,9 +159,12 @@ def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in a sharded checkpoint (at {path})")
 
 
-def save_sharded(folder: Path, sharded: dict[str, Any], trainer: dict[str, Any]) -> None:
+def save_sharded(
+    folder: Path, sharded: dict[str, Any], trainer: dict[str, Any], keep_previous: bool = True
+) -> None:
     """Write ``sharded`` (state dicts holding DTensors; every rank calls this) with DCP and
-    ``trainer`` (rank 0's small state) into ``folder``, atomically."""
+    ``trainer`` (rank 0's small state) into ``folder``, atomically; the folder it replaces is
+    kept as ``checkpoint.dcp.prev`` when ``keep_previous``."""
     import torch.distributed.checkpoint as dcp
 
     partial = folder.with_name(folder.name + ".partial")
@@ -179,15 +185,22 @@ def save_sharded(folder: Path, sharded: dict[str, Any], trainer: dict[str, Any])
                 {**trainer, "sharded_structure": structure, "world_size": dist.world_size()},
             )
             old = folder.with_name(folder.name + ".old")
+            prev = folder.with_name(PREV_SHARDED)
             if folder.exists():
                 if old.exists():  # left by a kill after the last swap; `folder` is whole
                     shutil.rmtree(old)
                 folder.rename(old)
-            partial.rename(folder)
+            rename_in(partial, folder)
+            if prev.exists():
+                shutil.rmtree(prev)
             if old.exists():
-                shutil.rmtree(old)
+                if keep_previous:
+                    old.rename(prev)
+                else:
+                    shutil.rmtree(old)
         except OSError as exc:
-            error = f"cannot write the sharded checkpoint {folder}: {exc}"
+            shutil.rmtree(partial, ignore_errors=True)
+            error = str(write_error("the sharded checkpoint", folder, exc))
     # rank 0's outcome reaches every rank (none waits forever on a failed one), then every rank
     # must see the checkpoint: its shards went to a folder only its own node may see otherwise
     outcome = dist.gather_objects(error)[0]

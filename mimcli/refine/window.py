@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,6 +103,39 @@ class MetricWindow:
                 entry[0] += float(v)
                 entry[1] += 1
         self.steps += 1
+
+    def state(self) -> dict[str, Any] | None:
+        """This rank's unread window as plain numbers (one read from the device), for a
+        checkpoint written mid-window (Ctrl-C, SIGTERM, a timed checkpoint); None when empty.
+        :meth:`restore` puts it back exactly, so the resumed run logs the same window."""
+        if self.steps == 0:
+            return None
+        assert self.sums is not None and self.counts is not None
+        return {
+            "steps": self.steps,
+            "first_step": self.first_step,
+            "order": list(self.order),
+            "device_keys": list(self.device_keys),
+            "losses": self.losses[: self.steps].tolist(),
+            "sums": self.sums.tolist(),
+            "counts": self.counts.tolist(),
+            "host": {k: list(v) for k, v in self.host.items()},
+        }
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue the window :meth:`state` saved (nothing when it is None)."""
+        self._reset()
+        if not state:
+            return
+        steps = int(state["steps"])
+        if steps > self.capacity:
+            raise ValueError(f"a saved window of {steps} steps exceeds {self.capacity}")
+        self.steps, self.first_step = steps, int(state["first_step"])
+        self.order, self.device_keys = list(state["order"]), list(state["device_keys"])
+        self.losses[:steps] = torch.tensor(state["losses"], dtype=self.dtype)
+        self.sums = torch.tensor(state["sums"], dtype=self.dtype, device=self.device)
+        self.counts = torch.tensor(state["counts"], dtype=self.dtype, device=self.device)
+        self.host = {k: [float(a), float(b)] for k, (a, b) in state["host"].items()}
 
     def read(self, alarms: dict[str, Tensor] | None = None) -> WindowMeans:
         """The window's means (over steps and ranks), then start a new window.
