@@ -88,8 +88,8 @@ def run_interrupted(
     ``stop_after`` (stage, steps done in that stage; needs ``--checkpoint-every 1``)."""
     real_save = Refiner.save
 
-    def save_then_stop(self, stage, done):
-        real_save(self, stage, done)
+    def save_then_stop(self, stage, done, *rest):
+        real_save(self, stage, done, *rest)
         if (stage, done) == stop_after:
             raise Interrupt
 

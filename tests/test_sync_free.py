@@ -150,7 +150,7 @@ def counted_steps(
         seen = Counter(counter.counts)
 
     refiner.progress = progress
-    refiner.save = lambda stage, done: None  # type: ignore[method-assign]  # not part of a step
+    refiner.save = lambda stage, done, *rest: None  # type: ignore[method-assign]  # not part of a step
     if stage != "heads":
         refiner.optimizer = refiner.make_optimizer(stage)
     with counter, HostCopyCounter(counter):
@@ -229,8 +229,8 @@ def test_resumed_windows_log_what_an_uninterrupted_run_logs(
 
     real_save = Refiner.save
 
-    def save_and_keep(self: Refiner, stage: str, done: int) -> None:
-        real_save(self, stage, done)
+    def save_and_keep(self: Refiner, stage: str, done: int, *rest: object) -> None:
+        real_save(self, stage, done, *rest)
         if (stage, done) == ("refine", 3):  # what a run killed right after this save leaves
             shutil.copytree(self.run.root, tmp_path / "cut")
 

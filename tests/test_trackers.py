@@ -90,10 +90,10 @@ def test_refine_logs_every_record_and_resume_continues_the_same_runs(
     # resumed run computes and logs steps 2 and 3 again
     real_save = Refiner.save
 
-    def save_or_die(self, stage, done):
+    def save_or_die(self, stage, done, *rest):
         if (stage, done) == ("refine", 2):
             raise Interrupt
-        real_save(self, stage, done)
+        real_save(self, stage, done, *rest)
 
     monkeypatch.setattr(Refiner, "save", save_or_die)
     with pytest.raises(Interrupt):

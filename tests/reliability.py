@@ -1,0 +1,172 @@
+"""The kill soak of tests/test_reliability.py: a tiny ``mimcli refine`` in a subprocess, killed
+with SIGKILL at seeded random moments (and, every few kills, while a checkpoint sits between its
+temporary file and its rename, through the ``MIMCLI_TEST_PAUSE_BEFORE_RENAME`` hook of
+``mimcli.fileio``), resumed after each kill, until it finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mimcli.runs import RunFolder
+
+
+def soak_args(model_dir: Path, data_dir: Path, **over: str) -> list[str]:
+    """A tiny NNA run with 16 steps (6 head warm-up + 10 refinement) of batch 8, a checkpoint
+    every 2 steps and every 0.2 s (timed ones fall inside logging windows of 3 steps)."""
+    opts = {
+        "--blocks": "last2", "--head-steps": "6", "--steps": "10", "--batch-size": "8",
+        "--local-crops": "1", "--head-width": "32", "--num-workers": "1", "--topk": "3",
+        "--lr": "1e-3", "--checkpoint-every": "2", "--log-every": "3",
+        "--checkpoint-minutes": "0.0033", **over,
+    }  # fmt: skip
+    return [str(model_dir), "--data", str(data_dir), *[x for kv in opts.items() for x in kv]]
+
+
+def launch(args: list[str], out: Path, processes: int = 1, port: int = 0, **env: str):
+    """``mimcli refine ARGS --out OUT`` (under torchrun on gloo with ``processes`` > 1) in its
+    own session, so :func:`kill_run` reaches its workers."""
+    environ = dict(os.environ, MIMCLI_THREADS="1", GLOO_SOCKET_IFNAME="lo", **env)
+    if processes > 1:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+    else:
+        head = [sys.executable]
+    return subprocess.Popen(
+        [*head, "-m", "mimcli.cli.app", "refine", *args, "--out", str(out)],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a :func:`launch`-ed run: torchrun's workers first, then its session."""
+    found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate(timeout=60)
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return out
+
+
+@dataclass
+class Soak:
+    """What :func:`soak` did: kills by kind, launches, and the stderr of the last launch."""
+
+    kills: int = 0
+    paused_kills: int = 0
+    launches: int = 0
+    stale_seen: int = 0  # kills that left a temporary file behind (removed by the next start)
+    log: list[str] = field(default_factory=list)
+
+
+def soak(
+    args: list[str],
+    out: Path,
+    kills: int,
+    seed: int,
+    total_records: int,
+    pause_every: int = 3,
+    pause_name: str = "checkpoint.safetensors",
+    processes: int = 1,
+    port: int = 0,
+    timeout: float = 240,
+) -> Soak:
+    """Run ``refine ARGS --out OUT`` to the end while SIGKILLing it ``kills`` times at seeded
+    random moments (every ``pause_every``-th kill instead lands while a checkpoint called
+    ``pause_name`` waits to be renamed), resuming after each (starting afresh while there is no
+    checkpoint yet). ``total_records``: the uninterrupted run's ``metrics.jsonl`` length."""
+    rng = random.Random(seed)
+    result = Soak()
+    flag = out.parent / f".{out.name}.paused"
+    for i in range(kills + 1):
+        last = i == kills
+        resume = ["--resume"] if RunFolder(out).has_checkpoint() else []
+        paused = not last and pause_every > 0 and i % pause_every == pause_every - 1
+        env = {}
+        if paused:
+            flag.unlink(missing_ok=True)
+            nth = rng.randint(1, 3)
+            env = {
+                "MIMCLI_TEST_PAUSE_BEFORE_RENAME": f"{pause_name}@{nth}",
+                "MIMCLI_TEST_PAUSE_FLAG": str(flag),
+            }
+        proc = launch([*args, *resume], out, processes, port + i, **env)
+        result.launches += 1
+        if last:
+            _, err = proc.communicate(timeout=timeout)
+            result.log.append(err)
+            assert proc.returncode == 0, f"the last resume failed:\n{err[-3000:]}"
+            return result
+        deadline = time.time() + timeout
+        if paused:
+            while time.time() < deadline and not flag.exists() and proc.poll() is None:
+                time.sleep(0.01)
+        else:  # a random point of the progress left, then a random moment within a step
+            have = len(records(out))
+            left = max(1, total_records - have)
+            target = have + rng.randint(1, max(1, (2 * left) // (kills - i + 1)))
+            while time.time() < deadline and proc.poll() is None:
+                if len(records(out)) >= min(target, total_records - 1):
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.15))
+        if proc.poll() is not None:  # it finished (or failed) before the kill
+            _, err = proc.communicate()
+            assert proc.returncode == 0, f"launch {i} failed:\n{err[-3000:]}"
+            result.log.append(err)
+            if (out / "export").exists():
+                return result
+            continue
+        kill_run(proc)
+        result.kills += 1
+        result.paused_kills += paused and flag.exists()
+        result.stale_seen += any(p.name.endswith(".tmp") for p in out.iterdir())
+    raise AssertionError("unreachable")
+
+
+def same_run(a: Path, b: Path) -> None:
+    """``b`` ended as ``a``: tensor-equal exports, and ``metrics.jsonl`` with the same records
+    (one per logging step, in order; equal losses and metrics, timings aside)."""
+    ta = load_file(a / "export" / "model.safetensors")
+    tb = load_file(b / "export" / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        x, y = dict(x), dict(y)
+        x.pop("images_per_s"), y.pop("images_per_s")
+        assert x == y, (x, y)
