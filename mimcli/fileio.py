@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -57,6 +58,18 @@ def _pause_for_tests(name: str) -> None:
         Path(flag).touch()
     while True:  # until the test kills this process
         time.sleep(3600)
+
+
+def io_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the ``OSError`` it reports: safetensors raises its own error type for a failed
+    write ("I/O error: File too large (os error 27)"); None when it is no I/O error."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

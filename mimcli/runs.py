@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from mimcli._version import __version__
 from mimcli.errors import MimcliError
-from mimcli.fileio import atomic_path, rename_in, write_json, write_with
+from mimcli.fileio import atomic_path, io_error, rename_in, write_json, write_with
 
 if TYPE_CHECKING:
     from torch import nn
@@ -93,7 +93,13 @@ def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = N
         "mimcli_version": __version__,
     }
     with atomic_path(path, keep_previous=previous) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as exc:  # a disk error as OSError, whoever reports it
+            error = io_error(exc)
+            if error is None:
+                raise
+            raise error from exc
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -267,27 +273,34 @@ class RunFolder:
             if target.exists():
                 shutil.rmtree(target)
             rename_in(tmp, target)
-        except OSError as exc:
+        except Exception as exc:  # a disk error as OSError, whoever reports it
+            error = io_error(exc)
+            if error is None:
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error("the export", target, exc) from None
+            raise write_error("the export", target, error) from None
         return target
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line (a single small write; a torn last line is skipped on read). A
         write that fails (disk full) is cut back off, so the file holds whole records only."""
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
-        line = json.dumps(clean) + "\n"
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            size = fh.tell()
+        data = (json.dumps(clean) + "\n").encode("utf-8")
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
             try:
-                fh.write(line)
-                fh.flush()
+                view = memoryview(data)
+                while view:  # os.write may write part of it
+                    view = view[os.write(fd, view) :]
             except OSError as exc:
                 try:
-                    os.truncate(self.metrics_path, size)
+                    os.ftruncate(fd, size)
                 except OSError:
                     pass
                 raise write_error("a record to", self.metrics_path, exc) from None
+        finally:
+            os.close(fd)
 
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
