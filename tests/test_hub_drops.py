@@ -131,6 +131,36 @@ def test_lost_commit_answer_is_not_committed_twice(
     assert hub.get_repo(REPO).branches["main"] == head
 
 
+def test_lost_pull_request_answer_opens_one_pull_request(
+    logged_in, tiny_run, tmp_path, fresh_hf_cache
+):
+    """With ``create_pr`` the files stay off main, so the client would send the commit again and
+    open a second pull request: mimcli's retry finds the one the lost attempt opened."""
+    hub = logged_in
+    hub.drop_next(1, "/commit/", method="POST", when="response")
+    retries: list[str] = []
+    keep = tmp_path / "keep"
+    cfg = PushConfig(
+        run_dir=tiny_run["run"],
+        repo=REPO,
+        to=keep,
+        commit_message=MESSAGE,
+        create_pr=True,
+        retry_wait=0.0,
+    )
+    upload = run_push(cfg, on_retry=retries.append).upload
+
+    assert len(retries) == 1 and [d.when for d in hub.drops] == ["response"]
+    assert hub.count("POST", "/commit/") == 1
+    refs = HfApi(token=TOKEN).list_repo_refs(REPO, include_pull_requests=True)
+    assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
+    main = HfApi(token=TOKEN).list_repo_commits(REPO)
+    assert [c.title for c in main] == ["initial commit"]  # the pull request left main alone
+    head = assert_one_commit(keep, fresh_hf_cache, revision="refs/pr/1")
+    assert upload.commit_oid == head and upload.pr_url.endswith(f"/{REPO}/discussions/1")
+    assert upload.commit_url.endswith(f"/{REPO}/commit/{head}") and not upload.unchanged
+
+
 def test_lost_commit_answer_then_the_same_command_again(
     logged_in, tiny_run, tmp_path, fresh_hf_cache
 ):
