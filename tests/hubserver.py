@@ -76,8 +76,9 @@ What the server speaks (enough for ``hf_hub_download``, ``snapshot_download``, `
     Hub without Xet storage: ``{"transfer": "basic", "objects": [...]}``, each object either
     without ``actions`` (content already stored) or with an ``upload`` action (``PUT
     /lfs-objects/{oid}``, no token needed, as for a presigned storage URL; the body must have that
-    sha256 and size; sending a stored object again is accepted) and a ``verify`` action (``POST /lfs-objects/verify``, write token). No Xet:
-    neither header nor transfer, and ``.../xet-write-token/...`` is a 404 like any unknown route.
+    sha256 and size; sending a stored object again is accepted) and a ``verify`` action (``POST
+    /lfs-objects/verify``, write token). No Xet: neither header nor transfer, and
+    ``.../xet-write-token/...`` is a 404 like any unknown route.
     ``lfs_objects`` lists what arrived this way.
   - ``POST /api/{type}s/{repo_id}/commit/{branch}`` (NDJSON: ``header`` with ``summary``,
     ``description``, ``parentCommit``; ``file`` (base64 or utf-8), ``deletedFile``,

@@ -161,6 +161,7 @@ def test_lost_pull_request_answer_opens_one_pull_request(
     assert upload.commit_url.endswith(f"/{REPO}/commit/{head}") and not upload.unchanged
 
 
+@pytest.mark.slow  # two CLI subprocesses: about 10 s
 def test_lost_commit_answer_then_the_same_command_again(
     logged_in, tiny_run, tmp_path, fresh_hf_cache
 ):
