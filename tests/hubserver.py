@@ -76,8 +76,9 @@ What the server speaks (enough for ``hf_hub_download``, ``snapshot_download``, `
     Hub without Xet storage: ``{"transfer": "basic", "objects": [...]}``, each object either
     without ``actions`` (content already stored) or with an ``upload`` action (``PUT
     /lfs-objects/{oid}``, no token needed, as for a presigned storage URL; the body must have that
-    sha256 and size) and a ``verify`` action (``POST /lfs-objects/verify``, write token). No Xet:
-    neither header nor transfer, and ``.../xet-write-token/...`` is a 404 like any unknown route.
+    sha256 and size; sending a stored object again is accepted) and a ``verify`` action (``POST
+    /lfs-objects/verify``, write token). No Xet: neither header nor transfer, and
+    ``.../xet-write-token/...`` is a 404 like any unknown route.
     ``lfs_objects`` lists what arrived this way.
   - ``POST /api/{type}s/{repo_id}/commit/{branch}`` (NDJSON: ``header`` with ``summary``,
     ``description``, ``parentCommit``; ``file`` (base64 or utf-8), ``deletedFile``,
@@ -93,6 +94,17 @@ What the server speaks (enough for ``hf_hub_download``, ``snapshot_download``, `
 
 ``fail_next`` applies to every request above, before any other handling. Nothing is printed;
 requests are recorded with their headers (so tests can check what was sent - tokens included).
+
+Dropped connections
+-------------------
+``drop_next(n, path_contains, method=..., when=...)`` makes the next ``n`` matching requests end
+in a real TCP drop instead of an HTTP answer: the server closes the socket (``SO_LINGER`` 0, so
+the client sees the connection end or reset, never a status line). ``when="body"`` drops it after
+reading only the start of the request body (half of it, at most 64 KiB; the request is never
+handled: nothing is stored or committed); ``when="response"`` handles the request completely (a
+commit is applied, an LFS object stored) and drops the connection before a byte of the answer is
+sent, as when a response is lost on the way back. Drops are checked before ``fail_next`` and
+listed in ``drops``; a dropped request is still recorded in ``requests``.
 """
 
 from __future__ import annotations
@@ -107,6 +119,7 @@ import os
 import shutil
 import socket
 import socketserver
+import struct
 import sys
 import tempfile
 import threading
@@ -128,6 +141,7 @@ __all__ = [
     "HubFile",
     "HubRepo",
     "LoopbackHub",
+    "RecordedDrop",
     "RecordedRequest",
     "fresh_hf_cache",
     "hub",
@@ -316,12 +330,34 @@ class RecordedRequest(NamedTuple):
     headers: dict[str, str]
 
 
+class RecordedDrop(NamedTuple):
+    """One connection the server dropped on purpose (``LoopbackHub.drop_next``)."""
+
+    method: str
+    path: str  # as sent, including the query string
+    when: str  # "body" (dropped mid-body, not handled) or "response" (handled, answer lost)
+    received: int  # body bytes read before the drop
+
+
 @dataclass
 class _Failure:
     remaining: int
     status: int
     path_contains: str | None
     method: str | None
+
+
+@dataclass
+class _Drop:
+    remaining: int
+    when: str
+    path_contains: str | None
+    method: str | None
+
+
+DROP_WHEN = ("body", "response")
+# at most this many body bytes are read before a ``when="body"`` drop
+DROP_BODY_MAX = 64 * 1024
 
 
 @dataclass
@@ -422,13 +458,38 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
+    def _read_body_start(self) -> int:
+        """Read only the start of the body (for a ``when="body"`` drop); the bytes read."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return len(self.rfile.read1(DROP_BODY_MAX))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0:
+            return 0
+        return len(self.rfile.read(min(max(length // 2, 1), DROP_BODY_MAX)))
+
+    def _drop_connection(self) -> None:
+        """End the TCP connection without an answer: shut it down now and reset it on close."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _handle(self) -> None:
         hub = self.server.hub
-        body = self._read_body()
         headers: dict[str, str] = {}
         for key, value in self.headers.items():
             key = key.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        drop = hub._drop_for(self.command, self.path)
+        if drop == "body":
+            received = self._read_body_start()
+            hub._record_request(RecordedRequest(self.command, self.path, headers))
+            hub._record_drop(RecordedDrop(self.command, self.path, drop, received))
+            self._drop_connection()
+            return
+        body = self._read_body()
         hub._record_request(RecordedRequest(self.command, self.path, headers))
         try:
             response = hub._failure_for(self.command, self.path) or hub._dispatch(
@@ -437,6 +498,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             hub._record_error(traceback.format_exc())
             response = _json_response(500, {"error": "LoopbackHub internal error"})
+        if drop == "response":
+            hub._record_drop(RecordedDrop(self.command, self.path, drop, len(body)))
+            self._drop_connection()
+            return
         self.send_response(response.status)
         for key, value in response.headers:
             self.send_header(key, value)
@@ -466,6 +531,8 @@ class LoopbackHub:
         self._repos: dict[tuple[str, str], HubRepo] = {}
         self._url_files: dict[str, bytes] = {}
         self._failures: list[_Failure] = []
+        self._drops: list[_Drop] = []
+        self._dropped: list[RecordedDrop] = []
         self._requests: list[RecordedRequest] = []
         self._errors: list[str] = []
         self._tokens: dict[str, _Token] = {}
@@ -519,7 +586,8 @@ class LoopbackHub:
         self.stop()
 
     def reset(self) -> None:
-        """Forget all repos, URL files, tokens, pending failures, recorded requests and errors."""
+        """Forget all repos, URL files, tokens, pending failures and drops, recorded requests,
+        drops and errors."""
         with self._lock:
             self._repos.clear()
             self._url_files.clear()
@@ -528,6 +596,8 @@ class LoopbackHub:
             self._lfs_objects.clear()
             self._lfs_pending.clear()
             self._failures.clear()
+            self._drops.clear()
+            self._dropped.clear()
             self._requests.clear()
             self._errors.clear()
 
@@ -672,6 +742,34 @@ class LoopbackHub:
         with self._lock:
             self._failures.append(_Failure(n, status, path_contains, method and method.upper()))
 
+    def drop_next(
+        self,
+        n: int,
+        path_contains: str | None = None,
+        *,
+        method: str | None = None,
+        when: str = "body",
+    ) -> None:
+        """Drop the TCP connection of the next ``n`` matching requests instead of answering.
+
+        ``when="body"``: after reading only the start of the body (half, at most
+        ``DROP_BODY_MAX`` bytes); the request is not handled. ``when="response"``: after handling
+        it completely (its change stands), before sending anything back. Matching as for
+        ``fail_next``; drops are checked first. What happened is listed in ``drops``.
+        """
+        if when not in DROP_WHEN:
+            raise ValueError(f"when must be one of {DROP_WHEN}, not {when!r}")
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        with self._lock:
+            self._drops.append(_Drop(n, when, path_contains, method and method.upper()))
+
+    @property
+    def drops(self) -> list[RecordedDrop]:
+        """Snapshot of the connections dropped by ``drop_next``, oldest first."""
+        with self._lock:
+            return list(self._dropped)
+
     @property
     def requests(self) -> list[RecordedRequest]:
         """Snapshot (a new list) of every request seen, oldest first, as (method, path, headers)."""
@@ -704,6 +802,23 @@ class LoopbackHub:
     def _record_error(self, text: str) -> None:
         with self._lock:
             self._errors.append(text)
+
+    def _record_drop(self, drop: RecordedDrop) -> None:
+        with self._lock:
+            self._dropped.append(drop)
+
+    def _drop_for(self, method: str, path: str) -> str | None:
+        """``"body"`` / ``"response"`` if a pending ``drop_next`` takes this request, else None."""
+        with self._lock:
+            for drop in self._drops:
+                if drop.path_contains is not None and drop.path_contains not in path:
+                    continue
+                if drop.method is not None and drop.method != method:
+                    continue
+                drop.remaining -= 1
+                self._drops = [d for d in self._drops if d.remaining > 0]
+                return drop.when
+        return None
 
     def _failure_for(self, method: str, path: str) -> _Response | None:
         with self._lock:
@@ -1169,6 +1284,8 @@ class LoopbackHub:
         oid = rest.lower()
         with self._lock:
             size = self._lfs_pending.get(oid)
+            if size is None and oid in self._lfs_objects:  # sent again, as a storage URL allows
+                size = len(self._lfs_objects[oid])
         if size is None:
             return _hub_error(403, None, f"no upload of LFS object {oid!r} was announced")
         if len(body) != size or hashlib.sha256(body).hexdigest() != oid:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -588,3 +590,38 @@ def test_fail_next_applies_to_write_endpoints_before_auth(hub: LoopbackHub):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{hub.url}/api/whoami-v2", timeout=10)
     assert err.value.code == 401
+
+
+def test_drop_next_ends_the_connection_without_an_answer(hub: LoopbackHub, api: HfApi):
+    # mid-body: a raw socket sends a quarter of a 1 MiB body and reads no status line, only the
+    # connection's end (EOF or a reset)
+    hub.drop_next(1, "/lfs-objects/", method="PUT")
+    with socket.create_connection((urlsplit(hub.url).hostname, hub.port), timeout=10) as conn:
+        conn.sendall(
+            b"PUT /lfs-objects/" + b"0" * 64 + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1048576\r\n\r\n" + bytes(256 * 1024)
+        )
+        try:
+            answer = conn.recv(1024)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b""
+    (drop,) = hub.drops
+    assert drop.when == "body" and 0 < drop.received <= 64 * 1024 and drop.method == "PUT"
+    assert hub.count("PUT", "/lfs-objects/") == 1
+
+    # after the answer: the change stands, the client gets no answer
+    hub.drop_next(1, "/api/repos/create", when="response")
+    with pytest.raises(httpx2.RemoteProtocolError):
+        api.create_repo(REPO)
+    assert hub.get_repo(REPO) is not None and [d.when for d in hub.drops] == ["body", "response"]
+    api.create_repo(REPO, exist_ok=True)  # the drops are used up: answered again
+    assert hub.count("POST", "/api/repos/create") == 2
+
+    with pytest.raises(ValueError, match="when must be"):
+        hub.drop_next(1, when="headers")
+    hub.drop_next(3, "/api/whoami-v2")
+    hub.reset()  # forgets pending and recorded drops
+    assert hub.drops == []
+    hub.add_token(TOKEN, user=USER)
+    assert api.whoami()["name"] == USER

@@ -120,3 +120,21 @@ def additions(folder: Path, paths: list[str], lfs: bool) -> Iterator[list[Commit
             )
             for path in paths
         ]
+
+
+def pull_requests(api: HfApi, repo_id: str) -> dict[str, str]:
+    """The repo's pull request refs (``refs/pr/N``) and the commit each points at."""
+    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+    return {ref.ref: ref.target_commit for ref in refs.pull_requests or []}
+
+
+def opened_pull_request(
+    api: HfApi, repo_id: str, known: dict[str, str], folder: Path
+) -> tuple[int, str] | None:
+    """A pull request not in ``known`` whose head holds every file of ``folder``, as (number,
+    head commit): what a commit sent with ``create_pr`` opened when its answer was lost."""
+    new = {ref: sha for ref, sha in pull_requests(api, repo_id).items() if ref not in known}
+    for ref, sha in sorted(new.items(), key=lambda item: int(item[0].rsplit("/", 1)[-1])):
+        if not changed_files(api, repo_id, sha, folder):
+            return int(ref.rsplit("/", 1)[-1]), sha
+    return None

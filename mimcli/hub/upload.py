@@ -4,8 +4,10 @@ and send the folder's changed files as exactly one commit (``create_commit``, ne
 ``upload_folder``, which splits uploads into several commits when ``hf_xet`` is installed),
 retrying transient failures (HTTP 408/429/5xx, connection errors) with exponential backoff.
 Unchanged files are compared by hash with the branch and left out, and a folder with nothing
-changed makes no commit, so a re-run after a failure is safe. Large files go through Xet storage,
-or through Git LFS where the Hub has no Xet storage for the repo."""
+changed makes no commit, so a re-run after a failure is safe. A commit retried after its answer
+was lost is not made twice: the client finds the files on the branch and sends nothing, and a pull
+request opened by the lost attempt is recognised and reported instead of opening another. Large
+files go through Xet storage, or through Git LFS where the Hub has no Xet storage for the repo."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from mimcli.hub.commit import (
     client_uses_xet,
     folder_files,
     hub_offers_xet,
+    opened_pull_request,
+    pull_requests,
 )
 from mimcli.hub.download import endpoint_reachable, is_network_error
 from mimcli.hub.repo_folder import MARKER
@@ -51,6 +55,15 @@ class PushResult:
     pr_url: str | None
     unchanged: bool
     attempts: int
+
+
+@dataclass
+class _Committed:
+    """What ``create_commit`` answers, for a commit found on the Hub after its answer was lost."""
+
+    commit_url: str
+    oid: str
+    pr_url: str | None
 
 
 def _status(exc: BaseException) -> int | None:
@@ -258,8 +271,26 @@ def upload_folder(
     if lfs and on_warning is not None:
         on_warning(f"the Hub has no Xet storage for {repo_id}: uploading through Git LFS")
     message = commit_message or f"Upload encoder refined with mimcli {__version__}"
+    # the pull requests before the first attempt: one that appears later, with these files, was
+    # opened by an attempt whose answer was lost (on a branch the client itself drops files
+    # that the branch already has, so a commit sent again after a lost answer sends nothing)
+    known_prs = (
+        attempt(f"reading {repo_id}", lambda: pull_requests(api, repo_id)) if create_pr else {}
+    )
+    sent = 0
 
     def commit() -> Any:
+        nonlocal sent
+        sent += 1
+        if create_pr and sent > 1:
+            opened = opened_pull_request(api, repo_id, known_prs, folder)
+            if opened is not None:
+                number, sha = opened
+                return _Committed(
+                    commit_url=f"{api.endpoint}/{repo_id}/commit/{sha}",
+                    oid=sha,
+                    pr_url=f"{api.endpoint}/{repo_id}/discussions/{number}",
+                )
         with additions(folder, changed, lfs) as operations:
             return api.create_commit(
                 repo_id,
