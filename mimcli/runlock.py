@@ -38,7 +38,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def lease_seconds(lease_s: float | None = None) -> float:
-    return float(lease_s or os.environ.get("MIMCLI_LOCK_LEASE_S") or LEASE_S)
+    value = lease_s or os.environ.get("MIMCLI_LOCK_LEASE_S") or LEASE_S
+    try:
+        return float(value)
+    except ValueError:
+        raise MimcliError(f"MIMCLI_LOCK_LEASE_S={value!r}: give the lease in seconds") from None
 
 
 def _pid_start(pid: int) -> str | None:
@@ -235,6 +239,8 @@ def _acquire(lock: RunLock, force: bool) -> RunLock:
                 f"{root} is in use by {describe(holder)}; wait for it, or if that run is gone "
                 "pass --force-unlock"
             )
+        if (_read(lock.path) or {}).get("token") != holder.get("token"):
+            continue  # changed since it was read (a takeover or a release): look again
         why = "--force-unlock" if force else "stale lock"
         warnings.warn(f"{root}: {why}: taking over the lock of {describe(holder)}", stacklevel=3)
         write_json(lock.path, lock.record())
