@@ -154,15 +154,18 @@ def rename_in(partial: str | os.PathLike[str], target: str | os.PathLike[str]) -
     fsync_dir(Path(target).parent)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike[str], keep: str = "") -> list[Path]:
     """Delete the temporary files a killed writer left in ``folder`` (``.NAME.*.tmp``, as
-    :func:`atomic_path` names them) and ``*.partial`` folders; returns what was removed."""
+    :func:`atomic_path` names them) and ``*.partial`` folders, except those of the file ``keep``
+    (one a live thread may be writing); returns what was removed."""
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         stale_file = entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
+        if keep and entry.name.startswith(f".{keep}."):
+            continue
         stale_dir = entry.name.endswith(".partial") and entry.is_dir()
         if stale_file and entry.is_file():
             entry.unlink(missing_ok=True)

@@ -156,6 +156,14 @@ TrackerOpt = Annotated[
         show_default=False,
     ),
 ]
+ForceUnlockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-unlock",
+        help="Take the run folder's lock from another run that is gone (RUN/.mimcli.lock).",
+        rich_help_panel=OUTPUT,
+    ),
+]
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT),

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from mimcli.cli._common import OUTPUT, JsonOpt, handle_errors, print_json, stderr, stdout
+from mimcli.cli._common import (
+    OUTPUT,
+    ForceUnlockOpt,
+    JsonOpt,
+    handle_errors,
+    print_json,
+    stderr,
+    stdout,
+)
 
 HELP = (
     "Publish a refine run's encoder as a Hugging Face repo that "
@@ -161,6 +169,7 @@ def push(
             rich_help_panel=RETRIES,
         ),
     ] = 2.0,
+    force_unlock: ForceUnlockOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     from mimcli.hub.push import PushConfig, run_push
@@ -182,6 +191,7 @@ def push(
         tags=_split(tag),
         retries=retries,
         retry_wait=retry_wait,
+        force_unlock=force_unlock,
     )
     outcome = run_push(
         cfg,

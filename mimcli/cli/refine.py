@@ -17,6 +17,7 @@ from mimcli.cli._common import (
     SOURCES_HELP,
     BackendOpt,
     DeviceOpt,
+    ForceUnlockOpt,
     ImageColumnOpt,
     ImageProgress,
     LabelColumnOpt,
@@ -400,6 +401,7 @@ def refine(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    force_unlock: ForceUnlockOpt = False,
     seed: Annotated[
         int,
         typer.Option(
@@ -593,6 +595,7 @@ def refine(
         log_every=log_every,
         trackers=list(trackers or []),
         resume=resume,
+        force_unlock=force_unlock,
         seed=seed,
         device=device,
         num_workers=num_workers,

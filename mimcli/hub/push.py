@@ -4,12 +4,14 @@ remote happens until the folder is complete."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimcli import runlock
 from mimcli.errors import MimcliError, RemoteError
 from mimcli.hub.repo_folder import RepoFolder, build_repo_folder
 from mimcli.hub.upload import (
@@ -46,6 +48,8 @@ class PushConfig:
         tags: extra card tags.
         retries: retries of transient Hub failures per call.
         retry_wait: first backoff in seconds (doubles each retry).
+        force_unlock: take ``RUN_DIR/.mimcli.lock`` from another run that is gone (a live
+            ``refine`` or ``push`` on the folder is refused otherwise; :mod:`mimcli.runlock`).
     """
 
     run_dir: Path
@@ -64,6 +68,7 @@ class PushConfig:
     tags: list[str] = field(default_factory=list)
     retries: int = 4
     retry_wait: float = 2.0
+    force_unlock: bool = False
 
 
 @dataclass
@@ -117,7 +122,8 @@ def run_push(
         The folder built and the upload's result.
 
     Raises:
-        MimcliError: a mistake in the request, a bad run or results, the Hub refusing the token.
+        MimcliError: a mistake in the request, a bad run or results, the Hub refusing the token,
+            another live run holding ``RUN_DIR``.
         RemoteError: the Hub failed after retries; the message names the kept repo folder, so
             the same command can be run again.
     """
@@ -128,6 +134,17 @@ def run_push(
     if not cfg.run_dir.is_dir():
         raise MimcliError(f"{cfg.run_dir}: no such run folder")
     check_push_options(cfg.revision, cfg.create_pr)
+    if not os.access(cfg.run_dir, os.W_OK):  # read-only: no run can write it either
+        return _build_and_upload(cfg, on_retry, on_warning)
+    with runlock.acquire(cfg.run_dir, "push", force=cfg.force_unlock):  # one run per folder
+        return _build_and_upload(cfg, on_retry, on_warning)
+
+
+def _build_and_upload(
+    cfg: PushConfig,
+    on_retry: Callable[[str], None] | None,
+    on_warning: Callable[[str], None] | None,
+) -> PushOutcome:
     repo_id = _repo_id(cfg)
     staging = cfg.to if cfg.to is not None else cfg.run_dir / STAGING_DIR / STAGED_REPO
     built = build_repo_folder(

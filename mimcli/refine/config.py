@@ -59,6 +59,7 @@ class RefineConfig:
     log_every: int = 10  # metrics.jsonl: means over windows of N steps (see refine.window)
     trackers: list[str] = field(default_factory=list)  # --tracker: mimcli.trackers
     resume: bool = False
+    force_unlock: bool = False  # take RUN/.mimcli.lock from another run (mimcli.runlock)
     seed: int = 0
     device: str = "auto"
     num_workers: int | str = "auto"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mimcli import distributed as dist
+from mimcli import runlock
 from mimcli.blocks import resolve_blocks
 from mimcli.data import ImageList, subsample
 from mimcli.datasources import Columns, open_images
@@ -99,6 +100,7 @@ Prober = Callable[[RefineConfig], Path]
 class Refiner:
     """Holds the encoder, objective (heads, queues...), EMA and optimiser of one run."""
 
+    @runlock.released_on_error
     def __init__(
         self,
         cfg: RefineConfig,
@@ -118,6 +120,8 @@ class Refiner:
         self.device = select_device(cfg.device)
         dist.init_from_env(self.device)
         self.run = RunFolder(cfg.out)
+        # one run per folder (runlock): rank 0 holds RUN/.mimcli.lock until run_all ends
+        self.lock = runlock.hold_for_ranks(cfg.out, "refine", force=cfg.force_unlock)
         validate(cfg, dist.world_size(), self.run)
         self.cfg = cfg = settle_resize_rule(cfg, self.run)
         self.images = self.open_data(cfg)
@@ -528,8 +532,12 @@ class Refiner:
             stop, timed, lost = dist.agree_on_flags(
                 [self.stops.requested, self.checkpoint_due(), self.lock_lost()]
             )
-            if lost:
-                raise MimcliError(self.lock.lost_line())  # type: ignore[attr-defined]
+            if lost:  # another process owns the folder now: nothing more is written
+                raise MimcliError(
+                    self.lock.lost_line()
+                    if self.lock is not None
+                    else f"{self.cfg.out}: another process took this run folder; stopped"
+                )
             if checkpoint or stop or timed:
                 self.save(stage, done, window)
             if stop:
@@ -546,8 +554,7 @@ class Refiner:
 
     def lock_lost(self) -> bool:
         """Whether another process took this run folder's lock (``--force-unlock``)."""
-        lock = getattr(self, "lock", None)
-        return bool(lock is not None and lock.lost)
+        return bool(self.lock is not None and self.lock.lost)
 
     def resume_command(self) -> str:
         cfg = self.cfg
@@ -778,23 +785,26 @@ class Refiner:
 
     def run_all(self) -> RefineResult:
         """Both stages (from the checkpoint with ``--resume``), then the export; the trackers
-        are closed however the run ends."""
-        start_stage, start_step = "heads", 0
-        if dist.rank() == 0:  # what a kill left half-written (this run holds the folder now)
-            for path in remove_stale_temporaries(self.run.root):
-                logger.info("removed %s, left half-written by a stopped run", path.name)
-        if self.cfg.resume:
-            start_stage, start_step = self.restore()
-        elif dist.rank() == 0:
-            self.run.write_config(self.config_record())
-        self.trackers = self.open_trackers(start_stage, start_step)
-        failed = True
+        are closed and the run folder's lock released however the run ends."""
         try:
-            result = self.train_and_export(start_stage, start_step)
-            failed = False
+            start_stage, start_step = "heads", 0
+            if dist.rank() == 0:  # what a kill left half-written (this run holds the folder)
+                for path in remove_stale_temporaries(self.run.root, keep=runlock.LOCK_FILE):
+                    logger.info("removed %s, left half-written by a stopped run", path.name)
+            if self.cfg.resume:
+                start_stage, start_step = self.restore()
+            elif dist.rank() == 0:
+                self.run.write_config(self.config_record())
+            self.trackers = self.open_trackers(start_stage, start_step)
+            failed = True
+            try:
+                result = self.train_and_export(start_stage, start_step)
+                failed = False
+            finally:
+                self.trackers.finish(failed)
+            return result
         finally:
-            self.trackers.finish(failed)
-        return result
+            runlock.release(self.lock)
 
     def train_and_export(self, start_stage: str, start_step: int) -> RefineResult:
         for stage in STAGES[STAGES.index(start_stage) :]:

@@ -103,7 +103,7 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
     updates: dict[str, Any] = {}
     for f in fields(cfg):
         name = f.name
-        if name in ("resume", "out") or name not in saved or name in given:
+        if name in ("resume", "out", "force_unlock") or name not in saved or name in given:
             continue
         value = saved[name]
         if name in PATH_OPTIONS and value is not None:
