@@ -5,6 +5,7 @@ to the one before; Ctrl-C and SIGTERM save before stopping; files get the usual 
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -181,3 +182,32 @@ def test_no_keep_previous_keeps_one_checkpoint_and_says_so_when_it_is_damaged(
 
     with pytest.raises(MimcliError, match="no earlier checkpoint is kept"):
         Refiner(replace(cfg, resume=True)).run_all()
+
+
+def test_a_run_whose_folder_is_taken_over_stops_with_one_line(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    """``--force-unlock`` by another run: the running one notices at its lock's next renewal
+    and stops at the end of that step, writing nothing more."""
+    from mimcli import runlock
+    from mimcli.errors import MimcliError
+    from tests.objective_harness import tiny_cfg
+
+    monkeypatch.setenv("MIMCLI_LOCK_LEASE_S", "0.4")  # renewed every 0.1 s
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, data_dir, out, "nna", blocks="last1", head_steps=1,
+                   steps=300, checkpoint_every=1000, checkpoint_minutes=0)  # fmt: skip
+    taken: list = []
+
+    def progress(stage, done, total, figures):
+        if stage == "refine" and done == 2 and not taken:
+            taken.append(runlock.acquire(out, "eval", force=True))
+            time.sleep(0.5)
+
+    with pytest.raises(MimcliError, match="was taken over by eval") as caught:
+        Refiner(cfg, progress).run_all()
+    assert "\n" not in str(caught.value)
+    assert max(r["step"] for r in records(out)) < 20
+    assert json.loads((out / ".mimcli.lock").read_text())["token"] == taken[0].token
+    taken[0].release()
+    assert not (out / ".mimcli.lock").exists()

@@ -160,7 +160,7 @@ ForceUnlockOpt = Annotated[
     bool,
     typer.Option(
         "--force-unlock",
-        help="Take the run folder's lock from another run that is gone (RUN/.mimcli.lock).",
+        help="Take the run folder's lock from a run that is gone.",
         rich_help_panel=OUTPUT,
     ),
 ]

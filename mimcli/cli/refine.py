@@ -374,15 +374,14 @@ def refine(
             rich_help_panel=OUTPUT,
         ),
     ] = 15.0,
-    keep_previous: Annotated[
+    no_keep_previous: Annotated[
         bool,
         typer.Option(
-            "--keep-previous/--no-keep-previous",
-            help="Keep the checkpoint before the last; --resume falls back to it when the "
-            "last is damaged (--no-keep-previous halves checkpoint disk use).",
+            "--no-keep-previous",
+            help="Keep only the last checkpoint (half the disk; no fallback for --resume).",
             rich_help_panel=OUTPUT,
         ),
-    ] = True,
+    ] = False,
     log_every: Annotated[
         int,
         typer.Option(
@@ -591,7 +590,7 @@ def refine(
         val_limit=val_limit,
         checkpoint_every=checkpoint_every,
         checkpoint_minutes=checkpoint_minutes,
-        keep_previous=keep_previous,
+        keep_previous=not no_keep_previous,
         log_every=log_every,
         trackers=list(trackers or []),
         resume=resume,
