@@ -22,12 +22,12 @@ from mimcli.runs import RunFolder
 
 
 def soak_args(model_dir: Path, data_dir: Path, **over: str) -> list[str]:
-    """A tiny NNA run with 16 steps (6 head warm-up + 10 refinement) of batch 8, a checkpoint
-    every 2 steps and every 0.2 s (timed ones fall inside logging windows of 3 steps)."""
+    """A tiny NNA run with 32 steps (8 head warm-up + 24 refinement) of batch 8, a checkpoint
+    every 3 steps and every 0.2 s (timed ones fall inside logging windows of 2 steps)."""
     opts = {
-        "--blocks": "last2", "--head-steps": "6", "--steps": "10", "--batch-size": "8",
+        "--blocks": "last2", "--head-steps": "8", "--steps": "24", "--batch-size": "8",
         "--local-crops": "1", "--head-width": "32", "--num-workers": "1", "--topk": "3",
-        "--lr": "1e-3", "--checkpoint-every": "2", "--log-every": "3",
+        "--lr": "1e-3", "--checkpoint-every": "3", "--log-every": "2",
         "--checkpoint-minutes": "0.0033", **over,
     }  # fmt: skip
     return [str(model_dir), "--data", str(data_dir), *[x for kv in opts.items() for x in kv]]
@@ -96,20 +96,23 @@ def soak(
     out: Path,
     kills: int,
     seed: int,
-    total_records: int,
+    total_steps: int,
     pause_every: int = 3,
     pause_name: str = "checkpoint.safetensors",
     processes: int = 1,
     port: int = 0,
     timeout: float = 240,
 ) -> Soak:
-    """Run ``refine ARGS --out OUT`` to the end while SIGKILLing it ``kills`` times at seeded
-    random moments (every ``pause_every``-th kill instead lands while a checkpoint called
-    ``pause_name`` waits to be renamed), resuming after each (starting afresh while there is no
-    checkpoint yet). ``total_records``: the uninterrupted run's ``metrics.jsonl`` length."""
+    """Run ``refine ARGS --out OUT`` (``total_steps`` steps in all) to the end
+    while SIGKILLing it ``kills`` times, resuming after each (starting afresh while there is no
+    checkpoint yet). The kills fall at seeded random steps spread over the run (each once this
+    launch has logged that step, plus a random part of a step); every ``pause_every``-th kill
+    instead lands while a checkpoint called ``pause_name`` waits to be renamed."""
     rng = random.Random(seed)
+    at = sorted(rng.sample(range(1, total_steps - 1), kills))
     result = Soak()
     flag = out.parent / f".{out.name}.paused"
+    metrics = out / "metrics.jsonl"
     for i in range(kills + 1):
         last = i == kills
         resume = ["--resume"] if RunFolder(out).has_checkpoint() else []
@@ -117,11 +120,11 @@ def soak(
         env = {}
         if paused:
             flag.unlink(missing_ok=True)
-            nth = rng.randint(1, 3)
             env = {
-                "MIMCLI_TEST_PAUSE_BEFORE_RENAME": f"{pause_name}@{nth}",
+                "MIMCLI_TEST_PAUSE_BEFORE_RENAME": f"{pause_name}@{rng.randint(1, 2)}",
                 "MIMCLI_TEST_PAUSE_FLAG": str(flag),
             }
+        before = metrics.stat().st_ino if metrics.exists() else None
         proc = launch([*args, *resume], out, processes, port + i, **env)
         result.launches += 1
         if last:
@@ -133,22 +136,14 @@ def soak(
         if paused:
             while time.time() < deadline and not flag.exists() and proc.poll() is None:
                 time.sleep(0.01)
-        else:  # a random point of the progress left, then a random moment within a step
-            have = len(records(out))
-            left = max(1, total_records - have)
-            target = have + rng.randint(1, max(1, (2 * left) // (kills - i + 1)))
+        else:  # once this launch (its metrics file replaced on start) has logged step at[i]
             while time.time() < deadline and proc.poll() is None:
-                if len(records(out)) >= min(target, total_records - 1):
+                fresh = metrics.exists() and metrics.stat().st_ino != before
+                if fresh and max((r["step"] for r in records(out)), default=-1) >= at[i]:
                     break
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.15))
-        if proc.poll() is not None:  # it finished (or failed) before the kill
-            _, err = proc.communicate()
-            assert proc.returncode == 0, f"launch {i} failed:\n{err[-3000:]}"
-            result.log.append(err)
-            if (out / "export").exists():
-                return result
-            continue
+            time.sleep(rng.uniform(0.0, 0.1))
+        assert proc.poll() is None, f"launch {i} ended before its kill:\n{proc.communicate()[1]}"
         kill_run(proc)
         result.kills += 1
         result.paused_kills += paused and flag.exists()

@@ -124,3 +124,25 @@ def test_sharded_save_replaces_a_stale_old_folder_and_loads_a_subset(tmp_path):
         load_sharded(folder, lambda trainer: {"model": {"w": torch.zeros(2, 3)}})
     with pytest.raises(MimcliError, match="does not fit this model"):
         load_sharded(folder, lambda t: {"model": {"w": torch.zeros(3, 3), "step": torch.zeros(())}})
+
+
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_kept_before(tmp_path):
+    """Two saves keep the first as checkpoint.dcp.prev; with the last one's shards damaged,
+    loading says so and returns the one before; --no-keep-previous keeps none."""
+    folder = tmp_path / "checkpoint.dcp"
+    first = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_sharded(folder, {"model": first}, {"stage": "refine", "done": 2})
+    save_sharded(folder, {"model": {"w": first["w"] + 1}}, {"stage": "refine", "done": 4})
+    prev = folder.with_name("checkpoint.dcp.prev")
+    assert (prev / TRAINER).is_file()
+    for shard in (folder / "shards").rglob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:20])
+
+    def template(trainer):
+        return {"model": {"w": torch.zeros(2, 3)}}
+
+    with pytest.warns(UserWarning, match="resuming from the checkpoint before it"):
+        state = load_sharded(folder, template)
+    assert state["done"] == 2 and torch.equal(state["sharded"]["model"]["w"], first["w"])
+    save_sharded(folder, {"model": first}, {"stage": "refine", "done": 6}, keep_previous=False)
+    assert not prev.exists()

@@ -740,7 +740,8 @@ class Refiner:
         self.resume_window = windows[dist.rank()] if dist.rank() < len(windows) else None
         self.saved_at, self.last_save = (stage, state["done"]), time.monotonic()
         self.logged_through = max((r.get("step", -1) for r in self.run.metrics()), default=-1)
-        self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
+        if dist.rank() == 0:  # the records a resumed run writes again
+            self.run.truncate_metrics(self.global_step(stage, state["done"] - 1))
         return stage, state["done"]
 
     # -- export --
@@ -791,10 +792,12 @@ class Refiner:
             if dist.rank() == 0:  # what a kill left half-written (this run holds the folder)
                 for path in remove_stale_temporaries(self.run.root, keep=runlock.LOCK_FILE):
                     logger.info("removed %s, left half-written by a stopped run", path.name)
+            dist.barrier()  # no rank writes before that is done
             if self.cfg.resume:
                 start_stage, start_step = self.restore()
-            elif dist.rank() == 0:
-                self.run.write_config(self.config_record())
+            elif dist.rank() == 0:  # a fresh start: records of an attempt that stopped
+                self.run.write_config(self.config_record())  # before any checkpoint go
+                self.run.truncate_metrics(-1)
             self.trackers = self.open_trackers(start_stage, start_step)
             failed = True
             try:

@@ -22,6 +22,7 @@ filesystem every node sees.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from mimcli.fileio import rename_in
 from mimcli.runs import (
     PREV_SHARDED,
     SHARDED_TRAINER,
-    find_sharded,
+    find_sharded,  # noqa: F401  (re-exported: callers look for a checkpoint here)
     load_checkpoint,
     save_checkpoint,
     unflatten,
@@ -234,13 +235,47 @@ def load_sharded(
     ``template_for(trainer)`` returns state dicts shaped like the saved ones (today's, built for
     the saved stage; DTensors sharded like the saved ones): their tensors are filled in place.
     Returns the trainer state with the loaded state dicts under ``"sharded"``."""
+    candidates = [
+        c
+        for c in (folder, folder.with_name(folder.name + ".old"), folder.with_name(PREV_SHARDED))
+        if (c / TRAINER).is_file()
+    ]
+    if not candidates:
+        raise MimcliError(f"--resume: no sharded checkpoint in {folder.parent}")
+    first: str | None = None
+    for found in candidates:  # the last one, else the one kept before it (every rank alike)
+        try:
+            state = _load_sharded_from(found, folder, template_for)
+        except _Unreadable as exc:
+            first = first or str(exc)
+            continue
+        if found != candidates[0]:
+            warnings.warn(
+                f"{first}; resuming from the checkpoint before it ({found.name}, stage "
+                f"{state.get('stage')} step {state.get('done')})",
+                stacklevel=2,
+            )
+        return state
+    raise MimcliError(first)
+
+
+class _Unreadable(MimcliError):
+    """A sharded checkpoint that cannot be read (damaged, or not this model's)."""
+
+
+def _load_sharded_from(
+    found: Path, folder: Path, template_for: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    found = find_sharded(folder)
-    if found is None:
-        raise MimcliError(f"--resume: no sharded checkpoint in {folder.parent}")
-    trainer = load_checkpoint(found / TRAINER)
-    saved_world = int(trainer.pop("world_size"))
+    try:
+        trainer = load_checkpoint(found / TRAINER)
+        saved_world = int(trainer.pop("world_size"))
+        trainer["sharded_structure"]  # noqa: B018  (present in every sharded checkpoint)
+    except MimcliError as exc:
+        raise _Unreadable(str(exc)) from None
+    except (KeyError, TypeError, ValueError):
+        raise _Unreadable(f"{found / TRAINER} is not a whole sharded checkpoint") from None
     if saved_world != dist.world_size():
         raise MimcliError(
             f"--resume: the sharded checkpoint was written by {saved_world} processes, this run "
@@ -265,8 +300,8 @@ def load_sharded(
     try:
         dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(found / SHARDS)))
     except (Exception, dcp.api.CheckpointException) as exc:  # a BaseException, gathered from
-        # every rank's failure by DCP: all ranks raise alike
+        # every rank's failure by DCP: all ranks raise alike (damaged shards, other shapes)
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise MimcliError(misfit.format(lines[-1] if lines else type(exc).__name__)) from None
+        raise _Unreadable(misfit.format(lines[-1] if lines else type(exc).__name__)) from None
     trainer["sharded"] = unflatten(saved, tensors)
     return trainer
