@@ -67,6 +67,12 @@ def kill_run(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=60)
 
 
+def why(err: str) -> str:
+    """A failed launch's error lines, then the end of its stderr."""
+    lines = [x for x in err.splitlines() if "error:" in x or "Error:" in x][:8]
+    return "\n".join([*lines, "...", err[-2000:]])
+
+
 def records(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.exists():
@@ -130,7 +136,7 @@ def soak(
         if last:
             _, err = proc.communicate(timeout=timeout)
             result.log.append(err)
-            assert proc.returncode == 0, f"the last resume failed:\n{err[-3000:]}"
+            assert proc.returncode == 0, f"the last resume failed:\n{why(err)}"
             return result
         deadline = time.time() + timeout
         if paused:
@@ -143,7 +149,8 @@ def soak(
                     break
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.1))
-        assert proc.poll() is None, f"launch {i} ended before its kill:\n{proc.communicate()[1]}"
+        if proc.poll() is not None:
+            raise AssertionError(f"launch {i} ended before its kill:\n{why(proc.communicate()[1])}")
         kill_run(proc)
         result.kills += 1
         result.paused_kills += paused and flag.exists()
