@@ -113,7 +113,8 @@ def soak(
     while SIGKILLing it ``kills`` times, resuming after each (starting afresh while there is no
     checkpoint yet). The kills fall at seeded random steps spread over the run (each once this
     launch has logged that step, plus a random part of a step); every ``pause_every``-th kill
-    instead lands while a checkpoint called ``pause_name`` waits to be renamed."""
+    (but the last) instead lands while the launch's first checkpoint called ``pause_name``
+    waits to be renamed."""
     rng = random.Random(seed)
     at = sorted(rng.sample(range(1, total_steps - 1), kills))
     result = Soak()
@@ -122,12 +123,12 @@ def soak(
     for i in range(kills + 1):
         last = i == kills
         resume = ["--resume"] if RunFolder(out).has_checkpoint() else []
-        paused = not last and pause_every > 0 and i % pause_every == pause_every - 1
+        paused = i < kills - 1 and pause_every > 0 and i % pause_every == pause_every - 1
         env = {}
         if paused:
             flag.unlink(missing_ok=True)
             env = {
-                "MIMCLI_TEST_PAUSE_BEFORE_RENAME": f"{pause_name}@{rng.randint(1, 2)}",
+                "MIMCLI_TEST_PAUSE_BEFORE_RENAME": pause_name,  # its first write
                 "MIMCLI_TEST_PAUSE_FLAG": str(flag),
             }
         before = metrics.stat().st_ino if metrics.exists() else None

@@ -62,10 +62,10 @@ def usual_mode() -> int:
 
 
 def test_kill_soak_fast(inputs, tmp_path, reference):
-    """3 SIGKILLs at seeded random moments (the third while a checkpoint waits to be renamed),
+    """3 SIGKILLs at seeded random moments (the second while a checkpoint waits to be renamed),
     a resume after each: the same export and metrics as the uninterrupted run."""
     out = tmp_path / "soak"
-    done = soak(soak_args(*inputs), out, kills=3, seed=0, total_steps=32)
+    done = soak(soak_args(*inputs), out, kills=3, seed=0, total_steps=32, pause_every=2)
     assert done.kills == 3 and done.paused_kills == 1, done
     assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".partial"))]
     same_run(reference, out)
