@@ -140,3 +140,33 @@ def test_long_run_memory_is_flat_and_metrics_stay_one_per_logging_step(inputs, t
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     assert all(a["loss"] == b["loss"] for a, b in zip(got, expected, strict=True))
     same_run(tmp_path / "full", out)
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resumes_equal(inputs, tmp_path):
+    """SIGTERM to the torchrun launcher (what Slurm's scancel or a Kubernetes eviction sends): it
+    forwards the signal, both gloo ranks agree on a step, save there and exit; the resumed run
+    ends tensor-equal to an uninterrupted 2-process run."""
+    import signal
+    import time
+
+    args = soak_args(*inputs, **{"--checkpoint-minutes": "0", "--checkpoint-every": "100"})
+    full = reference_run(args, tmp_path / "full", processes=2)
+    out = tmp_path / "cut"
+    proc = launch(args, out, 2, free_port())
+    while max((r["step"] for r in records(out)), default=-1) < 12:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "SIGTERM: stopped after refine step" in err, err[-3000:]
+    from mimcli.runs import load_checkpoint
+
+    saved = load_checkpoint(out / "checkpoint.safetensors")
+    # logged global step 12 = refine step 5: the save comes after it
+    assert saved["stage"] == "refine" and saved["done"] >= 5, saved["done"]
+    proc = launch([*args, "--resume"], out, 2, free_port())
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    same_run(full, out)
