@@ -13,16 +13,19 @@ module (``pytest -s``) and checked per test.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
+import resource
 import struct
 import subprocess
 import sys
 import textwrap
 import zipfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,15 @@ from safetensors.torch import save as st_save
 
 from mimcli.blocks import MAX_BLOCK, parse_blocks, resolve_blocks
 from mimcli.errors import MimcliError
+from mimcli.refine.config import RefineConfig
+from mimcli.refine.setup import (
+    check_resume,
+    resume_num_heads,
+    settle_resize_rule,
+    validate,
+    with_saved_options,
+)
+from mimcli.runs import RunFolder
 
 SCALE = max(1, int(os.environ.get("MIMCLI_FUZZ_EXAMPLES", "1")))
 CASES: Counter[str] = Counter()
@@ -407,3 +419,158 @@ def test_option_string_parsers_ran():
     for name in ("model spec", "data source"):
         ran_at_least(name, 200 * SCALE)
     ran_at_least("trackers", 50 * SCALE)
+
+
+# ---------------------------------------------------------------- config.json files
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+REFINE_FIELDS = [
+    "objective", "num_heads", "blocks", "epochs", "steps", "batch_size", "lr", "global_scale",
+    "local_scale", "pos_embed_resize", "teacher", "trackers", "data", "val", "probe", "decoder",
+    "ema", "topk", "head_width", "queue_size", "shard", "export", "seed", "num_workers",
+    "freeze_blocks", "val_limit", "local_crops", "photometric", "augment_on", "head_input",
+]  # fmt: skip
+
+
+@st.composite
+def run_configs(draw) -> bytes:
+    """config.json of a run folder: garbage bytes, any JSON, or the recorded layout with random
+    values under real option names."""
+    how = draw(st.sampled_from(["bytes", "json", "layout", "layout"]))
+    if how == "bytes":
+        return draw(st.one_of(st.binary(max_size=40), st.just(b"[" * 100_000)))
+    if how == "json":
+        return json.dumps(draw(json_values)).encode()
+    config = draw(st.dictionaries(st.sampled_from(REFINE_FIELDS), json_values, max_size=6))
+    record = {"config": config}
+    if draw(st.booleans()):
+        record["resolved"] = draw(
+            st.one_of(json_values, st.fixed_dictionaries({"num_heads": json_values}))
+        )
+    if draw(st.booleans()):
+        record = {"config": draw(json_values)}
+    return json.dumps(record).encode()
+
+
+@fuzz(300, deadline_ms=2000)
+@given(
+    blob=run_configs(),
+    metrics=st.lists(st.one_of(st.text(max_size=12), json_values.map(json.dumps)), max_size=4),
+)
+def test_run_folder_configs_are_read_or_refused(tmp_path_factory, blob, metrics):
+    root = tmp_path_factory.getbasetemp() / "fuzz-run"
+    root.mkdir(exist_ok=True)
+    (root / "config.json").write_bytes(blob)
+    (root / "metrics.jsonl").write_text("\n".join(metrics))
+    (root / "checkpoint.safetensors").write_bytes(b"")
+    run = RunFolder(root)
+    record = accepts_or_one_line("run config", run.read_config)
+    assert record is None or isinstance(record, dict)
+    saved = run.saved_options()
+    assert saved is None or isinstance(saved, dict)
+    assert all(isinstance(r, dict) for r in run.metrics())
+    cfg = RefineConfig(model="m", data=root, out=root, resume=True)
+    cfg = accepts_or_one_line("run config", with_saved_options, cfg, set())
+    if cfg is None:
+        return
+    cfg = replace(cfg, resume=True, out=root)
+    accepts_or_one_line("run config", resume_num_heads, cfg, run)
+    accepts_or_one_line("run config", settle_resize_rule, cfg, run)
+    accepts_or_one_line("run config", validate, cfg, 1, run)
+    accepts_or_one_line("run config", check_resume, cfg, run, 2)
+
+
+@contextlib.contextmanager
+def address_space_headroom(gib: float):
+    """Lower this process's soft RLIMIT_AS to its current size + ``gib`` (the hard limit stays,
+    so it is raised back after): an allocation of what a config claims fails as MemoryError /
+    RuntimeError here instead of exhausting the machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as fh:
+        used = int(fh.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + int(gib * 2**30), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+ARCHS = ["vit_base_patch16_224", "vit_giant_patch14_224", "vit_small_patch16_224", "resnet50"]
+MODEL_ARGS = ["embed_dim", "depth", "num_heads", "img_size", "patch_size", "mlp_ratio", "foo"]
+arg_values = st.one_of(
+    st.sampled_from([0, 1, 2, 4, 8, 32, 48, 1024, 4096, 2**20, 2**40, -8, 0.5, 1e9]), json_values
+)
+
+
+@st.composite
+def folder_configs(draw) -> bytes:
+    from tests.conftest import TINY_ARGS
+
+    how = draw(st.sampled_from(["bytes", "json", "layout", "layout", "layout"]))
+    if how == "bytes":
+        return draw(st.binary(max_size=30))
+    if how == "json":
+        return json.dumps(draw(json_values)).encode()
+    args = dict(TINY_ARGS)
+    args.update(draw(st.dictionaries(st.sampled_from(MODEL_ARGS), arg_values, max_size=3)))
+    config = {
+        "architecture": draw(st.one_of(st.sampled_from(ARCHS), json_values)),
+        "model_args": args if draw(st.integers(0, 5)) else draw(json_values),
+        "num_classes": 0,
+        "num_features": 32,
+        "pretrained_cfg": {"input_size": [3, 32, 32]},
+    }
+    if draw(st.integers(0, 3)) == 0:
+        config.update(
+            draw(
+                st.dictionaries(
+                    st.sampled_from(
+                        ["num_classes", "pretrained_cfg", "model_type", "num_features"]
+                    ),
+                    json_values,
+                    max_size=2,
+                )
+            )
+        )
+    return json.dumps(config).encode()
+
+
+@fuzz(80, deadline_ms=10000)
+@given(blob=folder_configs())
+def test_timm_folder_configs_load_or_are_refused(tiny_model_dir, blob):
+    from mimcli.models.sources import load_model
+
+    (tiny_model_dir / "config.json").write_bytes(blob)
+    with address_space_headroom(3):
+        loaded = accepts_or_one_line("timm folder", load_model, str(tiny_model_dir))
+    if loaded is not None:
+        assert loaded.num_blocks >= 1
+
+
+def test_timm_folder_configs_ran():
+    ran_at_least("timm folder", 60 * SCALE)
+
+
+def test_a_folder_config_claiming_a_giant_model_is_refused_before_building_it(tiny_model_dir):
+    from mimcli.models.sources import load_model
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["architecture"] = "vit_giant_patch14_224"
+    config["model_args"] = {}
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    with address_space_headroom(3), pytest.raises(MimcliError, match="parameters but"):
+        load_model(str(tiny_model_dir))
+    config["model_args"] = {"depth": 10**6}
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MimcliError, match="depth=1000000 is out of range"):
+        load_model(str(tiny_model_dir))

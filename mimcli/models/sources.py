@@ -277,9 +277,51 @@ def _read_layout_config(spec: str, kind: str) -> dict[str, Any]:
     else:
         path = hub_file(spec[len("hf-hub:") :], "config.json", spec)
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8
         raise MimcliError(f"{spec}: config.json is missing or not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise MimcliError(f"{spec}: config.json holds no JSON object")
+    return config
+
+
+# Largest integer a timm config.json's model_args may give (widths, sizes); a ViT's depth and
+# head count are bounded like --blocks and #heads=N.
+MAX_MODEL_ARG = 2**16
+
+
+def check_layout_size(spec: str, config: dict[str, Any], weights: Path) -> None:
+    """A timm folder's config.json checked against its weights before timm builds the model:
+    ``architecture`` a string, ``model_args`` a dict of sane numbers, and the model it
+    describes (built on the meta device, no memory) no larger than the weights file (at least
+    one byte per parameter), so a config claiming a giant model fails in one line instead of
+    allocating it."""
+    from mimcli.blocks import MAX_BLOCK
+    from mimcli.models.spec import MAX_HEADS
+
+    arch, args = config.get("architecture"), config.get("model_args") or {}
+    if not isinstance(arch, str) or not isinstance(args, dict):
+        raise MimcliError(
+            f"{spec}: config.json needs 'architecture' (a timm name) and a dict of 'model_args'"
+        )
+    limits = {"depth": MAX_BLOCK, "num_heads": MAX_HEADS}
+    for key, value in args.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not abs(value) <= limits.get(key, MAX_MODEL_ARG):
+                raise MimcliError(f"{spec}: config.json model_args {key}={value} is out of range")
+    try:
+        with torch.device("meta"):
+            shape = timm.create_model(arch, pretrained=False, **{**args, "num_classes": 0})
+    except Exception as exc:  # timm/torch raise many types for arguments a model does not take
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MimcliError(f"{spec}: config.json does not describe a timm model ({first})") from exc
+    params = sum(p.numel() for p in shape.parameters())
+    size = weights.stat().st_size
+    if params > size:
+        raise MimcliError(
+            f"{spec}: config.json describes {params:,} parameters but {weights.name} holds only "
+            f"{size:,} bytes; the config does not belong to these weights"
+        )
 
 
 def _folder_of(spec: str) -> Path:
@@ -325,11 +367,11 @@ def _load_layout(spec: str, kind: str, heads: _Heads) -> LoadedModel:
         )
     if kind == "folder":
         folder = _folder_of(spec).resolve()
-        if (
-            not (folder / "model.safetensors").is_file()
-            and not (folder / "pytorch_model.bin").is_file()
-        ):
+        weights = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin")]
+        weights = [p for p in weights if p.is_file()]
+        if not weights:
             raise MimcliError(f"{spec}: timm layout folder without model.safetensors")
+        check_layout_size(spec, config, weights[0])
         loaded = _load_timm(spec, f"local-dir:{folder}", kind, heads)
         _attach_folder_decoder(loaded, folder)
         return loaded
