@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from mimcli.cli._common import OUTPUT, JsonOpt, handle_errors, print_json, stderr, stdout
+from mimcli.cli._common import (
+    OUTPUT,
+    JsonOpt,
+    handle_errors,
+    number_range,
+    print_json,
+    stderr,
+    stdout,
+)
 
 HELP = (
     "Publish a refine run's encoder as a Hugging Face repo that "
@@ -148,6 +156,7 @@ def push(
         typer.Option(
             "--retries",
             min=0,
+            max=100,
             help="Retries of transient Hub failures.",
             rich_help_panel=RETRIES,
         ),
@@ -157,6 +166,7 @@ def push(
         typer.Option(
             "--retry-wait",
             min=0.0,
+            callback=number_range(0, 3600),
             help="First backoff in seconds (doubles).",
             rich_help_panel=RETRIES,
         ),
