@@ -638,7 +638,7 @@ def _label_value(label: Any) -> Any:
     """A shard's label file (text bytes) as an int when it is one, else as text."""
     if isinstance(label, (bytes, bytearray)):
         text = label.decode("utf-8", "replace").strip()
-        return int(text) if text.lstrip("-").isdigit() else text
+        return int(text) if re.fullmatch(r"-?[0-9]{1,18}", text) else text
     return label
 
 

@@ -574,3 +574,32 @@ def test_a_folder_config_claiming_a_giant_model_is_refused_before_building_it(ti
     (tiny_model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(MimcliError, match="depth=1000000 is out of range"):
         load_model(str(tiny_model_dir))
+
+
+option_texts = st.one_of(
+    st.sampled_from(["auto", "AUTO", "paper", "0", "8", "16", "²", "-1", "9" * 30, " 64 ", ""]),
+    st.text(max_size=8),
+    st.integers(-5, 2**40),
+)
+
+
+@fuzz(200, deadline_ms=500)
+@given(spec=option_texts, size=st.integers(0, 10**6))
+def test_auto_or_count_options_are_parsed_or_refused(spec, size):
+    from mimcli.datasources import _label_value
+    from mimcli.heads import MAX_WIDTH, head_widths
+    from mimcli.queue import MAX_QUEUE_SIZE, queue_size
+    from mimcli.runtime import MAX_WORKERS, resolve_workers
+
+    n = accepts_or_one_line("auto or N", queue_size, spec, size)
+    assert n is None or 1 <= n <= MAX_QUEUE_SIZE
+    widths = accepts_or_one_line("auto or N", head_widths, 768, spec)
+    assert widths is None or 8 <= widths.hidden <= MAX_WIDTH
+    workers = accepts_or_one_line("auto or N", resolve_workers, spec)
+    assert workers is None or 0 <= workers[0] <= max(MAX_WORKERS, os.cpu_count() or 1)
+    label = _label_value(str(spec).encode())
+    assert isinstance(label, int | str)
+
+
+def test_auto_or_count_options_ran():
+    ran_at_least("auto or N", 3 * 150 * SCALE)

@@ -83,16 +83,19 @@ def number_range(
     return check
 
 
-def count_or_auto(hi: int, lo: int = 1) -> Callable[[str | None], str | None]:
-    """A typer callback for options taking ``auto`` or a whole number in ``lo``..``hi``."""
+def count_or_auto(
+    hi: int, lo: int = 1, words: tuple[str, ...] = ("auto",)
+) -> Callable[[str | None], str | None]:
+    """A typer callback for options taking ``auto`` (or other ``words``) or a whole number in
+    ``lo``..``hi``."""
 
     def check(value: str | None) -> str | None:
-        if value is None or value.strip() == "auto":
+        if value is None or value.strip().lower() in words:
             return value
         text = value.strip()
         if not (text.isascii() and text.isdigit() and lo <= int(text[:12]) <= hi):
             shown = repr(value if len(value) <= 12 else value[:9] + "...")
-            raise typer.BadParameter(f"{shown} is not auto or {lo}..{hi}")
+            raise typer.BadParameter(f"{shown} is not {' or '.join(words)} or {lo}..{hi}")
         return text
 
     return check

@@ -286,7 +286,7 @@ def refine(
         str,
         typer.Option(
             "--head-width",
-            callback=count_or_auto(65536),
+            callback=count_or_auto(65536, lo=8, words=("auto", "paper")),
             help="auto (paper sizes for wide models) or N.",
             rich_help_panel=HEADS,
         ),
@@ -318,7 +318,6 @@ def refine(
         float | None,
         typer.Option(
             "--temperature",
-            callback=number_range(0, lo_open=True),
             help="Loss tau; nna 0.2/0.3 by width, nnclr 0.15-0.3, mimco 0.2, conmim 0.1.",
             rich_help_panel=OBJECTIVE,
         ),
@@ -327,7 +326,6 @@ def refine(
         float | None,
         typer.Option(
             "--mask-ratio",
-            callback=number_range(0, 1, lo_open=True, hi_open=True),
             help="Masked patches: mimco 0.6, conmim 0.4, mrmae 0.75.",
             rich_help_panel=OBJECTIVE,
         ),
@@ -336,7 +334,6 @@ def refine(
         float | None,
         typer.Option(
             "--momentum",
-            callback=number_range(0, 1, hi_open=True),
             help="EMA target momentum: nnclr projector 0.99, conmim encoder 0.996 (-> 1).",
             rich_help_panel=OBJECTIVE,
         ),
@@ -345,19 +342,13 @@ def refine(
         float | None,
         typer.Option(
             "--image-weight",
-            callback=number_range(0),
             help="mimco: weight of the image-level loss.",
             rich_help_panel=OBJECTIVE,
         ),
     ] = None,
     mimic_weight: Annotated[
         float | None,
-        typer.Option(
-            "--mimic-weight",
-            callback=number_range(0),
-            help="Weight of the mimic loss.",
-            rich_help_panel=MRMAE,
-        ),
+        typer.Option("--mimic-weight", help="Weight of the mimic loss.", rich_help_panel=MRMAE),
     ] = None,
     reconstruction: Annotated[
         bool,
