@@ -530,7 +530,12 @@ def folder_configs(draw) -> bytes:
         "num_features": 32,
         "pretrained_cfg": {"input_size": [3, 32, 32]},
     }
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 4)) == 0:  # transformers' data2vec-vision layout, random sizes
+        keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size", "layer_norm_eps", "layer_scale_init_value", "hidden_act"]  # fmt: skip
+        config = {"model_type": "data2vec-vision"}
+        config.update(draw(st.dictionaries(st.sampled_from(keys), arg_values, max_size=4)))
+    elif draw(st.integers(0, 3)) == 0:
         config.update(
             draw(
                 st.dictionaries(
@@ -603,3 +608,18 @@ def test_auto_or_count_options_are_parsed_or_refused(spec, size):
 
 def test_auto_or_count_options_ran():
     ran_at_least("auto or N", 3 * 150 * SCALE)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("num_hidden_layers", 10**12, "not in 1..1024"), ("hidden_size", "abc", "not a whole number"),
+     ("patch_size", 0, "not in 1..8192"), ("image_size", [224, None], "not a whole number"),
+     ("layer_norm_eps", [1], "not a number")],
+)  # fmt: skip
+def test_data2vec_vision_configs_with_bad_sizes_are_one_line(tiny_model_dir, field, value, message):
+    from mimcli.models.sources import load_model
+
+    config = {"model_type": "data2vec-vision", field: value}
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MimcliError, match=message):
+        load_model(str(tiny_model_dir))
