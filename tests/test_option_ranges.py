@@ -80,6 +80,8 @@ BAD = [
     ("refine", "--weight-decay", "-0.05"),
     ("refine", "--temperature", "0"),
     ("refine", "--temperature", "-0.2"),
+    ("refine", "--temperature", "inf"),
+    ("refine", "--mimic-weight", "inf"),
     ("refine", "--mask-ratio", "1"),
     ("refine", "--mask-ratio", "0"),
     ("refine", "--momentum", "1"),
