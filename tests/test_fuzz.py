@@ -674,3 +674,22 @@ def test_checkpoints_with_odd_keys_and_shapes_load_or_are_refused(pickle_dir, to
         loaded = accepts_or_one_line("checkpoint contents", load_model, str(path))
     if loaded is not None:
         assert loaded.num_blocks >= 1
+
+
+def test_cases_found_by_long_runs_stay_one_line(tmp_path):
+    """Found with MIMCLI_FUZZ_EXAMPLES=20: a dtype holding a line break came back inside the
+    safetensors error; a class name with a NUL byte made building its inert stub raise
+    ValueError."""
+    from mimcli.models.checkpoints import read_checkpoint
+
+    header, data = _split(_valid_safetensors())
+    header["a"]["dtype"] = "\r"
+    (tmp_path / "cr.safetensors").write_bytes(_pack(header, data))
+    with pytest.raises(MimcliError) as err:
+        read_checkpoint(tmp_path / "cr.safetensors")
+    assert "\r" not in str(err.value) and "\n" not in str(err.value)
+    blob = _torch_bytes({"w": torch.arange(4.0)}, True)
+    assert blob.count(b"FloatStorage") == 1
+    (tmp_path / "nul.pth").write_bytes(blob.replace(b"FloatStorage", b"\0loatStorage"))
+    with pytest.raises(MimcliError, match="weights-only torch checkpoint"):
+        read_checkpoint(tmp_path / "nul.pth")
