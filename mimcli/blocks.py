@@ -16,27 +16,44 @@ def to_indices(blocks: Sequence[int]) -> list[int]:
     return [b - 1 for b in blocks]
 
 
+# No ViT has more blocks than this (ViT-22B has 48); larger numbers are refused before a range
+# is built, so ``--blocks 1-20000000`` costs nothing.
+MAX_BLOCK = 1024
+
+
+def _block_number(text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_blocks(text: str | None) -> list[int] | None:
-    """``"1,4,8-12"`` -> [1, 4, 8, 9, 10, 11, 12] (1-based block numbers)."""
+    """``"1,4,8-12"`` -> [1, 4, 8, 9, 10, 11, 12] (1-based block numbers, each at most
+    :data:`MAX_BLOCK`)."""
     if text is None or text.strip() in ("", "all"):
         return None
+    shown = text if len(text) <= 40 else text[:37] + "..."
     blocks: set[int] = set()
     try:
-        for part in text.split(","):
-            part = part.strip()
+        for part in text.split(",", MAX_BLOCK):
             if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                blocks.update(range(lo, hi + 1))
+                lo, hi = (_block_number(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError(part)
             else:
-                blocks.add(int(part))
-            if "-" in part and lo > hi:
-                raise ValueError(part)
+                lo = hi = _block_number(part)
+            if hi > MAX_BLOCK:
+                raise MimcliError(
+                    f"--blocks {shown!r}: block {hi} is beyond any model (at most {MAX_BLOCK})"
+                )
+            blocks.update(range(lo, hi + 1))
     except ValueError as exc:
         raise MimcliError(
-            f"--blocks {text!r}: expected block numbers like 9,10,12 or 17-24 (counted from 1)"
+            f"--blocks {shown!r}: expected block numbers like 9,10,12 or 17-24 (counted from 1)"
         ) from exc
     if not blocks:
-        raise MimcliError(f"--blocks {text!r}: no blocks selected")
+        raise MimcliError(f"--blocks {shown!r}: no blocks selected")
     return sorted(blocks)
 
 
@@ -44,6 +61,7 @@ def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int]
     """``auto`` (probe.json recommendation, else the last third, at most 8), ``lastN``, or a list
     like ``17,20,24`` / ``17-24``. Returns 1-based blocks and the reason, for config.json."""
     spec = spec.strip()
+    shown = repr(spec if len(spec) <= 40 else spec[:37] + "...")
     if spec == "auto":
         if probe is not None:
             rec = read_probe_json(probe)["recommendation"]
@@ -58,15 +76,16 @@ def resolve_blocks(spec: str, depth: int, probe: Path | None) -> tuple[list[int]
             blocks = list(range(depth - n + 1, depth + 1))
     elif spec.startswith("last"):
         try:
-            n = int(spec[4:])
+            n = _block_number(spec[4:])
         except ValueError as exc:
-            raise MimcliError(f"--blocks {spec!r}: expected lastN, e.g. last4") from exc
+            raise MimcliError(f"--blocks {shown}: expected lastN, e.g. last4") from exc
         if not 1 <= n <= depth:
-            raise MimcliError(f"--blocks {spec}: the model has {depth} blocks")
+            raise MimcliError(f"--blocks {shown}: lastN needs N in 1..{depth}, the model's blocks")
         blocks, reason = list(range(depth - n + 1, depth + 1)), f"the last {n} blocks"
     else:
         blocks, reason = parse_blocks(spec) or [], "given with --blocks"
     bad = [b for b in blocks if not 1 <= b <= depth]
     if bad or not blocks:
-        raise MimcliError(f"--blocks {spec}: blocks must lie in 1..{depth}, got {blocks}")
+        got = ",".join(map(str, bad[:8])) + (",..." if len(bad) > 8 else "") or "none"
+        raise MimcliError(f"--blocks {shown}: blocks must lie in 1..{depth}, got {got}")
     return blocks, reason

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -509,15 +511,42 @@ def _note_sorted(stream: Stream, labels: Sequence[int], classes: int) -> None:
         )
 
 
+# More shards than any dataset is split into; a brace pattern asking for more is a typo, refused
+# before its ranges are expanded (braceexpand builds each {lo..hi} range as a list).
+MAX_SHARDS = 100_000
+_BRACE_RANGE = re.compile(r"\{([^{},.]*)\.\.([^{},.]*)(?:\.\.[^{},]*)?\}")
+
+
+def expand_shards(pattern: str, spec: str) -> list[str]:
+    """The shard paths of a brace pattern (``shard-{000..099}.tar``), at most
+    :data:`MAX_SHARDS`, refused in one line beyond that or when the pattern is empty."""
+    from braceexpand import braceexpand
+
+    for lo, hi in _BRACE_RANGE.findall(pattern):
+        ints = [re.fullmatch(r"[+-]?[0-9]{1,12}", v.strip()) for v in (lo, hi)]
+        too_long = max(len(lo), len(hi)) > 12
+        if too_long or (all(ints) and abs(int(hi) - int(lo)) >= MAX_SHARDS):
+            raise MimcliError(
+                f"{spec}: the range {{{lo}..{hi}}} names more than {MAX_SHARDS} shards"
+            )
+    try:
+        shards = list(itertools.islice(braceexpand(pattern), MAX_SHARDS + 1))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise MimcliError(f"{spec}: not a brace pattern of shards ({exc})") from exc
+    if len(shards) > MAX_SHARDS:
+        raise MimcliError(f"{spec}: the pattern names more than {MAX_SHARDS} shards")
+    if not shards or not all(shards):
+        raise MimcliError(f"{spec}: an empty shard name; e.g. wds/data/shard-{{000..009}}.tar")
+    return shards
+
+
 class WdsStream(Stream):
     """WebDataset tar shards (local paths or http(s) URLs), read with ``webdataset``."""
 
     def __init__(self, pattern: str, spec: str, columns: Columns) -> None:
         super().__init__(spec, columns)
         _need("webdataset", spec)
-        from braceexpand import braceexpand
-
-        self.shards = list(braceexpand(pattern))
+        self.shards = expand_shards(pattern, spec)
         self.image_field: str | None = None
 
     def _remote(self) -> bool:
@@ -609,7 +638,7 @@ def _label_value(label: Any) -> Any:
     """A shard's label file (text bytes) as an int when it is one, else as text."""
     if isinstance(label, (bytes, bytearray)):
         text = label.decode("utf-8", "replace").strip()
-        return int(text) if text.lstrip("-").isdigit() else text
+        return int(text) if re.fullmatch(r"-?[0-9]{1,18}", text) else text
     return label
 
 

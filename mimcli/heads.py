@@ -20,6 +20,7 @@ PAPER_HIDDEN = 2048
 PAPER_OUT = 256
 PAPER_PREDICTOR_HIDDEN = 4096
 MIN_WIDTH = 8
+MAX_WIDTH = 65536  # 32x the paper's hidden width; larger is a typo (and a memory bomb)
 ACTIVATIONS = ("gelu", "relu")
 
 
@@ -177,15 +178,15 @@ def head_widths(embed_dim: int, spec: str | int = "auto") -> HeadWidths:
             )
         if text == "paper":
             return HeadWidths(PAPER_HIDDEN, PAPER_OUT, PAPER_PREDICTOR_HIDDEN)
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise MimcliError(
                 f"--head-width {spec!r}: use 'auto', 'paper' or a whole number >= {MIN_WIDTH}"
             )
         spec = int(text)
     if isinstance(spec, bool) or not isinstance(spec, int):
         raise MimcliError(f"--head-width {spec!r}: use 'auto', 'paper' or a whole number")
-    if spec < MIN_WIDTH:
-        raise MimcliError(f"--head-width {spec}: must be at least {MIN_WIDTH}")
+    if not MIN_WIDTH <= spec <= MAX_WIDTH:
+        raise MimcliError(f"--head-width {spec}: must lie in {MIN_WIDTH}..{MAX_WIDTH}")
     return HeadWidths(hidden=spec, out=min(PAPER_OUT, spec), predictor_hidden=2 * spec)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,12 @@ def run_probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult
             timings[f"features_{name}"] = feats[name].seconds
         if len(feats["train"]) == 0 or len(feats["val"]) == 0:
             raise MimcliError("no readable images left in --train or --val")
+        if cfg.k > len(feats["train"]):
+            warnings.warn(
+                f"--k {cfg.k} is more than the {len(feats['train'])} --train images; each vote "
+                f"uses all {len(feats['train'])} of them",
+                stacklevel=1,
+            )
         start = time.perf_counter()
         scores, final = score_blocks(
             feats["train"],

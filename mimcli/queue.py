@@ -15,6 +15,7 @@ from mimcli.index import topk_inner_product
 
 # The paper's queue length; smaller datasets get one slot per sample (random entries would linger).
 MAX_AUTO_QUEUE_SIZE = 65_536
+MAX_QUEUE_SIZE = 2**24  # 256x the paper's queue; larger is a typo (and a memory bomb)
 
 
 @dataclass
@@ -231,11 +232,13 @@ def queue_size(spec: str | int, dataset_size: int) -> int:
             if dataset_size < 1:
                 raise MimcliError("--queue-size auto needs a non-empty training set")
             return min(MAX_AUTO_QUEUE_SIZE, dataset_size)
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise MimcliError(f"--queue-size must be 'auto' or a positive integer, got {spec!r}")
         spec = int(text)
-    if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
-        raise MimcliError(f"--queue-size must be 'auto' or a positive integer, got {spec!r}")
+    if isinstance(spec, bool) or not isinstance(spec, int) or not 1 <= spec <= MAX_QUEUE_SIZE:
+        raise MimcliError(
+            f"--queue-size must be 'auto' or a whole number in 1..{MAX_QUEUE_SIZE}, got {spec!r}"
+        )
     return spec
 
 

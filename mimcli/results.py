@@ -85,8 +85,8 @@ def read_probe_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         [int(b) for b in data["recommendation"]["blocks"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise MimcliError(f"{path}: not a probe.json written by mimcli probe ({exc})") from exc
+    except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise MimcliError(f"{path}: not a probe.json written by mimcli probe ({exc!r})") from exc
     return data
 
 

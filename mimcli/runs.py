@@ -247,15 +247,18 @@ class RunFolder:
 
     def read_config(self) -> dict[str, Any]:
         try:
-            return json.loads(self.config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            record = json.loads(self.config_path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8
             raise MimcliError(f"{self.root}: no readable config.json ({exc})") from exc
+        if not isinstance(record, dict):
+            raise MimcliError(f"{self.root}: config.json holds no JSON object; not a run folder")
+        return record
 
     def saved_options(self) -> dict[str, Any] | None:
         """The options recorded in ``config.json`` (its ``config`` part), None if unreadable."""
         try:
             saved = json.loads(self.config_path.read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         return saved if isinstance(saved, dict) else None
 
@@ -306,11 +309,14 @@ class RunFolder:
         if not self.metrics_path.exists():
             return []
         out = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
                 continue
+            step = record.get("step", 0) if isinstance(record, dict) else None
+            if isinstance(step, int | float) and not isinstance(step, bool):  # else: not ours
+                out.append(record)
         return out
 
     def truncate_metrics(self, after_step: int) -> None:

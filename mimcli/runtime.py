@@ -50,11 +50,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+MAX_WORKERS = 1024  # DataLoader worker processes; more is a typo
+
+
 def resolve_workers(value: int | str) -> tuple[int, bool]:
     """``--num-workers``: a count, or ``auto`` = this process's share of the cores (under
     torchrun: usable cores / processes on this node, at least 1). Returns (count, whether it
     was asked for explicitly)."""
-    if isinstance(value, int) or str(value).isdigit():
+    if isinstance(value, int) or (str(value).isascii() and str(value).isdigit()):
+        if not 0 <= int(value) <= MAX_WORKERS:
+            raise MimcliError(f"--num-workers must lie in 0..{MAX_WORKERS}, got {value}")
         return int(value), True
     if str(value) != "auto":
         raise MimcliError(f"--num-workers must be a count or auto, got {value!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -46,6 +47,65 @@ HEADS_HELP = (
     "architecture, where the head count came from, what was left out."
 )
 
+
+def number_range(
+    lo: float,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> Callable[[float | None], float | None]:
+    """A typer callback bounding a float option at parse time: finite (``nan``/``inf`` are
+    refused) and within ``lo``..``hi`` (open ends where asked); None (an unset option that
+    means 'default' or 'off') passes. A bad value is click's usage error: one line naming the
+    option, exit 2."""
+
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if hi is None:
+        shown = f"{'>' if lo_open else '>='} {num(lo)}"
+    else:
+        shown = f"in {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        ok = math.isfinite(value)
+        if ok:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value < hi if hi_open else value <= hi
+        if not ok:
+            raise typer.BadParameter(f"{value:g} is not {shown}")
+        return value
+
+    return check
+
+
+def count_or_auto(
+    hi: int, lo: int = 1, words: tuple[str, ...] = ("auto",)
+) -> Callable[[str | None], str | None]:
+    """A typer callback for options taking ``auto`` (or other ``words``) or a whole number in
+    ``lo``..``hi``."""
+
+    def check(value: str | None) -> str | None:
+        if value is None or value.strip().lower() in words:
+            return value
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and lo <= int(text[:12]) <= hi):
+            shown = repr(value if len(value) <= 12 else value[:9] + "...")
+            raise typer.BadParameter(f"{shown} is not {' or '.join(words)} or {lo}..{hi}")
+        return text
+
+    return check
+
+
+# Bounds shared by the commands (sane caps: far above any real use, far below a memory bomb).
+MAX_SEED = 2**32 - 1
+MAX_IMG_SIZE = 8192
+MAX_HEADS_OPTION = 1024
+
 DeviceOpt = Annotated[
     str,
     typer.Option(
@@ -60,6 +120,7 @@ WorkersOpt = Annotated[
     str,
     typer.Option(
         "--num-workers",
+        callback=count_or_auto(1024, lo=0),
         help="DataLoader worker processes; auto: this process's share of the CPU cores.",
         rich_help_panel=RUNTIME,
     ),
@@ -109,6 +170,7 @@ ImgSizeOpt = Annotated[
     typer.Option(
         "--img-size",
         min=8,
+        max=MAX_IMG_SIZE,
         help="Override the model's eval input size (pixels).",
         rich_help_panel=TRANSFORM,
     ),
@@ -117,6 +179,7 @@ CropPctOpt = Annotated[
     float | None,
     typer.Option(
         "--crop-pct",
+        callback=number_range(0, 1, lo_open=True),
         help="Override the centre-crop fraction, e.g. 0.875.",
         rich_help_panel=TRANSFORM,
     ),
@@ -142,6 +205,7 @@ NumHeadsOpt = Annotated[
     typer.Option(
         "--num-heads",
         min=1,
+        max=MAX_HEADS_OPTION,
         help="Attention heads of MODEL if its file has no count (= MODEL#heads=N).",
         rich_help_panel=MODEL,
     ),

@@ -10,6 +10,8 @@ import typer
 from mimcli.cli._common import (
     DATA,
     HEADS_HELP,
+    MAX_HEADS_OPTION,
+    MAX_SEED,
     MODEL,
     OUTPUT,
     RUNTIME,
@@ -24,6 +26,7 @@ from mimcli.cli._common import (
     TrackerOpt,
     WorkersOpt,
     handle_errors,
+    number_range,
     print_json,
     stdout,
 )
@@ -87,6 +90,7 @@ def evaluate(
         typer.Option(
             "--num-heads",
             min=1,
+            max=MAX_HEADS_OPTION,
             help="Attention heads of each MODEL with no count in its file or #heads=N.",
             rich_help_panel=MODEL,
         ),
@@ -120,12 +124,22 @@ def evaluate(
         typer.Option("--k", help="k values for k-NN, e.g. 10,20.", rich_help_panel=PROTOCOLS),
     ] = "10,20",
     tau: Annotated[
-        float, typer.Option("--tau", help="k-NN vote temperature.", rich_help_panel=PROTOCOLS)
+        float,
+        typer.Option(
+            "--tau",
+            callback=number_range(0, lo_open=True),
+            help="k-NN vote temperature.",
+            rich_help_panel=PROTOCOLS,
+        ),
     ] = 0.07,
     linear_epochs: Annotated[
         int,
         typer.Option(
-            "--linear-epochs", min=1, help="Linear-probe epochs.", rich_help_panel=PROTOCOLS
+            "--linear-epochs",
+            min=1,
+            max=10_000,
+            help="Linear-probe epochs.",
+            rich_help_panel=PROTOCOLS,
         ),
     ] = 20,
     cluster_features: Annotated[
@@ -169,6 +183,8 @@ def evaluate(
         int,
         typer.Option(
             "--seed",
+            min=0,
+            max=MAX_SEED,
             help="Seed of the subsets, linear probes and k-means.",
             rich_help_panel=RUNTIME,
         ),
@@ -181,10 +197,12 @@ def evaluate(
     from mimcli.evaluate.runner import EvalConfig, run_eval
     from mimcli.report.tables import eval_table
 
-    try:
-        ks = tuple(int(x) for x in k.split(","))
-    except ValueError as exc:
-        raise MimcliError(f"--k {k!r}: expected numbers like 10,20") from exc
+    parts = [x.strip() for x in k.split(",", 16)]
+    if len(parts) > 16 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
+        raise MimcliError(f"--k {k!r}: expected 1 to 16 numbers like 10,20")
+    ks = tuple(int(p) for p in parts)
+    if not all(1 <= x <= 100_000 for x in ks):
+        raise MimcliError(f"--k {k!r}: each k must lie in 1..100000")
     cfg = EvalConfig(
         models=list(models),
         train=data_spec(train),

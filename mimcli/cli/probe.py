@@ -11,6 +11,7 @@ from mimcli.blocks import parse_blocks
 from mimcli.cli._common import (
     DATA,
     HEADS_HELP,
+    MAX_SEED,
     OUTPUT,
     RUNTIME,
     SOURCES_HELP,
@@ -30,6 +31,7 @@ from mimcli.cli._common import (
     StdOpt,
     WorkersOpt,
     handle_errors,
+    number_range,
     print_json,
     stderr,
     stdout,
@@ -86,10 +88,17 @@ def probe(
         Path | None,
         typer.Option("--out", help="Folder for probe.json and probe.png.", rich_help_panel=OUTPUT),
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="Neighbours that vote.", rich_help_panel=KNN)] = 10,
+    k: Annotated[
+        int, typer.Option("--k", min=1, help="Neighbours that vote.", rich_help_panel=KNN)
+    ] = 10,
     tau: Annotated[
         float,
-        typer.Option("--tau", help="Vote temperature: weight exp(sim/tau).", rich_help_panel=KNN),
+        typer.Option(
+            "--tau",
+            callback=number_range(0, lo_open=True),
+            help="Vote temperature: weight exp(sim/tau).",
+            rich_help_panel=KNN,
+        ),
     ] = 0.07,
     blocks: Annotated[
         str | None,
@@ -134,19 +143,32 @@ def probe(
         float,
         typer.Option(
             "--margin",
+            callback=number_range(0, 100),
             help="Heads start at the first block this close to the peak.",
             rich_help_panel=HEADS,
         ),
     ] = 1.0,
     max_heads: Annotated[
-        int, typer.Option("--max-heads", help="At most this many heads.", rich_help_panel=HEADS)
+        int,
+        typer.Option(
+            "--max-heads", min=1, max=1024, help="At most this many heads.", rich_help_panel=HEADS
+        ),
     ] = 8,
     min_heads: Annotated[
-        int, typer.Option("--min-heads", help="At least this many heads.", rich_help_panel=HEADS)
+        int,
+        typer.Option(
+            "--min-heads", min=1, max=1024, help="At least this many heads.", rich_help_panel=HEADS
+        ),
     ] = 4,
     seed: Annotated[
         int,
-        typer.Option("--seed", help="Seed of the --limit-* subsets.", rich_help_panel=DATA),
+        typer.Option(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Seed of the --limit-* subsets.",
+            rich_help_panel=DATA,
+        ),
     ] = 0,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,

@@ -12,6 +12,7 @@ from mimcli.cli._common import (
     ForceUnlockOpt,
     JsonOpt,
     handle_errors,
+    number_range,
     print_json,
     stderr,
     stdout,
@@ -156,6 +157,7 @@ def push(
         typer.Option(
             "--retries",
             min=0,
+            max=100,
             help="Retries of transient Hub failures.",
             rich_help_panel=RETRIES,
         ),
@@ -165,6 +167,7 @@ def push(
         typer.Option(
             "--retry-wait",
             min=0.0,
+            callback=number_range(0, 3600),
             help="First backoff in seconds (doubles).",
             rich_help_panel=RETRIES,
         ),

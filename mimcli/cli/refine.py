@@ -12,6 +12,7 @@ import typer
 from mimcli.cli._common import (
     DATA,
     HEADS_HELP,
+    MAX_SEED,
     OUTPUT,
     RUNTIME,
     SOURCES_HELP,
@@ -24,7 +25,9 @@ from mimcli.cli._common import (
     NumHeadsOpt,
     TrackerOpt,
     WorkersOpt,
+    count_or_auto,
     handle_errors,
+    number_range,
     print_json,
     show_notes,
     stderr,
@@ -144,23 +147,38 @@ def refine(
     ] = None,
     head_epochs: Annotated[
         float,
-        typer.Option("--head-epochs", help="Head warm-up epochs.", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--head-epochs",
+            callback=number_range(0, 1e6, lo_open=True),
+            help="Head warm-up epochs.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 20.0,
     head_steps: Annotated[
         int | None,
         typer.Option(
             "--head-steps",
+            min=0,
             help="Head warm-up steps (overrides epochs).",
             rich_help_panel=SCHEDULE,
         ),
     ] = None,
     epochs: Annotated[
-        float, typer.Option("--epochs", help="Refinement epochs.", rich_help_panel=SCHEDULE)
+        float,
+        typer.Option(
+            "--epochs",
+            callback=number_range(0, 1e6, lo_open=True),
+            help="Refinement epochs.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 20.0,
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", help="Refinement steps (overrides epochs).", rich_help_panel=SCHEDULE
+            "--steps",
+            min=0,
+            help="Refinement steps (overrides epochs).",
+            rich_help_panel=SCHEDULE,
         ),
     ] = None,
     limit: Annotated[
@@ -175,37 +193,62 @@ def refine(
         float | None,
         typer.Option(
             "--lr",
+            callback=number_range(0),
             help="Refinement base lr (× batch/256); nnclr 2e-4, mrmae 1.5e-4, others 4e-4.",
             rich_help_panel=SCHEDULE,
         ),
     ] = None,
     head_lr: Annotated[
         float,
-        typer.Option("--head-lr", help="Warm-up base lr (× batch/256).", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--head-lr",
+            callback=number_range(0),
+            help="Warm-up base lr (× batch/256).",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 2e-4,
     warmup: Annotated[
         float,
-        typer.Option("--warmup", help="Refinement lr warm-up fraction.", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--warmup",
+            callback=number_range(0, 1),
+            help="Refinement lr warm-up fraction.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 0.2,
     head_warmup: Annotated[
         float,
         typer.Option(
-            "--head-warmup", help="Head-stage lr warm-up fraction.", rich_help_panel=SCHEDULE
+            "--head-warmup",
+            callback=number_range(0, 1),
+            help="Head-stage lr warm-up fraction.",
+            rich_help_panel=SCHEDULE,
         ),
     ] = 0.2,
     layer_decay: Annotated[
         float,
-        typer.Option("--layer-decay", help="Layer-wise lr decay.", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--layer-decay",
+            callback=number_range(0, 1, lo_open=True),
+            help="Layer-wise lr decay.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 0.65,
     weight_decay: Annotated[
         float,
-        typer.Option("--weight-decay", help="Encoder weight decay.", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--weight-decay",
+            callback=number_range(0),
+            help="Encoder weight decay.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = 0.05,
     local_crops: Annotated[
         int | None,
         typer.Option(
             "--local-crops",
             min=0,
+            max=64,
             help="Local crops per image (nna: 10, nnclr: 0).",
             rich_help_panel=VIEWS,
         ),
@@ -244,6 +287,7 @@ def refine(
         str,
         typer.Option(
             "--head-width",
+            callback=count_or_auto(65536, lo=8, words=("auto", "paper")),
             help="auto (paper sizes for wide models) or N.",
             rich_help_panel=HEADS,
         ),
@@ -258,11 +302,18 @@ def refine(
     ] = None,
     queue_size: Annotated[
         str,
-        typer.Option("--queue-size", help="auto = min(65536, images) or N.", rich_help_panel=HEADS),
+        typer.Option(
+            "--queue-size",
+            callback=count_or_auto(2**24),
+            help="auto = min(65536, images) or N.",
+            rich_help_panel=HEADS,
+        ),
     ] = "auto",
     topk: Annotated[
         int,
-        typer.Option("--topk", help="Refinement samples among top-k NNs.", rich_help_panel=HEADS),
+        typer.Option(
+            "--topk", min=1, help="Refinement samples among top-k NNs.", rich_help_panel=HEADS
+        ),
     ] = 20,
     temperature: Annotated[
         float | None,
@@ -322,6 +373,7 @@ def refine(
         float,
         typer.Option(
             "--ema",
+            callback=number_range(0, 1, hi_open=True),
             help="EMA decay of the encoder, reached gradually: min(ema, 1-(1+step)^-2/3) "
             "(logged as ema_decay).",
             rich_help_panel=SCHEDULE,
@@ -335,6 +387,7 @@ def refine(
         typer.Option(
             "--freeze-blocks",
             min=0,
+            max=1024,
             help="Freeze the stem and first K blocks (nnclr: half).",
             rich_help_panel=SCHEDULE,
         ),
@@ -405,6 +458,8 @@ def refine(
         int,
         typer.Option(
             "--seed",
+            min=0,
+            max=MAX_SEED,
             help="Seed of init, batch order, views and subsets.",
             rich_help_panel=RUNTIME,
         ),
@@ -416,7 +471,12 @@ def refine(
     knn_backend: BackendOpt = "auto",
     grad_clip: Annotated[
         float | None,
-        typer.Option("--grad-clip", help="Clip the gradient norm.", rich_help_panel=SCHEDULE),
+        typer.Option(
+            "--grad-clip",
+            callback=number_range(0, lo_open=True),
+            help="Clip the gradient norm.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = None,
     grad_checkpointing: Annotated[
         bool,
@@ -486,6 +546,7 @@ def refine(
         typer.Option(
             "--device-memory",
             min=0.1,
+            callback=number_range(0.1),
             help="GiB per process; default the local GPU's, else 80.",
             rich_help_panel=PLAN,
             show_default=False,
@@ -494,7 +555,12 @@ def refine(
     mfu: Annotated[
         float,
         typer.Option(
-            "--mfu", min=0.01, max=1.0, help="Model FLOPs utilisation.", rich_help_panel=PLAN
+            "--mfu",
+            min=0.01,
+            max=1.0,
+            callback=number_range(0.01, 1),
+            help="Model FLOPs utilisation.",
+            rich_help_panel=PLAN,
         ),
     ] = 0.4,
     precision: Annotated[

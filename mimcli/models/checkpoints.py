@@ -9,6 +9,7 @@ mapped to an inert placeholder that runs no code and keeps what the pickle hands
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 from pickle import UnpicklingError
@@ -63,7 +64,8 @@ _STUBS: dict[str, type[OpaqueObject]] = {}
 
 def _stub_class(name: str) -> type[OpaqueObject]:
     if name not in _STUBS:
-        leaf = name.rsplit(".", 1)[-1] or "Stub"
+        # a class name from the file: any character (a NUL one made type() raise ValueError)
+        leaf = re.sub(r"\W", "_", name.rsplit(".", 1)[-1]) or "Stub"
         _STUBS[name] = type(leaf, (OpaqueObject,), {"pickled_name": name})
     return _STUBS[name]
 
@@ -75,7 +77,7 @@ def _stub_function(name: str) -> Any:
     def factory(*args: Any, **kwargs: Any) -> OpaqueObject:
         return _stub_class(name)(*args)
 
-    factory.__name__ = factory.__qualname__ = name.rsplit(".", 1)[-1]
+    factory.__name__ = factory.__qualname__ = re.sub(r"\W", "_", name.rsplit(".", 1)[-1])
     return factory
 
 
@@ -131,8 +133,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         try:
             return dict(load_file(str(path)))
-        except (SafetensorError, OSError) as exc:
-            raise MimcliError(f"cannot read {path} as safetensors: {exc}") from exc
+        except (SafetensorError, OSError) as exc:  # the header's own text may hold line breaks
+            text = " ".join(str(exc).split())
+            raise MimcliError(f"cannot read {path} as safetensors: {text}") from exc
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except (RuntimeError, OSError, zipfile.BadZipFile, ValueError, EOFError, UnpicklingError):

@@ -35,10 +35,12 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from mimcli.blocks import MAX_BLOCK
 from mimcli.errors import MimcliError
 from mimcli.models.build import (
     ConvertedCheckpoint,
@@ -47,6 +49,7 @@ from mimcli.models.build import (
     recorded_num_heads,
 )
 from mimcli.models.postnorm import BEIT_NO_FINAL_NORM_ARCH, POSTNORM_ARCH
+from mimcli.models.spec import MAX_HEADS
 
 IMAGE = "modality_encoders.IMAGE."
 D2V2_PATCH = IMAGE + "local_encoder.proj."
@@ -221,10 +224,23 @@ def looks_like_data2vec_vision(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "data2vec-vision"
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+def _config_int(config: dict[str, Any], key: str, default: int, hi: int) -> int:
+    """A whole number in 1..``hi`` from a data2vec-vision ``config.json``, else one line."""
+    value = config.get(key, default)
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise MimcliError(f"data2vec-vision config.json: {key} {value!r} is not a whole number")
+    if not 1 <= value <= hi:
+        raise MimcliError(f"data2vec-vision config.json: {key} {value} is not in 1..{hi}")
+    return int(value)
+
+
+def _config_pair(config: dict[str, Any], key: str, default: int) -> tuple[int, int]:
+    """``image_size`` / ``patch_size``: one number or two, each in 1..8192."""
+    value = config.get(key, default)
+    pair = value if isinstance(value, list | tuple) and len(value) == 2 else [value, value]
+    h, w = (_config_int({key: v}, key, default, 8192) for v in pair)
+    return h, w
 
 
 # (transformers name inside encoder.layer.<i>., timm name inside blocks.<i>.)
@@ -258,13 +274,16 @@ def convert_data2vec_vision(
         every size overridden in ``model_args``; ``mimcli_beit_no_final_norm`` for mean pooling
         without pooler weights).
     """
-    dim = int(config.get("hidden_size", 768))
-    depth = int(config.get("num_hidden_layers", 12))
-    num_heads = int(config.get("num_attention_heads", 12))
-    img_h, img_w = _pair(config.get("image_size", 224))
-    ph, pw = _pair(config.get("patch_size", 16))
+    dim = _config_int(config, "hidden_size", 768, 2**16)
+    depth = _config_int(config, "num_hidden_layers", 12, MAX_BLOCK)
+    num_heads = _config_int(config, "num_attention_heads", 12, MAX_HEADS)
+    img_h, img_w = _config_pair(config, "image_size", 224)
+    ph, pw = _config_pair(config, "patch_size", 16)
     grid = (img_h // ph, img_w // pw)
-    eps = float(config.get("layer_norm_eps", 1e-12))
+    try:
+        eps = float(config.get("layer_norm_eps", 1e-12))
+    except (TypeError, ValueError) as exc:
+        raise MimcliError("data2vec-vision config.json: layer_norm_eps is not a number") from exc
     abs_pos = bool(config.get("use_absolute_position_embeddings", False))
     rel_pos = bool(config.get("use_relative_position_bias", False))
     shared_rel_pos = bool(config.get("use_shared_relative_position_bias", False))
@@ -373,7 +392,10 @@ def convert_data2vec_vision(
 
     # The gammas come from the weights; init_values only switches layer scale on or off. Off is
     # 0.0, not None: timm.create_model drops None kwargs, and beit_* default to layer scale on.
-    init_values = (float(config.get("layer_scale_init_value", 0.1)) or 0.1) if layer_scale else 0.0
+    init = config.get("layer_scale_init_value", 0.1)
+    if not isinstance(init, int | float) or isinstance(init, bool) or not math.isfinite(init):
+        raise MimcliError(f"data2vec-vision config.json: layer_scale_init_value {init!r}")
+    init_values = (float(init) or 0.1) if layer_scale else 0.0
     img_size: int | list[int] = img_h if img_h == img_w else [img_h, img_w]
     model_args: dict[str, Any] = dict(
         img_size=img_size,

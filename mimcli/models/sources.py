@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,10 +161,69 @@ FOREIGN_CFG_KEYS = frozenset(
 )  # fmt: skip
 
 
+# What a checkpoint whose keys name one format but whose tensors do not fit it raises inside the
+# converters and timm (a 0-d patch projection, a string where a count belongs...).
+MALFORMED = (
+    IndexError, KeyError, ValueError, TypeError, AttributeError, ZeroDivisionError,
+    OverflowError, RuntimeError,
+)  # fmt: skip
+
+
+def _malformed(source: str, exc: BaseException) -> MimcliError:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return MimcliError(
+        f"{source}: its tensors do not fit the checkpoint format their names suggest "
+        f"({type(exc).__name__}: {first}); convert it to a timm state dict"
+    )
+
+
+# Line breaks a key name from a file may carry into a message (what str.splitlines splits on).
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def _one_line(exc: MimcliError) -> MimcliError:
+    """``exc`` itself, or a copy on one line when key names from the file broke its message."""
+    text = str(exc)
+    return exc if not _LINE_BREAKS.search(text) else MimcliError(_LINE_BREAKS.sub(" ", text))
+
+
+def _convert(path: Path, source: str) -> ConvertedCheckpoint:
+    """:func:`convert_checkpoint` for a file from outside: a malformed one is one line."""
+    try:
+        return convert_checkpoint(path, source)
+    except MimcliError as exc:
+        raise _one_line(exc) from exc.__cause__
+    except MALFORMED as exc:
+        raise _malformed(source, exc) from exc
+
+
+def _fits(converted: ConvertedCheckpoint, source: str) -> None:
+    """The architecture a checkpoint implies, built on the meta device (no memory), must not be
+    much larger than the tensors it holds (the load below is strict), so odd shapes or block
+    numbers cannot make timm allocate a giant model first."""
+    if converted.model_args.get("depth", 0) > MAX_DEPTH:
+        raise MimcliError(f"{source}: {converted.model_args['depth']} blocks; at most {MAX_DEPTH}")
+    with torch.device("meta"):
+        shape = build_model(converted.arch, converted.model_args)
+    params = sum(p.numel() for p in shape.parameters())
+    held = sum(v.numel() for v in converted.state_dict.values() if isinstance(v, torch.Tensor))
+    if params > 2 * held + 2**20:
+        raise MimcliError(
+            f"{source}: its weights ({held:,} numbers) are far fewer than the {params:,} "
+            f"parameters of the {converted.arch} they describe"
+        )
+
+
 def _finish(converted: ConvertedCheckpoint, source: str, kind: str, heads: _Heads) -> LoadedModel:
-    heads_note = settle_num_heads(converted, heads.count, heads.given_by, source)
-    model = build_model(converted.arch, converted.model_args)
-    load_weights(model, converted.state_dict, source)
+    try:
+        heads_note = settle_num_heads(converted, heads.count, heads.given_by, source)
+        _fits(converted, source)
+        model = build_model(converted.arch, converted.model_args)
+        load_weights(model, converted.state_dict, source)
+    except MimcliError as exc:
+        raise _one_line(exc) from exc.__cause__
+    except MALFORMED as exc:
+        raise _malformed(source, exc) from exc
     # timm's default cfg of the architecture name describes timm's own weights (their tag,
     # licence, Hub id): a converted checkpoint keeps only its preprocessing
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in FOREIGN_CFG_KEYS}
@@ -277,9 +337,53 @@ def _read_layout_config(spec: str, kind: str) -> dict[str, Any]:
     else:
         path = hub_file(spec[len("hf-hub:") :], "config.json", spec)
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8
         raise MimcliError(f"{spec}: config.json is missing or not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise MimcliError(f"{spec}: config.json holds no JSON object")
+    return config
+
+
+MAX_DEPTH = 1024  # blocks of a model read from a file (as --blocks counts them)
+
+# Largest integer a timm config.json's model_args may give (widths, sizes); a ViT's depth and
+# head count are bounded like --blocks and #heads=N.
+MAX_MODEL_ARG = 2**16
+
+
+def check_layout_size(spec: str, config: dict[str, Any], weights: Path) -> None:
+    """A timm folder's config.json checked against its weights before timm builds the model:
+    ``architecture`` a string, ``model_args`` a dict of sane numbers, and the model it
+    describes (built on the meta device, no memory) no larger than the weights file (at least
+    one byte per parameter), so a config claiming a giant model fails in one line instead of
+    allocating it."""
+    from mimcli.blocks import MAX_BLOCK
+    from mimcli.models.spec import MAX_HEADS
+
+    arch, args = config.get("architecture"), config.get("model_args") or {}
+    if not isinstance(arch, str) or not isinstance(args, dict):
+        raise MimcliError(
+            f"{spec}: config.json needs 'architecture' (a timm name) and a dict of 'model_args'"
+        )
+    limits = {"depth": MAX_BLOCK, "num_heads": MAX_HEADS}
+    for key, value in args.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not abs(value) <= limits.get(key, MAX_MODEL_ARG):
+                raise MimcliError(f"{spec}: config.json model_args {key}={value} is out of range")
+    try:
+        with torch.device("meta"):
+            shape = timm.create_model(arch, pretrained=False, **{**args, "num_classes": 0})
+    except Exception as exc:  # timm/torch raise many types for arguments a model does not take
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MimcliError(f"{spec}: config.json does not describe a timm model ({first})") from exc
+    params = sum(p.numel() for p in shape.parameters())
+    size = weights.stat().st_size
+    if params > size:
+        raise MimcliError(
+            f"{spec}: config.json describes {params:,} parameters but {weights.name} holds only "
+            f"{size:,} bytes; the config does not belong to these weights"
+        )
 
 
 def _folder_of(spec: str) -> Path:
@@ -325,11 +429,11 @@ def _load_layout(spec: str, kind: str, heads: _Heads) -> LoadedModel:
         )
     if kind == "folder":
         folder = _folder_of(spec).resolve()
-        if (
-            not (folder / "model.safetensors").is_file()
-            and not (folder / "pytorch_model.bin").is_file()
-        ):
+        weights = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin")]
+        weights = [p for p in weights if p.is_file()]
+        if not weights:
             raise MimcliError(f"{spec}: timm layout folder without model.safetensors")
+        check_layout_size(spec, config, weights[0])
         loaded = _load_timm(spec, f"local-dir:{folder}", kind, heads)
         _attach_folder_decoder(loaded, folder)
         return loaded
@@ -356,7 +460,7 @@ def _load_released(spec: str, heads: _Heads) -> LoadedModel:
     architecture checked."""
     release = released_model(spec)
     path = download_url(release.url, label=spec)
-    converted = convert_checkpoint(path, spec)
+    converted = _convert(path, spec)
     converted.model_args["num_heads"] = release.num_heads
     converted.heads_from = "published release"
     problem = release.mismatch(converted.model_args, converted.arch == POSTNORM_ARCH)
@@ -421,7 +525,7 @@ def _resolve(spec: str, heads: _Heads) -> LoadedModel:
         return _load_released(spec, heads)
     if spec.startswith(("http://", "https://")):
         path = download_url(spec)
-        return _finish(convert_checkpoint(path, spec), spec, "url", heads)
+        return _finish(_convert(path, spec), spec, "url", heads)
     if spec.startswith("hf-hub:"):
         return _load_layout(spec, "hf-hub", heads)
     path = _folder_of(spec)
@@ -430,7 +534,7 @@ def _resolve(spec: str, heads: _Heads) -> LoadedModel:
             raise MimcliError(f"{spec}: no such folder")
         return _load_layout(spec, "folder", heads)
     if path.is_file():
-        return _finish(convert_checkpoint(path, spec), spec, "file", heads)
+        return _finish(_convert(path, spec), spec, "file", heads)
     if _looks_like_path(spec):
         raise MimcliError(f"{spec}: no such file or folder")
     if not timm.list_pretrained(spec) and not timm.list_pretrained(spec + ".*"):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from mimcli.errors import MimcliError
 
 HEADS_SUFFIX = "#heads="
+# More attention heads than any ViT has (ViT-22B: 48); a larger N is a typo.
+MAX_HEADS = 1024
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,11 @@ def parse_model_spec(text: str) -> ModelSpec:
         return ModelSpec(text)
     if not source.strip():
         raise MimcliError(f"{text!r}: {HEADS_SUFFIX}N follows a MODEL, e.g. ckpt.pth#heads=16")
-    if not value.isdigit() or int(value) < 1:
+    digits = value.isascii() and value.isdigit() and len(value) <= 6
+    if not digits or not 1 <= int(value) <= MAX_HEADS:
         raise MimcliError(
-            f"{text!r}: the MODEL suffix {HEADS_SUFFIX}N needs a positive whole number of "
-            f"attention heads, e.g. {source.strip()}{HEADS_SUFFIX}16"
+            f"{text!r}: the MODEL suffix {HEADS_SUFFIX}N needs a whole number of attention "
+            f"heads in 1..{MAX_HEADS}, e.g. {source.strip() + HEADS_SUFFIX + '16'!r}"
         )
     return ModelSpec(source.strip(), int(value))
 

@@ -11,6 +11,7 @@ entry in :data:`OBJECTIVES`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,11 +108,11 @@ UNSET: dict[str, Any] = {"teacher": [], "reconstruction": True}
 # Checks of objective option values, run on what the user gave before any work starts:
 # option -> (test, what the value must be).
 OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "temperature": (lambda v: v > 0, "must be positive"),
+    "temperature": (lambda v: 0 < v < math.inf, "must be positive"),
     "momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
     "mask_ratio": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
-    "image_weight": (lambda v: v >= 0, "must be 0 or more"),
-    "mimic_weight": (lambda v: v >= 0, "must be 0 or more"),
+    "image_weight": (lambda v: 0 <= v < math.inf, "must be 0 or more"),
+    "mimic_weight": (lambda v: 0 <= v < math.inf, "must be 0 or more"),
 }
 
 

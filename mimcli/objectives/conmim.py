@@ -207,7 +207,9 @@ class ConMIMObjective(Objective):
             raise MimcliError("--objective conmim uses no local crops; drop --local-crops")
         dim = int(ctx.loaded.embed_dim)
         spec = cfg.head_width
-        widths = head_widths(dim, int(spec) if str(spec).isdigit() else spec)
+        widths = head_widths(
+            dim, int(spec) if str(spec).isascii() and str(spec).isdigit() else spec
+        )
         self.hidden, self.out = widths.predictor_hidden, widths.out
         self.tau = float(cfg.temperature)
         self.mask_ratio = float(cfg.mask_ratio)

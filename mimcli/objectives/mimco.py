@@ -183,7 +183,9 @@ class MimCoObjective(Objective):
         self.teacher = Teacher(sources[0] if sources else DEFAULT_TEACHER, ctx.views, ctx.device)
         dim, teacher_dim = int(ctx.loaded.embed_dim), self.teacher.dim
         spec = cfg.head_width
-        self.hidden = head_widths(dim, int(spec) if str(spec).isdigit() else spec).hidden
+        self.hidden = head_widths(
+            dim, int(spec) if str(spec).isascii() and str(spec).isdigit() else spec
+        ).hidden
         self.mask_token = nn.Parameter(torch.empty(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.patch_head = feature_head(dim, self.hidden, teacher_dim)

@@ -200,7 +200,10 @@ class NNAObjective(Objective):
         self.blocks = list(ctx.blocks)
         self.head_input = cfg.head_input
         self.widths = head_widths(
-            dim, int(cfg.head_width) if str(cfg.head_width).isdigit() else cfg.head_width
+            dim,
+            int(cfg.head_width)
+            if str(cfg.head_width).isascii() and str(cfg.head_width).isdigit()
+            else cfg.head_width,
         )
         self.heads = HeadEnsemble(
             self.blocks,
@@ -214,7 +217,9 @@ class NNAObjective(Objective):
         self.topk = int(cfg.topk)
         self.knn_backend = cfg.knn_backend
         spec = cfg.queue_size
-        self.qsize = queue_size(int(spec) if str(spec).isdigit() else spec, ctx.dataset_size)
+        self.qsize = queue_size(
+            int(spec) if str(spec).isascii() and str(spec).isdigit() else spec, ctx.dataset_size
+        )
         gen = torch.Generator().manual_seed(ctx.seed)
         self.queues = nn.ModuleDict(
             {str(b): NeighbourQueue(self.qsize, self.widths.out, gen) for b in self.blocks}

@@ -295,7 +295,12 @@ def plan_refine(cfg: PlanConfig) -> RefinePlan:
     views = default_view_config(pretrained_cfg, patch, local_crops=local_crops)
     global_size = cfg.global_size or views.global_size
     local_size = cfg.local_size or views.local_size
-    widths = head_widths(dim, int(cfg.head_width) if cfg.head_width.isdigit() else cfg.head_width)
+    widths = head_widths(
+        dim,
+        int(cfg.head_width)
+        if cfg.head_width.isascii() and cfg.head_width.isdigit()
+        else cfg.head_width,
+    )
     obj = objective_class(cfg.objective)
     qsize = QUEUE_AUTO if cfg.queue_size == "auto" else int(cfg.queue_size)
     tau = float(defaults.get("temperature") or 0.2)

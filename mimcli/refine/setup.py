@@ -13,6 +13,7 @@ from mimcli import distributed as dist
 from mimcli.datasources import data_spec
 from mimcli.errors import MimcliError
 from mimcli.models import posembed
+from mimcli.models.spec import MAX_HEADS
 from mimcli.objectives import check_option_values, objective_defaults, objective_info
 from mimcli.refine.config import RESUME_KEYS, RefineConfig
 from mimcli.runs import RunFolder
@@ -46,6 +47,7 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
         raise MimcliError("--ema must lie in [0, 1)")
     if cfg.topk < 1:
         raise MimcliError("--topk must be at least 1")
+    check_run_lengths(cfg)
     if cfg.shard not in ("auto", "on", "off"):
         raise MimcliError(f"--shard must be auto, on or off, got {cfg.shard!r}")
     check_option_values(asdict(cfg))
@@ -70,6 +72,49 @@ def validate(cfg: RefineConfig, world_size: int, run: RunFolder) -> None:
         raise MimcliError(
             f"{cfg.out} already holds a run; add --resume to continue it or choose another --out"
         )
+
+
+def check_run_lengths(cfg: RefineConfig) -> None:
+    """Stage lengths and rates as the command line bounds them, for configs that do not come
+    through it (the API, a resumed run's config.json): finite, epochs > 0, steps >= 0."""
+    for name in ("epochs", "head_epochs", "lr", "head_lr", "warmup", "head_warmup"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise MimcliError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    for name in ("epochs", "head_epochs"):
+        steps = getattr(cfg, name.replace("epochs", "steps"))
+        if steps is None and getattr(cfg, name) <= 0:
+            raise MimcliError(
+                f"--{name.replace('_', '-')} must be above 0 (to skip a stage, give "
+                f"--{name.replace('epochs', 'steps').replace('_', '-')} 0)"
+            )
+    for name in ("steps", "head_steps"):
+        if (getattr(cfg, name) or 0) < 0:
+            raise MimcliError(f"--{name.replace('_', '-')} must be 0 or more")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _recorded_type_ok(annotation: str, value: Any) -> bool:
+    """Whether a value read from config.json fits a RefineConfig annotation such as
+    ``int | None``, ``str | Path``, ``list[str]`` or ``tuple[float, float]``."""
+    simple = {"int": int, "float": (int, float), "str": str, "Path": str, "bool": bool}
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part.startswith(("list[", "tuple[")) and isinstance(value, list):
+            inner = part[part.index("[") + 1 : -1].split(",")[0].strip()
+            if part.startswith("tuple[") and len(value) != part.count(",") + 1:
+                continue
+            if all(_recorded_type_ok(inner, v) for v in value):
+                return True
+        elif part in simple and isinstance(value, simple[part]):
+            if part == "bool" or not isinstance(value, bool):
+                return True
+    return False
 
 
 def settle_resize_rule(cfg: RefineConfig, run: RunFolder) -> RefineConfig:
@@ -106,6 +151,11 @@ def with_saved_options(cfg: RefineConfig, given: set[str] | None) -> RefineConfi
         if name in ("resume", "out", "force_unlock") or name not in saved or name in given:
             continue
         value = saved[name]
+        if not _recorded_type_ok(str(f.type), value):
+            raise MimcliError(
+                f"--resume: {cfg.out}/config.json records {name} as {_shown(value)}, not a "
+                f"{f.type}; give --{name.replace('_', '-')} or fix the file"
+            )
         if name in PATH_OPTIONS and value is not None:
             value = data_spec(value)
         elif name in TUPLE_OPTIONS and value is not None:
@@ -123,10 +173,18 @@ def resume_num_heads(cfg: RefineConfig, run: RunFolder) -> int | None:
     if cfg.num_heads is not None or not cfg.resume:
         return cfg.num_heads
     try:
-        heads = run.read_config().get("resolved", {}).get("num_heads")
+        resolved = run.read_config().get("resolved")
     except MimcliError:
         return None
-    return int(heads) if heads else None
+    heads = resolved.get("num_heads") if isinstance(resolved, dict) else None
+    if not heads:
+        return None
+    if not isinstance(heads, int) or isinstance(heads, bool) or not 1 <= heads <= MAX_HEADS:
+        raise MimcliError(
+            f"--resume: {cfg.out}/config.json records {_shown(heads)} attention heads; give "
+            "--num-heads or fix the file"
+        )
+    return heads
 
 
 def check_resume(cfg: RefineConfig, run: RunFolder, num_heads: int | None = None) -> None:
@@ -134,9 +192,12 @@ def check_resume(cfg: RefineConfig, run: RunFolder, num_heads: int | None = None
     the attention-head count its MODEL was read with (``num_heads``: the one loaded now; a MODEL
     given again without its ``#heads=`` suffix could load with another count)."""
     record = run.read_config()
+    config, resolved = record.get("config", {}), record.get("resolved", {})
+    if not isinstance(config, dict) or not isinstance(resolved, dict):
+        raise MimcliError(f"--resume: {cfg.out}/config.json is not a refine run's record")
     # runs recorded before the resize rule was resized the timm way
-    saved = {"pos_embed_resize": posembed.TIMM, **record.get("config", {})}
-    was_heads = record.get("resolved", {}).get("num_heads")
+    saved = {"pos_embed_resize": posembed.TIMM, **config}
+    was_heads = resolved.get("num_heads")
     if was_heads is not None and num_heads is not None and was_heads != num_heads:
         raise MimcliError(
             f"--resume: {cfg.out} refined MODEL read with {was_heads} attention heads, it now "
