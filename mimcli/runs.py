@@ -108,10 +108,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:
-        raise MimcliError(f"cannot read checkpoint {path}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line
+        raise MimcliError(f"cannot read checkpoint {path}: {reason}") from exc
     if metadata.get("format") != "mimcli-checkpoint":
         raise MimcliError(f"{path} is not a mimcli checkpoint")
-    return unflatten(json.loads(metadata["structure"]), tensors)
+    try:
+        state = unflatten(json.loads(metadata["structure"]), tensors)
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise MimcliError(f"{path}: a damaged mimcli checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise MimcliError(f"{path}: a damaged mimcli checkpoint (not a mapping)")
+    return state
 
 
 def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
