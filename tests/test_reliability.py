@@ -212,3 +212,41 @@ def test_a_run_whose_folder_is_taken_over_stops_with_one_line(
     assert json.loads((out / ".mimcli.lock").read_text())["token"] == taken[0].token
     taken[0].release()
     assert not (out / ".mimcli.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [("probe", "mimcli.probe.run_probe"), ("eval", "mimcli.evaluate.runner.run_eval")],
+)
+def test_ctrl_c_in_probe_and_eval_says_interrupted_only(
+    command, target, tiny_model_dir, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from mimcli.cli.app import app
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, stop)
+    folder = write_image_folder(tmp_path / "images", per_class=2, classes=2, seed=0)
+    args = [command, str(tiny_model_dir), "--train", str(folder), "--val", str(folder)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "interrupted"
+
+
+def test_a_run_started_again_drops_the_stopped_attempts_records(tiny_model_dir, data_dir, tmp_path):
+    """An attempt stopped before its first checkpoint left records; starting again (as the
+    stop message says) logs each step once."""
+    from tests.objective_harness import tiny_cfg
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"stage": "heads", "step": 0, "loss": 9.0}\n')
+    (out / ".metrics.jsonl.abc123.tmp").write_text("half")  # what a kill leaves
+    cfg = tiny_cfg(tiny_model_dir, data_dir, out, "nna", blocks="last1", head_steps=1, steps=2)
+    Refiner(cfg).run_all()
+    assert [r["step"] for r in records(out)] == [0, 1, 2]
+    assert records(out)[0]["loss"] != 9.0
+    assert not (out / ".metrics.jsonl.abc123.tmp").exists()

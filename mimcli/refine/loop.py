@@ -797,7 +797,7 @@ class Refiner:
                 start_stage, start_step = self.restore()
             elif dist.rank() == 0:  # a fresh start: records of an attempt that stopped
                 self.run.write_config(self.config_record())  # before any checkpoint go
-                self.run.truncate_metrics(-1)
+                self.run.metrics_path.unlink(missing_ok=True)
             self.trackers = self.open_trackers(start_stage, start_step)
             failed = True
             try:
