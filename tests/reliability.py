@@ -21,6 +21,15 @@ from safetensors.torch import load_file
 from mimcli.runs import RunFolder
 
 
+def make_inputs(root: Path) -> tuple[Path, Path]:
+    """The tiny model and image folder the soaks refine (as tests/conftest.py makes them)."""
+    from tests.conftest import write_image_folder
+    from tests.objective_harness import save_tiny_vit
+
+    model = save_tiny_vit(root / "tiny-model", seed=0)
+    return model, write_image_folder(root / "data", per_class=8, classes=3, seed=3)
+
+
 def soak_args(model_dir: Path, data_dir: Path, **over: str) -> list[str]:
     """A tiny NNA run with 32 steps (8 head warm-up + 24 refinement) of batch 8, a checkpoint
     every 3 steps and every 0.2 s (timed ones fall inside logging windows of 2 steps)."""

@@ -19,18 +19,12 @@ import pytest
 
 from mimcli.refine.loop import Refiner
 from tests.conftest import write_image_folder
-from tests.reliability import launch, records, same_run, soak, soak_args
+from tests.reliability import launch, make_inputs, records, same_run, soak, soak_args
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """The tiny model and image folder of these tests (as tests/conftest.py makes them)."""
-    from tests.objective_harness import save_tiny_vit
-
-    root = tmp_path_factory.mktemp("reliability")
-    model = save_tiny_vit(root / "tiny-model", seed=0)
-    data = write_image_folder(root / "data", per_class=8, classes=3, seed=3)
-    return model, data
+    return make_inputs(tmp_path_factory.mktemp("reliability"))
 
 
 @pytest.fixture(scope="module")

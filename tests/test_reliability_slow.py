@@ -14,9 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import write_image_folder
-from tests.objective_harness import save_tiny_vit
-from tests.reliability import launch, records, same_run, soak, soak_args
+from tests.reliability import launch, make_inputs, records, same_run, soak, soak_args
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +27,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("soak")
-    model = save_tiny_vit(root / "tiny-model", seed=0)
-    data = write_image_folder(root / "data", per_class=8, classes=3, seed=3)
-    return model, data
+    return make_inputs(tmp_path_factory.mktemp("soak"))
 
 
 def reference_run(args, out, processes=1):
