@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         cfg.out.mkdir(parents=True)
         refiner = Refiner(cfg)
-        refiner.save = lambda stage, done: None  # type: ignore[method-assign]
+        refiner.save = lambda stage, done, *rest: None  # type: ignore[method-assign]
         gen = torch.Generator().manual_seed(0)  # synthetic ids run over the whole DATASET range
         refiner.objective.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)
         sample = refiner.objective.transform()(Image.new("RGB", (256, 256)))

@@ -60,7 +60,7 @@ def make_refiner(root: Path, objective: str, batch: int, threads: int) -> Refine
     )
     cfg.out.mkdir(parents=True)
     refiner = Refiner(cfg)
-    refiner.save = lambda stage, done: None  # type: ignore[method-assign]
+    refiner.save = lambda stage, done, *rest: None  # type: ignore[method-assign]
     if hasattr(refiner.objective, "labels_by_id"):  # synthetic ids run over the whole 60k range
         gen = torch.Generator().manual_seed(0)
         refiner.objective.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)

@@ -74,7 +74,7 @@ def make_refiner(
     )
     cfg.out.mkdir(parents=True)
     refiner = Refiner(cfg)
-    refiner.save = lambda stage, done: None  # type: ignore[method-assign]
+    refiner.save = lambda stage, done, *rest: None  # type: ignore[method-assign]
     gen = torch.Generator().manual_seed(0)
     refiner.objective.labels_by_id = torch.randint(0, 10, (DATASET,), generator=gen)
     return refiner
