@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -24,10 +25,13 @@ BENCHMARKS = NAMES  # every benchmark `python -m benchmarks` runs
 
 @pytest.fixture
 def keep_torch_threads():
-    """The benchmarks set torch's thread count for this process; put it back afterwards."""
-    before = torch.get_num_threads()
+    """The benchmarks set torch's thread count and environment variables (plan_memory sets
+    HF_HUB_OFFLINE) for this process; put them back afterwards, for the tests that follow."""
+    before, environ = torch.get_num_threads(), dict(os.environ)
     yield
     torch.set_num_threads(before)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
