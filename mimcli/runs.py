@@ -17,6 +17,7 @@ import platform
 import shutil
 import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = N
         "format": "mimcli-checkpoint",
         "structure": json.dumps(structure),
         "mimcli_version": __version__,
+        "crc32": tensors_crc32(tensors),
     }
     with atomic_path(path, keep_previous=previous) as tmp:
         try:
@@ -100,6 +102,17 @@ def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = N
             if error is None:
                 raise
             raise error from exc
+
+
+def tensors_crc32(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of the tensors' bytes in key order (one tensor on the host at a time): a
+    checkpoint records it, so damaged data is found on reading, not trained on."""
+    crc = 0
+    for key in sorted(tensors):
+        flat = tensors[key].detach().reshape(-1).cpu().contiguous()
+        crc = zlib.crc32(key.encode("utf-8"), crc)
+        crc = zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
+    return f"{crc:08x}"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -112,6 +125,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise MimcliError(f"cannot read checkpoint {path}: {reason}") from exc
     if metadata.get("format") != "mimcli-checkpoint":
         raise MimcliError(f"{path} is not a mimcli checkpoint")
+    recorded = metadata.get("crc32")  # older checkpoints carry none
+    if recorded is not None and recorded != tensors_crc32(tensors):
+        raise MimcliError(
+            f"cannot read checkpoint {path}: its data does not match the checksum it was "
+            "written with (damaged on disk or in transfer)"
+        )
     try:
         state = unflatten(json.loads(metadata["structure"]), tensors)
     except (KeyError, TypeError, ValueError, RecursionError) as exc:

@@ -244,3 +244,26 @@ def test_a_run_started_again_drops_the_stopped_attempts_records(tiny_model_dir, 
     assert [r["step"] for r in records(out)] == [0, 1, 2]
     assert records(out)[0]["loss"] != 9.0
     assert not (out / ".metrics.jsonl.abc123.tmp").exists()
+
+
+def test_a_checkpoint_with_damaged_data_is_refused_and_the_one_before_is_used(tmp_path):
+    """A flipped bit inside the tensor data (the header still reads) fails the checkpoint's
+    CRC-32: one line, and the run folder falls back to the checkpoint kept before it."""
+    import torch
+
+    from mimcli.errors import MimcliError
+    from mimcli.runs import RunFolder, load_checkpoint, save_checkpoint
+
+    run = RunFolder(tmp_path)
+    for done in (1, 2):
+        state = {"stage": "refine", "done": done, "w": torch.full((64,), float(done))}
+        save_checkpoint(run.checkpoint_path, state, previous=run.prev_checkpoint_path)
+    data = bytearray(run.checkpoint_path.read_bytes())
+    data[-7] ^= 0x10  # inside the last tensor's bytes
+    run.checkpoint_path.write_bytes(bytes(data))
+    with pytest.raises(MimcliError, match="does not match the checksum") as caught:
+        load_checkpoint(run.checkpoint_path)
+    assert "\n" not in str(caught.value)
+    with pytest.warns(UserWarning, match="resuming from the checkpoint before it"):
+        state = run.load_checkpoint()
+    assert state["done"] == 1 and torch.equal(state["w"], torch.full((64,), 1.0))
