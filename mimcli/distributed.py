@@ -61,9 +61,27 @@ def init_from_env(device: torch.device) -> bool:
         return is_distributed()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
+    _created.append(True)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+_created: list[bool] = []  # whether init_from_env made the process group (then close() ends it)
+
+
+def close(ended_well: bool) -> None:
+    """End the process group :func:`init_from_env` made (nothing otherwise). After a run that
+    ended well the ranks meet first, so no rank tears down its connections while another still
+    uses them (gloo aborts a process whose peer vanished mid-exchange, "terminate called without
+    an active exception"); after a failure each rank leaves on its own."""
+    if not _created or not dist.is_initialized():
+        return
+    if ended_well and is_distributed():
+        dist.barrier()
+    dist.destroy_process_group()
+    _created.clear()
+    _control.clear()
 
 
 def barrier() -> None:

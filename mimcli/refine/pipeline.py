@@ -64,7 +64,7 @@ def run_refine(
         given: with ``cfg.resume``, the options the user set; the others take the run's
             recorded values. None: ``cfg`` is used as it is.
     """
-    stops = StopRequests()
+    stops, ended_well = StopRequests(), False
     try:
         with stops.installed():
             refiner = Refiner(
@@ -72,9 +72,13 @@ def run_refine(
             )
             if on_start is not None:
                 on_start(refiner.start_info())
-            return refiner.run_all()
+            result = refiner.run_all()
+            ended_well = True
+            return result
     except KeyboardInterrupt:  # before or after the steps, or a second Ctrl-C: nothing saved
         raise Interrupted(stopped_line(cfg, stops.name), stops.signum or 2) from None
+    finally:
+        dist.close(ended_well)  # the process group this run made under torchrun
 
 
 def stopped_line(cfg: RefineConfig, signal_name: str) -> str:
