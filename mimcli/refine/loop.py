@@ -435,7 +435,13 @@ class Refiner:
         step on schedule always ends a window; one written on a stop request or by time keeps
         the window's part so far, so a resumed run logs the same windows.
         """
+        with self.stops.deferred():  # a signal waits for the end of a step
+            self.run_steps(stage, start)
+
+    def run_steps(self, stage: str, start: int) -> None:
+        """The steps of :meth:`train_stage`."""
         warmup = stage == "heads"
+        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
         log_every = int(self.cfg.log_every)
         if log_every < 1:
             raise MimcliError(f"--log-every must be at least 1, got {log_every}")
@@ -449,16 +455,6 @@ class Refiner:
         window.restore(self.resume_window)  # the part of a window before a mid-window checkpoint
         self.resume_window = None
         tick, images = time.perf_counter(), 0
-        with self.stops.deferred():
-            self.run_steps(stage, start, engine, window, tick, images)
-
-    def run_steps(
-        self, stage: str, start: int, engine: Any, window: MetricWindow, tick: float, images: int
-    ) -> None:
-        """The steps of :meth:`train_stage` (signals wait for the end of a step here)."""
-        warmup = stage == "heads"
-        total, peak, warm = self.totals[stage], self.peak_lr(stage), self.warmup_steps(stage)
-        log_every = int(self.cfg.log_every)
         for step, batch in zip(range(start, total), self.loader(stage, start), strict=True):
             # schedules
             lr = lr_at(step, total, peak, warm)
@@ -500,10 +496,7 @@ class Refiner:
                 tick, images = time.perf_counter(), 0
                 if means.first_non_finite is not None or not math.isfinite(means.loss):
                     bad = step if means.first_non_finite is None else means.first_non_finite
-                    raise MimcliError(
-                        f"loss became non-finite at {stage} step {bad}; stopped. The last good "
-                        f"checkpoint is kept in {self.checkpoint_path()} (try a lower --lr)"
-                    )
+                    raise self.non_finite(stage, bad)
                 for message, count in means.alarms.items():
                     if count:
                         raise MimcliError(message)
@@ -546,6 +539,12 @@ class Refiner:
                     f"a checkpoint; continue with: {self.resume_command()}",
                     self.stops.signum or 2,
                 )
+
+    def non_finite(self, stage: str, step: int) -> MimcliError:
+        return MimcliError(
+            f"loss became non-finite at {stage} step {step}; stopped. The last good checkpoint "
+            f"is kept in {self.checkpoint_path()} (try a lower --lr)"
+        )
 
     def checkpoint_due(self) -> bool:
         """Whether ``--checkpoint-minutes`` have passed since the last checkpoint."""
@@ -595,11 +594,7 @@ class Refiner:
         for w in windows:  # what a logging step checks, before anything is saved
             bad = [i for i, x in enumerate((w or {}).get("losses", [])) if not math.isfinite(x)]
             if bad:
-                raise MimcliError(
-                    f"loss became non-finite at {stage} step {w['first_step'] + bad[0]}; stopped. "  # type: ignore[index]
-                    f"The last good checkpoint is kept in {self.checkpoint_path()} (try a lower "
-                    "--lr)"
-                )
+                raise self.non_finite(stage, w["first_step"] + bad[0])  # type: ignore[index]
         trainer = {
             "windows": windows,
             "rank_extra": rank_extra,
